@@ -1,0 +1,1 @@
+"""Client data: real federated EMNIST files, the embedded generator, preprocessing, sampling."""
