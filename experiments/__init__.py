@@ -8,9 +8,11 @@ anything heavy is imported, so a broken install prints one message and exits 2.
 import os
 import sys
 
-# TF reads this once, at import: it must be set before TensorFlow is loaded.
-# `--verbosity=1` or higher (absl's flag) brings the logs back.
-if not any(a.startswith(("--verbosity=", "-v=")) and not a.endswith(("=0", "=-1")) for a in sys.argv):
+# TF reads this once, at import: it must be set before TensorFlow is loaded. Binaries
+# default absl's --verbosity to -1 (warnings); an explicit --verbosity=0 (info) or
+# higher brings back TF's C++ start-up logs as well.
+_verbose = any(a.split("=", 1)[0] in ("--verbosity", "-v") and not a.endswith(("=-1", "=-2", "=-3")) for a in sys.argv)
+if not _verbose:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 try:

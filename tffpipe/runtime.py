@@ -30,7 +30,7 @@ from tensorflow_federated.python.core.impl.execution_contexts import sync_execut
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
 from tensorflow_federated.python.core.impl.executors import remote_executor, remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.types import placements
-from tensorflow_federated.python.tensorflow_libs import tensorflow_computation
+from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 
 _WORKER_BINARY = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
 LOOPBACK_SHIM = os.path.join(os.path.dirname(__file__), "_native", "libloopback_bind.so")
@@ -38,7 +38,7 @@ _PR_SET_PDEATHSIG = 1
 _GRPC_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: SIGKILL it when the Python parent exits."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -88,7 +88,7 @@ class LocalWorker:
             stdout=out,
             stderr=out,
             env=env,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         channel = grpc.insecure_channel(f"localhost:{port}", _GRPC_OPTIONS)
         self._stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)

@@ -1,0 +1,67 @@
+"""What every binary shares: user-facing errors as one line and an exit code, and clean stops."""
+
+from __future__ import annotations
+
+import logging as pylogging
+import signal
+import sys
+from collections.abc import Callable
+
+from absl import flags, logging
+
+from tffpipe import accounting, models, outputs, training_loop
+from tffpipe.data import emnist_files
+
+# Errors that are the user's input, not a bug: one line, no traceback, exit 2.
+USER_ERRORS = (
+    ValueError,  # flag and config validation (FlagError, DataFileError, ModelBuilderError, AccountingError)
+    outputs.OutputError,
+    outputs.CheckpointError,
+    emnist_files.DataFileError,
+    models.ModelBuilderError,
+    accounting.AccountingError,
+)
+
+
+def run_guarded(main: Callable[[], int | None]) -> int:
+    """Runs `main`, turning user errors into `error: ...` on stderr and a non-zero exit."""
+    if not flags.FLAGS["verbosity"].present:
+        # Quiet by default (warnings and errors); --verbosity=0 shows absl and TF info logs.
+        logging.set_verbosity(logging.WARNING)
+        tf_logger = pylogging.getLogger("tensorflow")
+        tf_logger.setLevel(pylogging.WARNING)
+    try:
+        return main() or 0
+    except training_loop.NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+class StopSignals:
+    """SIGINT/SIGTERM ask the run to stop after the current round (and save); a second one aborts."""
+
+    def __init__(self):
+        self.received: int | None = None
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(
+            f"\n{signal.Signals(signum).name} received: stopping after this round, saving a checkpoint "
+            "(send again to abort without saving).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.received if self.received else 0

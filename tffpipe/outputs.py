@@ -1,0 +1,279 @@
+"""One output layout for every experiment, written through TFF's program managers.
+
+    <root>/<experiment>/
+      hparams.json        the configuration; a rerun must match it to resume
+      checkpoints/        tff.program.FileProgramStateManager, one version per round
+      metrics.csv         tff.program.CSVFileReleaseManager, keyed by `round`
+      tensorboard/        scalars (TensorBoardReleaseManager), hparams, sample images
+      model.keras         the final model (Keras format)
+      summary.png         accuracy and epsilon over rounds
+      worker.log          the TFF worker's own output
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+# Keys that may change between runs of one experiment without invalidating its checkpoints.
+RESUMABLE_KEYS = frozenset(
+    {"rounds", "eval_every", "checkpoint_every", "root_dir", "experiment", "data.cache_dir"}
+)
+_TB_COMMITTED = ".tensorboard_round"
+
+
+class OutputError(RuntimeError):
+    """The experiment directory cannot be used as asked; nothing in it was changed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentDirs:
+    root: str
+    name: str
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, self.name)
+
+    def __getattr__(self, item: str) -> str:
+        files = {
+            "hparams": "hparams.json",
+            "checkpoints": "checkpoints",
+            "metrics_csv": "metrics.csv",
+            "tensorboard": "tensorboard",
+            "model": "model.keras",
+            "summary_png": "summary.png",
+            "worker_log": "worker.log",
+        }
+        if item not in files:
+            raise AttributeError(item)
+        return os.path.join(self.path, files[item])
+
+
+def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
+    """Creates the directory or checks a rerun matches it; returns True when resuming.
+
+    Raises OutputError when the directory holds another configuration (it is never
+    overwritten), holds files that are not an experiment, or cannot be written.
+    """
+    try:
+        os.makedirs(dirs.path, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the experiment directory {dirs.path}: {e}. Choose a writable --root_dir.")
+    if not os.access(dirs.path, os.W_OK):
+        raise OutputError(f"experiment directory {dirs.path} is not writable. Choose a writable --root_dir.")
+    if os.path.exists(dirs.hparams):
+        try:
+            with open(dirs.hparams) as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise OutputError(f"{dirs.hparams} is unreadable ({e}); move the directory away or pick another --experiment")
+        changed = sorted(
+            k for k in set(saved) | set(hparams) if k not in RESUMABLE_KEYS and saved.get(k) != hparams.get(k)
+        )
+        if changed:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {hparams.get(k)!r}" for k in changed)
+            raise OutputError(
+                f"experiment {dirs.path} was run with another configuration ({details}). Its checkpoints "
+                "are kept untouched: pick a new --experiment name, or rerun with the original flags to resume."
+            )
+        _write_json(dirs.hparams, hparams)  # records the new round count etc.
+        return True
+    if os.listdir(dirs.path):
+        raise OutputError(
+            f"{dirs.path} already holds files but no hparams.json: not a tffpipe experiment. "
+            "It is left as is; pick another --experiment or --root_dir."
+        )
+    _write_json(dirs.hparams, hparams)
+    return False
+
+
+def _write_json(path: str, value: Mapping[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded or does not fit the current model."""
+
+
+class Checkpointer:
+    """Process state per round through `tff.program.FileProgramStateManager`."""
+
+    def __init__(self, directory: str, keep: int = 3):
+        self._directory = directory
+        self._manager = tff.program.FileProgramStateManager(directory, keep_total=keep, keep_first=False)
+
+    def load_latest(self, structure: Any) -> tuple[Any, int]:
+        versions = asyncio.run(self._manager.get_versions()) or []
+        if not versions:
+            return None, 0
+        latest = max(versions)
+        try:
+            state = asyncio.run(self._manager.load(latest, structure))
+        except Exception as e:  # noqa: BLE001  (SavedModel raises many types on damaged files)
+            raise CheckpointError(
+                f"checkpoint of round {latest} in {self._directory} is unreadable ({type(e).__name__}: {e}). "
+                f"Nothing was changed. Delete program_state_{latest} there to resume from the one before, "
+                "or start a new --experiment."
+            ) from e
+        _check_same_shapes(structure, state, f"checkpoint of round {latest} in {self._directory}")
+        return state, latest
+
+    def save(self, state: Any, round_num: int) -> None:
+        asyncio.run(self._manager.save(state, round_num))
+
+
+def _check_same_shapes(expected: Any, loaded: Any, what: str) -> None:
+    want = [np.shape(x) for x in tf.nest.flatten(expected)]
+    try:
+        have = [np.shape(x) for x in tf.nest.flatten(loaded)]
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what} does not have the structure of this model's state: {e}") from e
+    if want != have:
+        raise CheckpointError(
+            f"{what} was written for another model (its tensors have other shapes). It is kept untouched; "
+            "pick a new --experiment name or rerun with the original --model."
+        )
+
+
+class _FlushingTensorBoardReleaseManager(tff.program.TensorBoardReleaseManager):
+    """TFF's TensorBoard manager, flushed after each release so committed rounds are on disk."""
+
+    async def release(self, value, key: int) -> None:
+        await super().release(value, key)
+        self._summary_writer.flush()
+
+
+class MetricsReleaser:
+    """Per-round metrics to CSV at once, and to TensorBoard when the round is checkpointed."""
+
+    def __init__(self, dirs: ExperimentDirs):
+        self._dirs = dirs
+        self._csv = tff.program.CSVFileReleaseManager(dirs.metrics_csv, key_fieldname="round")
+        self._tensorboard = _FlushingTensorBoardReleaseManager(dirs.tensorboard)
+        self._pending: dict[int, Mapping[str, float]] = {}
+
+    def resume(self, round_num: int) -> None:
+        """Drops CSV rows after checkpoint `round_num`; re-sends committed rows TensorBoard lacks."""
+        rows = read_metrics(self._dirs.metrics_csv)
+        kept = [r for r in rows if int(r["round"]) <= round_num]
+        if len(kept) != len(rows):
+            _rewrite_csv(self._dirs.metrics_csv, kept)
+        committed = _read_int(os.path.join(self._dirs.tensorboard, _TB_COMMITTED))
+        self._pending = {
+            int(r["round"]): {k: float(v) for k, v in r.items() if k != "round" and v != ""}
+            for r in kept
+            if int(r["round"]) > committed
+        }
+        self.commit(round_num)
+
+    def release(self, round_num: int, metrics: Mapping[str, float]) -> None:
+        asyncio.run(self._csv.release(dict(metrics), key=round_num))
+        self._pending[round_num] = metrics
+
+    def commit(self, round_num: int) -> None:
+        for r in sorted(k for k in self._pending if k <= round_num):
+            finite = {k: v for k, v in self._pending.pop(r).items() if math.isfinite(v)}
+            asyncio.run(self._tensorboard.release(finite, key=r))
+        if round_num > 0:
+            path = os.path.join(self._dirs.tensorboard, _TB_COMMITTED)
+            with open(f"{path}.tmp", "w") as f:
+                f.write(str(round_num))
+            os.replace(f"{path}.tmp", path)
+
+
+def _read_int(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def read_metrics(path: str) -> list[dict[str, str]]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _rewrite_csv(path: str, rows: Sequence[Mapping[str, str]]) -> None:
+    with open(path, newline="") as f:
+        fieldnames = next(csv.reader(f), ["round"])
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_hparams_summary(dirs: ExperimentDirs, hparams: Mapping[str, Any], metric_names: Sequence[str]) -> None:
+    """The TensorBoard HParams dashboard entry for this run."""
+    from tensorboard.plugins.hparams import api as hp
+
+    flat = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in hparams.items()}
+    writer = tf.summary.create_file_writer(dirs.tensorboard)  # same run as the scalars, so the dashboard links them
+    with writer.as_default():
+        hp.hparams_config(hparams=[hp.HParam(k) for k in flat], metrics=[hp.Metric(m) for m in metric_names])
+        hp.hparams(flat, trial_id=dirs.name)
+    writer.flush()
+
+
+def write_sample_images(dirs: ExperimentDirs, images_by_client: Mapping[str, np.ndarray]) -> None:
+    """A few clients' example images (ink dark on light, as EMNIST stores them) for TensorBoard."""
+    writer = tf.summary.create_file_writer(dirs.tensorboard)
+    with writer.as_default():
+        for client_id, images in images_by_client.items():
+            tf.summary.image(f"clients/{client_id}", images[..., np.newaxis], step=0, max_outputs=len(images))
+    writer.flush()
+
+
+def write_summary_plot(dirs: ExperimentDirs) -> None:
+    """summary.png: train/eval accuracy and epsilon over rounds, from metrics.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(dirs.metrics_csv)
+    if not rows:
+        return
+
+    def series(name: str) -> tuple[list[int], list[float]]:
+        pts = [(int(r["round"]), float(r[name])) for r in rows if r.get(name, "") != ""]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for name, style in (("train/accuracy", "-"), ("eval/accuracy", "o-")):
+        x, y = series(name)
+        if x:
+            ax.plot(x, y, style, label=name, markersize=3)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    x, eps = series("privacy/epsilon")
+    if x and all(math.isfinite(e) for e in eps):
+        twin = ax.twinx()
+        twin.plot(x, eps, "r--", label="privacy/epsilon")
+        twin.set_ylabel("epsilon", color="r")
+        twin.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(dirs.name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(dirs.summary_png)
+    plt.close(fig)

@@ -1,0 +1,145 @@
+"""The round loop: select -> next -> evaluate -> release -> checkpoint.
+
+It knows nothing of Keras, EMNIST, DP or flags: every collaborator is passed in, so
+tests drive it with small fakes. Its one job is ordering, which is what makes runs
+resumable without gaps or duplicates:
+
+1. round r trains on `sampler.sample(r)`, a pure function of (seed, r);
+2. its metrics go to the releaser (`release`), which replaces any earlier row r;
+3. at a checkpoint round, the state is saved and only then does the releaser
+   `commit` (e.g. write TensorBoard), so what is committed is always re-derivable;
+4. on start, the latest checkpoint c is loaded and the releaser is told to `resume(c)`,
+   dropping uncommitted rows above c, which the loop then recomputes identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+Metrics = Mapping[str, float]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A round produced a NaN or infinite loss; nothing of that round was saved."""
+
+
+class Sampler(Protocol):
+    def sample(self, round_num: int) -> Sequence[str]: ...
+
+
+class Checkpointer(Protocol):
+    def load_latest(self, structure: Any) -> tuple[Any, int]: ...
+
+    def save(self, state: Any, round_num: int) -> None: ...
+
+
+class Releaser(Protocol):
+    def resume(self, round_num: int) -> None: ...
+
+    def release(self, round_num: int, metrics: Metrics) -> None: ...
+
+    def commit(self, round_num: int) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    total_rounds: int
+    eval_every: int = 10
+    checkpoint_every: int = 1
+
+    def __post_init__(self):
+        for name in ("total_rounds", "eval_every", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: Any
+    last_round: int
+    resumed_from: int
+    stopped_early: bool
+
+
+def _train_metrics(output_metrics: Mapping) -> dict[str, float]:
+    train = output_metrics["client_work"]["train"]
+    return {f"train/{k}": float(v) for k, v in train.items()}
+
+
+def run(
+    *,
+    process,
+    sampler: Sampler,
+    checkpointer: Checkpointer,
+    releaser: Releaser,
+    config: LoopConfig,
+    evaluate: Callable[[Any], Metrics] | None = None,
+    round_metrics: Callable[[int, Any, Sequence[str]], Metrics] | None = None,
+    progress: Callable[[int, Metrics], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> LoopResult:
+    """Runs rounds (latest checkpoint + 1) .. total_rounds.
+
+    Args:
+      process: a `tff.learning.templates.LearningProcess` whose `next` takes client ids.
+      sampler: client ids per round.
+      checkpointer: loads and saves (state, round).
+      releaser: receives each round's metrics (see module doc for the protocol).
+      config: rounds and cadences.
+      evaluate: model weights -> eval metrics, run every `eval_every` rounds and last.
+      round_metrics: (round, process output, clients) -> extra metrics (privacy, system).
+      progress: called with each round's metrics, after release.
+      stop_requested: polled after each round; True saves a checkpoint and returns.
+
+    Raises:
+      NonFiniteLossError: the round's loss was NaN/inf; the last checkpoint is kept.
+    """
+    initial_state = process.initialize()
+    state, start = checkpointer.load_latest(initial_state)
+    if state is None:
+        state, start = initial_state, 0
+    releaser.resume(start)
+    last_saved = start
+    round_num = start
+    for round_num in range(start + 1, config.total_rounds + 1):
+        clients = list(sampler.sample(round_num))
+        began = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if clients:
+            output = process.next(state, clients)
+            metrics.update(_train_metrics(output.metrics))
+            loss = metrics.get("train/loss", 0.0)
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"round {round_num} produced a non-finite training loss ({loss}); "
+                    f"the last good checkpoint (round {last_saved}) is kept. Lower the client learning rate, "
+                    "or bound updates with --dp=fixed/adaptive (clipping) or --zeroing_norm."
+                )
+            state = output.state
+            if round_metrics is not None:
+                metrics.update(round_metrics(round_num, output, clients))
+        elif round_metrics is not None:
+            metrics.update(round_metrics(round_num, None, clients))
+        seconds = time.perf_counter() - began
+        metrics["system/round_seconds"] = seconds
+        metrics["system/clients"] = float(len(clients))
+        metrics["system/client_examples_per_second"] = metrics.get("train/num_examples", 0.0) / max(seconds, 1e-9)
+        stopping = stop_requested()
+        if evaluate is not None and (
+            round_num % config.eval_every == 0 or round_num == config.total_rounds or stopping
+        ):
+            metrics.update(evaluate(process.get_model_weights(state)))
+        releaser.release(round_num, metrics)
+        if progress is not None:
+            progress(round_num, metrics)
+        if round_num % config.checkpoint_every == 0 or round_num == config.total_rounds or stopping:
+            checkpointer.save(state, round_num)
+            releaser.commit(round_num)
+            last_saved = round_num
+        if stopping:
+            return LoopResult(state, round_num, start, stopped_early=round_num < config.total_rounds)
+    return LoopResult(state, round_num, start, stopped_early=False)
