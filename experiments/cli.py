@@ -5,22 +5,17 @@ from __future__ import annotations
 import logging as pylogging
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 
 from absl import flags, logging
 
-from tffpipe import accounting, models, outputs, training_loop
-from tffpipe.data import emnist_files
+from tffpipe import training_loop
 
-# Errors that are the user's input, not a bug: one line, no traceback, exit 2.
-USER_ERRORS = (
-    ValueError,  # flag and config validation (FlagError, DataFileError, ModelBuilderError, AccountingError)
-    outputs.OutputError,
-    outputs.CheckpointError,
-    emnist_files.DataFileError,
-    models.ModelBuilderError,
-    accounting.AccountingError,
-)
+# User input errors, not bugs: every tffpipe input error (flags, configs, data files,
+# model builders, accounting, output and checkpoint directories) is a ValueError
+# subclass. One line, no traceback (unless --verbosity >= 0), exit 2.
+USER_ERRORS = (ValueError,)
 
 
 def run_guarded(main: Callable[[], int | None]) -> int:
@@ -36,6 +31,8 @@ def run_guarded(main: Callable[[], int | None]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except USER_ERRORS as e:
+        if flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 0:
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -166,6 +166,7 @@ def run(
         process.get_model_weights(result.state).assign_weights_to(model)
         model.save(dirs.model)
         outputs.write_summary_plot(dirs)
+        outputs.record_hparams(dirs, hparams)
     finally:
         worker.stop()
     eps = accounting.epsilon(plan, result.last_round)

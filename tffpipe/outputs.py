@@ -32,7 +32,7 @@ RESUMABLE_KEYS = frozenset(
 _TB_COMMITTED = ".tensorboard_round"
 
 
-class OutputError(RuntimeError):
+class OutputError(ValueError):
     """The experiment directory cannot be used as asked; nothing in it was changed."""
 
 
@@ -87,7 +87,6 @@ def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
                 f"experiment {dirs.path} was run with another configuration ({details}). Its checkpoints "
                 "are kept untouched: pick a new --experiment name, or rerun with the original flags to resume."
             )
-        _write_json(dirs.hparams, hparams)  # records the new round count etc.
         return True
     if os.listdir(dirs.path):
         raise OutputError(
@@ -98,6 +97,11 @@ def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
     return False
 
 
+def record_hparams(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> None:
+    """Rewrites hparams.json after a successful (resumed) run, e.g. with a raised round count."""
+    _write_json(dirs.hparams, hparams)
+
+
 def _write_json(path: str, value: Mapping[str, Any]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -105,7 +109,7 @@ def _write_json(path: str, value: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint cannot be loaded or does not fit the current model."""
 
 
@@ -163,7 +167,7 @@ class MetricsReleaser:
     def __init__(self, dirs: ExperimentDirs):
         self._dirs = dirs
         self._csv = tff.program.CSVFileReleaseManager(dirs.metrics_csv, key_fieldname="round")
-        self._tensorboard = _FlushingTensorBoardReleaseManager(dirs.tensorboard)
+        self._tensorboard: _FlushingTensorBoardReleaseManager | None = None  # opened on first commit
         self._pending: dict[int, Mapping[str, float]] = {}
 
     def resume(self, round_num: int) -> None:
@@ -185,7 +189,10 @@ class MetricsReleaser:
         self._pending[round_num] = metrics
 
     def commit(self, round_num: int) -> None:
-        for r in sorted(k for k in self._pending if k <= round_num):
+        ready = sorted(k for k in self._pending if k <= round_num)
+        if ready and self._tensorboard is None:
+            self._tensorboard = _FlushingTensorBoardReleaseManager(self._dirs.tensorboard)
+        for r in ready:
             finite = {k: v for k, v in self._pending.pop(r).items() if math.isfinite(v)}
             asyncio.run(self._tensorboard.release(finite, key=r))
         if round_num > 0:

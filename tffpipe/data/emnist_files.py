@@ -65,31 +65,47 @@ def check_database(path: str, only_digits: bool) -> dict[str, int]:
     return counts
 
 
+def _parse(dataset):
+    """Serialized tf.train.Example -> OrderedDict(label=int32[], pixels=float32[28, 28]), as TFF's loader."""
+    import tensorflow as tf
+
+    spec = {
+        "pixels": tf.io.FixedLenFeature(shape=(28, 28), dtype=tf.float32),
+        "label": tf.io.FixedLenFeature(shape=(), dtype=tf.int64),
+    }
+
+    def parse_one(proto):
+        features = tf.io.parse_single_example(proto, spec)
+        return collections.OrderedDict(label=tf.cast(features["label"], tf.int32), pixels=features["pixels"])
+
+    return dataset.map(parse_one)
+
+
+def load_pooled(data_dir: str, only_digits: bool = False, train: bool = True):
+    """All clients' examples of one split as a single tf.data.Dataset (for centralized baselines)."""
+    import tensorflow as tf
+
+    path = database_path(data_dir)
+    check_database(path, only_digits)
+    split = SPLITS[only_digits][0 if train else 1]
+    rows = tf.data.experimental.SqlDataset(
+        "sqlite", path, f"SELECT serialized_example_proto FROM examples WHERE split_name = '{split}'", tf.string
+    )
+    return _parse(rows)
+
+
 def load_client_data(data_dir: str, only_digits: bool = False):
     """Returns (train, test) `tff.simulation.datasets.ClientData` of parsed examples.
 
     Elements are `OrderedDict(label=int32[], pixels=float32[28, 28])`, the same as TFF's
     loader produces. Never downloads.
     """
-    import tensorflow as tf
     import tensorflow_federated as tff
 
     path = database_path(data_dir)
     check_database(path, only_digits)
 
-    def parse(dataset: tf.data.Dataset) -> tf.data.Dataset:
-        spec = {
-            "pixels": tf.io.FixedLenFeature(shape=(28, 28), dtype=tf.float32),
-            "label": tf.io.FixedLenFeature(shape=(), dtype=tf.int64),
-        }
-
-        def parse_one(proto):
-            features = tf.io.parse_single_example(proto, spec)
-            return collections.OrderedDict(label=tf.cast(features["label"], tf.int32), pixels=features["pixels"])
-
-        return dataset.map(parse_one)
-
     train_split, test_split = SPLITS[only_digits]
-    train = tff.simulation.datasets.SqlClientData(path, train_split).preprocess(parse)
-    test = tff.simulation.datasets.SqlClientData(path, test_split).preprocess(parse)
+    train = tff.simulation.datasets.SqlClientData(path, train_split).preprocess(_parse)
+    test = tff.simulation.datasets.SqlClientData(path, test_split).preprocess(_parse)
     return train, test

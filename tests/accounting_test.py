@@ -1,0 +1,86 @@
+"""epsilon against dp_accounting used directly (not through tffpipe's code path)."""
+
+import dataclasses
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+from tensorflow_federated.python.aggregators import differential_privacy as tff_dp
+
+from tffpipe import accounting
+
+Plan = accounting.PrivacyPlan
+M, S = accounting.Mechanism, accounting.Sampling
+BASE = Plan(M.FIXED, 1.0, 50, 3400, S.POISSON, 1e-5)
+
+
+def test_fixed_poisson_rdp_equals_a_direct_dp_accounting_computation():
+    direct = rdp.RdpAccountant()
+    direct.compose(dp_accounting.PoissonSampledDpEvent(50 / 3400, dp_accounting.GaussianDpEvent(1.0)), 100)
+    assert accounting.epsilon(BASE, 100) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-3)
+
+
+def test_fixed_poisson_pld_equals_a_direct_dp_accounting_computation():
+    direct = pld.PLDAccountant()
+    direct.compose(dp_accounting.PoissonSampledDpEvent(50 / 3400, dp_accounting.GaussianDpEvent(1.0)), 100)
+    plan = dataclasses.replace(BASE, accountant=accounting.Accountant.PLD)
+    assert accounting.epsilon(plan, 100) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-3)
+
+
+def test_uniform_sampling_uses_replace_one_with_doubled_sensitivity():
+    direct = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    # Replacing one client moves the clipped sum by up to 2C: the multiplier seen by the accountant is z/2.
+    direct.compose(dp_accounting.SampledWithoutReplacementDpEvent(3400, 50, dp_accounting.GaussianDpEvent(0.5)), 100)
+    plan = dataclasses.replace(BASE, sampling=S.UNIFORM)
+    assert accounting.epsilon(plan, 100) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-3)
+
+
+def test_adaptive_split_matches_tff_and_composes_back_to_z():
+    value, count_stddev = accounting.adaptive_noise_split(1.0, 50)
+    assert (value, count_stddev) == pytest.approx(tff_dp.adaptive_clip_noise_params(1.0, 50.0))
+    # 1/z^2 = 1/z_v^2 + 1/(2 s)^2, so the composed event is as private as one Gaussian(z).
+    assert value**-2 + (2 * count_stddev) ** -2 == pytest.approx(1.0)
+    adaptive = dataclasses.replace(BASE, mechanism=M.ADAPTIVE)
+    assert accounting.epsilon(adaptive, 100) == pytest.approx(accounting.epsilon(BASE, 100), rel=1e-3)
+
+
+def test_tree_equals_single_epoch_tree_event():
+    direct = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
+    direct.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(1.0, 60))
+    plan = dataclasses.replace(BASE, mechanism=M.TREE, sampling=S.SHUFFLE)
+    assert accounting.epsilon(plan, 60) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-3)
+    with pytest.raises(accounting.AccountingError, match="at most 68 rounds"):
+        accounting.epsilon(plan, 69)  # 69 x 50 > 3,400: some client would take part twice
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
+    eps = [accounting.epsilon(BASE, r) for r in (1, 10, 100, 1000)]
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+    noisier = [accounting.epsilon(dataclasses.replace(BASE, noise_multiplier=z), 100) for z in (0.5, 1.0, 2.0)]
+    assert noisier[0] > noisier[1] > noisier[2]
+    assert accounting.epsilon(BASE, 0) == 0.0
+    assert math.isinf(accounting.epsilon(dataclasses.replace(BASE, mechanism=M.NONE, noise_multiplier=0.0), 5))
+
+
+def test_target_epsilon_gives_the_noise_that_reaches_it():
+    z = accounting.noise_for_target_epsilon(BASE, 200, 2.0)
+    assert accounting.epsilon(dataclasses.replace(BASE, noise_multiplier=z), 200) == pytest.approx(2.0, abs=0.01)
+
+
+def test_unsupported_combinations_say_what_to_use():
+    with pytest.raises(accounting.AccountingError, match="PLD accountant does not support sampling=uniform; use --accountant=rdp"):
+        dataclasses.replace(BASE, sampling=S.UNIFORM, accountant=accounting.Accountant.PLD)
+    with pytest.raises(accounting.AccountingError, match="sampling=shuffle"):
+        dataclasses.replace(BASE, mechanism=M.TREE)
+
+
+def test_adaptive_needs_enough_clients_and_says_how_many():
+    with pytest.raises(accounting.AccountingError, match=r"--clients_per_round>=11, a noise_multiplier below 1, or --dp=fixed"):
+        accounting.adaptive_noise_split(1.0, 10)
+
+
+def test_description_names_every_assumption():
+    text = accounting.describe(BASE)
+    for part in ("fixed clipping", "z=1", "Poisson sampling q=0.01471", "delta=1e-05", "RDP accountant"):
+        assert part in text

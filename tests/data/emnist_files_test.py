@@ -1,0 +1,63 @@
+import lzma
+import os
+import sqlite3
+
+import pytest
+
+from tffpipe.data import emnist_files
+
+
+def test_missing_file_names_the_file_and_how_to_get_it(tmp_path):
+    with pytest.raises(emnist_files.DataFileError) as e:
+        emnist_files.load_client_data(str(tmp_path))
+    assert str(tmp_path / "emnist_all.sqlite") in str(e.value)
+    assert "emnist_all.sqlite.lzma" in str(e.value) and "--data_dir" in str(e.value)
+
+
+def test_still_compressed_file_is_recognised(tmp_path):
+    (tmp_path / "emnist_all.sqlite").write_bytes(lzma.compress(b"SQLite format 3\x00" + b"\x00" * 100, format=lzma.FORMAT_ALONE))
+    with pytest.raises(emnist_files.DataFileError, match="not an SQLite database.*LZMA"):
+        emnist_files.check_database(str(tmp_path / "emnist_all.sqlite"), only_digits=False)
+
+
+def test_sqlite_without_the_tables_is_rejected(tmp_path):
+    path = str(tmp_path / "emnist_all.sqlite")
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE other (x)")
+    con.commit()
+    con.close()
+    with pytest.raises(emnist_files.DataFileError, match=r"lacks the tables \['client_metadata', 'examples'\]"):
+        emnist_files.check_database(path, only_digits=False)
+
+
+def test_empty_split_is_rejected(tiny_data_dir, tmp_path):
+    path = str(tmp_path / "emnist_all.sqlite")
+    with open(os.path.join(tiny_data_dir, "emnist_all.sqlite"), "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())
+    con = sqlite3.connect(path)
+    con.execute("DELETE FROM examples WHERE split_name='digits_only_test'")
+    con.execute("DELETE FROM client_metadata WHERE split_name='digits_only_test'")
+    con.commit()
+    con.close()
+    assert emnist_files.check_database(path, only_digits=False)["all_test"] == 12
+    with pytest.raises(emnist_files.DataFileError, match="split 'digits_only_test'"):
+        emnist_files.check_database(path, only_digits=True)
+
+
+def test_truncated_database_is_reported_as_damaged(tiny_data_dir, tmp_path):
+    path = str(tmp_path / "emnist_all.sqlite")
+    with open(os.path.join(tiny_data_dir, "emnist_all.sqlite"), "rb") as src:
+        head = src.read(8192)
+    with open(path, "wb") as dst:
+        dst.write(head)
+    with pytest.raises(emnist_files.DataFileError, match="damaged|lacks|no clients"):
+        emnist_files.check_database(path, only_digits=False)
+
+
+def test_loader_yields_tff_emnist_elements_for_both_class_sets(tiny_data_dir):
+    for only_digits, max_label in ((False, 61), (True, 9)):
+        train, test = emnist_files.load_client_data(tiny_data_dir, only_digits)
+        assert set(train.element_type_structure) == {"label", "pixels"}
+        labels = [int(e["label"]) for cid in train.client_ids[:3] for e in train.create_tf_dataset_for_client(cid)]
+        assert max(labels) <= max_label
+        assert test.client_ids

@@ -1,0 +1,59 @@
+import pytest
+import tensorflow as tf
+
+from tffpipe import models
+
+
+def returns_a_string(num_classes):
+    return "not a model"
+
+
+def wrong_output(num_classes):
+    return tf.keras.Sequential([tf.keras.layers.Flatten(input_shape=(28, 28, 1)), tf.keras.layers.Dense(num_classes + 1)])
+
+
+def wrong_input(num_classes):
+    return tf.keras.Sequential([tf.keras.layers.Dense(num_classes, input_shape=(10,))])
+
+
+@pytest.mark.parametrize(
+    "name, num_classes, parameters",
+    [
+        ("linear", 62, 785 * 62),  # 784 weights + 1 bias per class
+        ("mlp", 62, 785 * 200 + 201 * 200 + 201 * 62),
+        ("cnn", 62, 1_206_590),  # TFF's EMNIST CNN: 320 + 18,496 + 1,179,776 + 7,998
+        ("small_cnn", 62, 160 + 4_640 + 801 * 62),
+        ("small_cnn", 10, 160 + 4_640 + 801 * 10),
+    ],
+)
+def test_every_registered_model_builds_with_its_parameter_count(name, num_classes, parameters):
+    model = models.create_model(name, num_classes)
+    info = models.describe(name, model)
+    assert info.num_parameters == parameters
+    assert info.update_bytes == 4 * parameters  # every weight is trainable float32
+    assert set(models.REGISTRY) == {"linear", "mlp", "cnn", "small_cnn"}
+
+
+def test_unknown_name_lists_the_valid_ones():
+    with pytest.raises(models.ModelBuilderError, match=r"unknown model 'resnet'; choose one of \['cnn', 'linear'"):
+        models.create_model("resnet", 62)
+
+
+def test_user_builder_by_import_path():
+    model = models.create_model("tffpipe.models:create_linear", 10)
+    assert model.output_shape == (None, 10)
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("no_such_pkg.mod:fn", "cannot import module 'no_such_pkg.mod'"),
+        ("tffpipe.models:missing", "has no function 'missing'"),
+        ("tests.models_test:returns_a_string", "returned str, not a tf.keras.Model"),
+        ("tests.models_test:wrong_output", r"outputs shape \(63,\) per example; the task needs \(62,\)"),
+        ("tests.models_test:wrong_input", r"does not accept inputs of shape \[batch, 28, 28, 1\]"),
+    ],
+)
+def test_bad_builders_say_what_is_wrong(path, message):
+    with pytest.raises(models.ModelBuilderError, match=message):
+        models.create_model(path, 62)

@@ -1,0 +1,59 @@
+import json
+import os
+
+import pytest
+
+from tffpipe import outputs
+
+
+def _dirs(tmp_path) -> outputs.ExperimentDirs:
+    return outputs.ExperimentDirs(str(tmp_path), "exp")
+
+
+def test_new_experiment_writes_hparams_and_a_rerun_resumes(tmp_path):
+    dirs = _dirs(tmp_path)
+    assert outputs.prepare(dirs, {"model": "linear", "rounds": 5}) is False
+    # More rounds is an extension, not another configuration; recorded once the run succeeds.
+    assert outputs.prepare(dirs, {"model": "linear", "rounds": 9}) is True
+    with open(dirs.hparams) as f:
+        assert json.load(f)["rounds"] == 5
+    outputs.record_hparams(dirs, {"model": "linear", "rounds": 9})
+    with open(dirs.hparams) as f:
+        assert json.load(f)["rounds"] == 9
+
+
+def test_other_configuration_is_refused_and_nothing_is_touched(tmp_path):
+    dirs = _dirs(tmp_path)
+    outputs.prepare(dirs, {"model": "linear", "rounds": 5})
+    before = open(dirs.hparams).read()
+    with pytest.raises(outputs.OutputError, match=r"model: 'linear' -> 'cnn'.*new --experiment"):
+        outputs.prepare(dirs, {"model": "cnn", "rounds": 5})
+    assert open(dirs.hparams).read() == before
+
+
+def test_directory_of_other_files_is_never_clobbered(tmp_path):
+    os.makedirs(tmp_path / "exp")
+    (tmp_path / "exp" / "notes.txt").write_text("mine")
+    with pytest.raises(outputs.OutputError, match="no hparams.json: not a tffpipe experiment"):
+        outputs.prepare(_dirs(tmp_path), {"model": "linear"})
+    assert (tmp_path / "exp" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_drops_uncommitted_rows_and_catches_up_tensorboard(tmp_path):
+    dirs = _dirs(tmp_path)
+    outputs.prepare(dirs, {})
+    releaser = outputs.MetricsReleaser(dirs)
+    releaser.resume(0)
+    for r in (1, 2, 3):
+        releaser.release(r, {"train/loss": 1.0 / r})
+    releaser.commit(1)  # as if the process died after checkpoint 2 but before committing it
+    again = outputs.MetricsReleaser(dirs)
+    again.resume(2)
+    rows = outputs.read_metrics(dirs.metrics_csv)
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    with open(os.path.join(dirs.tensorboard, ".tensorboard_round")) as f:
+        assert f.read() == "2"
+    # Re-releasing round 3 replaces, never duplicates.
+    again.release(3, {"train/loss": 0.3})
+    again.release(3, {"train/loss": 0.33})
+    assert [r["train/loss"] for r in outputs.read_metrics(dirs.metrics_csv)] == ["1.0", "0.5", "0.33"]

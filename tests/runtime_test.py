@@ -1,0 +1,96 @@
+"""The local TFF worker: a real FedAvg round, loopback-only, and no survivors."""
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from tests import conftest
+from tffpipe import runtime
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    """Local addresses (hex, as in /proc/net/tcp*) of the sockets `pid` listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A = LISTEN
+                    found.add(cols[1].split(":")[0])
+    return found
+
+
+def test_one_real_fedavg_round_on_two_tiny_clients_changes_the_weights(tff_context):
+    def model_fn():
+        keras_model = tf.keras.Sequential([tf.keras.layers.Dense(2, input_shape=(3,))])
+        return tff.learning.models.from_keras_model(
+            keras_model,
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            input_spec=collections.OrderedDict(
+                x=tf.TensorSpec([None, 3], tf.float32), y=tf.TensorSpec([None, 1], tf.int32)
+            ),
+        )
+
+    def client(label: int) -> tf.data.Dataset:
+        x = np.full((4, 3), float(label), np.float32)
+        y = np.full((4, 1), label, np.int32)
+        return tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y)).batch(2)
+
+    process = tff.learning.algorithms.build_weighted_fed_avg(
+        model_fn, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.5)
+    )
+    state = process.initialize()
+    before = process.get_model_weights(state).trainable
+    output = process.next(state, [client(0), client(1)])
+    after = process.get_model_weights(output.state).trainable
+    assert output.metrics["client_work"]["train"]["num_examples"] == 8
+    assert any(not np.allclose(b, a) for b, a in zip(before, after))
+    assert tff_context.pid is not None
+
+
+@pytest.mark.skipif(not os.path.isfile(runtime.LOOPBACK_SHIM), reason="shim not built (make env builds it)")
+def test_worker_listens_on_loopback_only(tff_context):
+    addresses = _listening_addresses(tff_context.pid)
+    assert addresses, "the worker should be listening"
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1
+    assert addresses <= loopback, f"worker listens on {addresses}"
+
+
+def test_worker_dies_when_its_parent_is_killed_with_sigkill():
+    script = textwrap.dedent(
+        """
+        import os, sys, time
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        from tffpipe import runtime
+        worker = runtime.install_local_context()
+        worker.stub()
+        print(worker.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker_pid = int(parent.stdout.readline())
+    assert worker_pid in conftest.worker_pids()
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while worker_pid in conftest.worker_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_pid not in conftest.worker_pids()

@@ -1,0 +1,202 @@
+"""End-to-end runs of `python -m experiments.train` on a tiny generated population."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+from tests import conftest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_FLAGS = [
+    "--num_writers=12", "--median_examples=24", "--data_seed=7", "--clients_per_round=3",
+    "--eval_clients=4", "--eval_every=2", "--noise_multiplier=0.3", "--clip=0.5",
+]
+
+
+def train(*flags: str, cache: str, root: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={root}", *TINY_FLAGS, *flags]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def rows(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def tree_digest(path: str) -> str:
+    h = hashlib.sha256()
+    for base, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            with open(os.path.join(base, name), "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    return str(root / "cache"), str(root / "runs")
+
+
+@pytest.fixture(scope="module")
+def finished_run(workspace):
+    cache, runs = workspace
+    proc = train("--rounds=3", "--experiment=base", cache=cache, root=runs)
+    assert proc.returncode == 0, proc.stderr
+    return proc, os.path.join(runs, "base")
+
+
+def test_outputs_have_the_expected_layout_columns_and_rows(finished_run):
+    proc, exp = finished_run
+    assert "round 3/3" in proc.stdout and "epsilon" in proc.stdout and "Poisson sampling" in proc.stdout
+    assert sorted(os.listdir(exp)) == [
+        "checkpoints", "hparams.json", "metrics.csv", "model.keras", "summary.png", "tensorboard", "worker.log"
+    ]
+    table = rows(os.path.join(exp, "metrics.csv"))
+    assert [r["round"] for r in table] == ["1", "2", "3"]
+    for column in (
+        "train/loss", "train/accuracy", "privacy/epsilon", "privacy/noise_stddev", "privacy/clip",
+        "system/round_seconds", "system/client_examples_per_second", "system/clients",
+    ):
+        assert all(r[column] != "" for r in table), column
+    assert [r["eval/accuracy"] != "" for r in table] == [False, True, True]  # eval_every=2, and the last round
+    eps = [float(r["privacy/epsilon"]) for r in table]
+    assert eps == sorted(eps) and eps[0] > 0
+    assert "program_state_3" in os.listdir(os.path.join(exp, "checkpoints"))
+    with open(os.path.join(exp, "summary.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    model = tf.keras.models.load_model(os.path.join(exp, "model.keras"))
+    assert model.output_shape == (None, 62)
+
+
+def test_tensorboard_holds_scalars_hparams_and_sample_images(finished_run):
+    _, exp = finished_run
+    acc = event_accumulator.EventAccumulator(os.path.join(exp, "tensorboard"), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert [e.step for e in acc.Tensors("train/loss")] == [1, 2, 3]
+    assert [e.step for e in acc.Tensors("eval/accuracy")] == [2, 3]
+    assert "privacy/epsilon" in tags["tensors"]
+    assert any(t.startswith("clients/") for t in tags["tensors"])  # tf.summary.image writes tensors in TF2
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(workspace, finished_run):
+    cache, runs = workspace
+    victim = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS,
+         "--rounds=3", "--experiment=killed"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    for line in victim.stdout:
+        if line.startswith("round 2/3"):
+            victim.send_signal(signal.SIGKILL)  # mid-run: round 2 released, maybe not checkpointed
+            break
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    resumed = train("--rounds=3", "--experiment=killed", cache=cache, root=runs)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    reference = rows(os.path.join(finished_run[1], "metrics.csv"))
+    result = rows(os.path.join(runs, "killed", "metrics.csv"))
+    assert [r["round"] for r in result] == ["1", "2", "3"]
+    for column in ("train/loss", "train/accuracy", "eval/accuracy", "privacy/epsilon", "privacy/clip"):
+        assert [r[column] for r in result] == [r[column] for r in reference], column
+    acc = event_accumulator.EventAccumulator(os.path.join(runs, "killed", "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Tensors("train/loss")] == [1, 2, 3]  # no round missing or duplicated
+
+
+def test_raising_rounds_extends_a_finished_run(workspace, finished_run):
+    cache, runs = workspace
+    shutil.copytree(finished_run[1], os.path.join(runs, "extended"))
+    proc = train("--rounds=4", "--experiment=extended", cache=cache, root=runs)
+    assert proc.returncode == 0, proc.stderr
+    assert "round 3/4" not in proc.stdout and "round 4/4" in proc.stdout
+    assert [r["round"] for r in rows(os.path.join(runs, "extended", "metrics.csv"))] == ["1", "2", "3", "4"]
+
+
+def _corrupt_checkpoint(runs: str, source: str) -> str:
+    exp = os.path.join(runs, "corrupt")
+    shutil.copytree(source, exp)
+    state_dir = os.path.join(exp, "checkpoints", "program_state_3")
+    for base, _, files in os.walk(state_dir):
+        for name in files:
+            with open(os.path.join(base, name), "wb") as f:
+                f.write(b"garbage")
+    return exp
+
+
+def _unreadable_sqlite(tmp: str) -> str:
+    os.makedirs(os.path.join(tmp, "badsqlite"), exist_ok=True)
+    with open(os.path.join(tmp, "badsqlite", "emnist_all.sqlite"), "wb") as f:
+        f.write(b"this is not a database at all" * 10)
+    return os.path.join(tmp, "badsqlite")
+
+
+def test_bad_inputs_each_give_their_message_and_lose_nothing(workspace, finished_run, tmp_path):
+    cache, runs = workspace
+    exp = finished_run[1]
+    corrupt = _corrupt_checkpoint(runs, exp)
+    protected = {exp: tree_digest(exp), corrupt: tree_digest(corrupt)}
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        (["--rounds=0"], "--rounds=0", "total_rounds must be positive, got 0"),
+        (["--clients_per_round=0"], "--clients_per_round=0", "clients_per_round must be positive"),
+        (["--clients_per_round=50"], "clients_per_round=50 exceeds the 12 training clients", ""),
+        (["--model=resnet"], "unknown model 'resnet'", "choose one of"),
+        (["--model=no_such_pkg:build"], "cannot import module 'no_such_pkg'", ""),
+        (["--model=tests.models_test:wrong_output"], "outputs shape (63,) per example", ""),
+        (["--data_dir=/nonexistent/emnist"], "EMNIST file not found: /nonexistent/emnist/emnist_all.sqlite", "lzma"),
+        ([f"--data_dir={_unreadable_sqlite(str(tmp_path))}"], "is not an SQLite database (bad header)", ""),
+        (["--batch_size=0"], "--batch_size=0", "batch_size must be positive"),
+        (["--noise_multiplier=-1"], "noise_multiplier must be >= 0, got -1.0", ""),
+        (["--dp=adaptive", "--noise_multiplier=1"], "--clients_per_round>=11", "or --dp=fixed"),
+        (["--target_epsilon=-1"], "--target_epsilon=-1.0: must be positive", ""),
+        (["--delta=2"], "--delta=2.0: must be in (0, 1)", ""),
+        (["--accountant=pld", "--sampling=uniform"], "PLD accountant does not support sampling=uniform", ""),
+        (["--dp=tree", "--rounds=10"], "at most 4 rounds of 3 clients from 12", "Lower --rounds"),
+        (["--dp=none", "--target_epsilon=2"], "target_epsilon needs a DP mechanism", ""),
+        (["--experiment=a/b"], "experiment must be a plain directory name", ""),
+        ([f"--root_dir={blocker}"], "cannot create the experiment directory", "writable --root_dir"),
+        (["--experiment=base", "--model=linear"], "was run with another configuration (model: 'small_cnn' -> 'linear'", ""),
+        (["--experiment=corrupt", "--rounds=3"], "checkpoint of round 3", "is unreadable"),
+        (["--roundz=3"], "Unknown command line flag 'roundz'", ""),
+    ]
+
+    def attempt(case):
+        flags, first, second = case
+        root = [] if any(f.startswith("--root_dir") for f in flags) else [f"--root_dir={runs}"]
+        cmd = [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", *TINY_FLAGS, *root, "--rounds=3", *flags]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(attempt, cases))
+    for (flags, first, second), proc in zip(cases, results):
+        assert proc.returncode != 0, flags
+        assert first in proc.stderr and second in proc.stderr, (flags, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])
+    for path, digest in protected.items():
+        assert tree_digest(path) == digest, f"{path} changed"
+    assert len(cases) >= 15
+
+
+def test_no_worker_process_of_any_binary_run_remains():
+    def parent(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+
+    # Workers of this pytest process (the shared tff_context) are stopped by conftest at exit.
+    assert {pid for pid in conftest.worker_pids() if parent(pid) != os.getpid()} == set()

@@ -1,0 +1,113 @@
+"""The round loop with hand-written fakes: ordering, resume, NaN handling."""
+
+import dataclasses
+import math
+
+import pytest
+
+from tffpipe import training_loop
+
+
+@dataclasses.dataclass
+class Output:
+    state: int
+    metrics: dict
+
+
+class FakeProcess:
+    """State is an int; each round adds the number of clients. Loss can be scripted."""
+
+    def __init__(self, losses=None):
+        self.losses = losses or {}
+        self.calls = 0
+
+    def initialize(self):
+        return 0
+
+    def next(self, state, clients):
+        self.calls += 1
+        loss = self.losses.get(state + len(clients), 1.0 / (1 + state))
+        return Output(state + len(clients), {"client_work": {"train": {"loss": loss, "num_examples": 10.0}}})
+
+    def get_model_weights(self, state):
+        return state
+
+
+class FakeSampler:
+    def sample(self, r):
+        return [f"c{r}"] * 2
+
+
+class FakeCheckpointer:
+    def __init__(self):
+        self.saved = {}
+
+    def load_latest(self, structure):
+        if not self.saved:
+            return None, 0
+        r = max(self.saved)
+        return self.saved[r], r
+
+    def save(self, state, r):
+        self.saved[r] = state
+
+
+class FakeReleaser:
+    def __init__(self):
+        self.rows, self.committed, self.events = {}, 0, []
+
+    def resume(self, r):
+        self.rows = {k: v for k, v in self.rows.items() if k <= r}
+        self.events.append(("resume", r))
+
+    def release(self, r, metrics):
+        self.rows[r] = dict(metrics)
+        self.events.append(("release", r))
+
+    def commit(self, r):
+        self.committed = r
+        self.events.append(("commit", r))
+
+
+def _run(process, checkpointer, releaser, rounds, **kwargs):
+    return training_loop.run(
+        process=process, sampler=FakeSampler(), checkpointer=checkpointer, releaser=releaser,
+        config=training_loop.LoopConfig(total_rounds=rounds, **kwargs), evaluate=lambda w: {"eval/accuracy": w / 100},
+    )
+
+
+def test_rounds_release_before_checkpoint_commit():
+    releaser = FakeReleaser()
+    result = _run(FakeProcess(), FakeCheckpointer(), releaser, rounds=3, eval_every=2)
+    assert result.state == 6 and result.last_round == 3
+    assert releaser.events == [
+        ("resume", 0), ("release", 1), ("commit", 1), ("release", 2), ("commit", 2), ("release", 3), ("commit", 3)
+    ]
+    assert "eval/accuracy" in releaser.rows[2] and "eval/accuracy" in releaser.rows[3]
+    assert "eval/accuracy" not in releaser.rows[1]
+
+
+def test_resume_continues_after_the_last_checkpoint_and_extends_a_finished_run():
+    checkpointer, releaser = FakeCheckpointer(), FakeReleaser()
+    _run(FakeProcess(), checkpointer, releaser, rounds=4, checkpoint_every=3)
+    assert sorted(checkpointer.saved) == [3, 4]
+    process = FakeProcess()
+    result = _run(process, checkpointer, releaser, rounds=6)
+    assert process.calls == 2 and result.resumed_from == 4 and result.state == 12
+    assert sorted(releaser.rows) == [1, 2, 3, 4, 5, 6]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint():
+    checkpointer = FakeCheckpointer()
+    with pytest.raises(training_loop.NonFiniteLossError, match=r"round 3 .*\(nan\).*round 2"):
+        _run(FakeProcess(losses={6: math.nan}), checkpointer, FakeReleaser(), rounds=5)
+    assert sorted(checkpointer.saved) == [1, 2]
+
+
+def test_stop_request_saves_and_returns_early():
+    checkpointer = FakeCheckpointer()
+    result = training_loop.run(
+        process=FakeProcess(), sampler=FakeSampler(), checkpointer=checkpointer, releaser=FakeReleaser(),
+        config=training_loop.LoopConfig(total_rounds=10, checkpoint_every=5), stop_requested=lambda: True,
+    )
+    assert result.stopped_early and result.last_round == 1 and checkpointer.saved == {1: 2}
