@@ -1,8 +1,8 @@
 """Plans privacy without building any TF graph: epsilon for a plan, or noise for a target.
 
-  python -m experiments.compute_epsilon --noise_multiplier=1.0 --clients_per_round=50 --rounds=1500
-  python -m experiments.compute_epsilon --target_epsilon=8 --clients_per_round=100 --rounds=50
-  python -m experiments.compute_epsilon --table      # the README's grid of plans
+python -m experiments.compute_epsilon --noise_multiplier=1.0 --clients_per_round=50 --rounds=1500
+python -m experiments.compute_epsilon --target_epsilon=8 --clients_per_round=100 --rounds=50
+python -m experiments.compute_epsilon --table      # the README's grid of plans
 """
 
 import itertools
@@ -26,7 +26,9 @@ flags.DEFINE_bool("table", False, "Print epsilon for a grid of plans (clients 10
 FLAGS = flags.FLAGS
 
 
-def _plan(mechanism: accounting.Mechanism, z: float, m: int, sampling: accounting.Sampling, acc) -> accounting.PrivacyPlan:
+def _plan(
+    mechanism: accounting.Mechanism, z: float, m: int, sampling: accounting.Sampling, acc
+) -> accounting.PrivacyPlan:
     delta = FLAGS.delta or accounting.default_delta(FLAGS.population)
     return accounting.PrivacyPlan(mechanism, z, m, FLAGS.population, sampling, delta, acc)
 
@@ -57,7 +59,11 @@ def main(argv) -> int:
         default = accounting.Sampling.SHUFFLE if mechanism is accounting.Mechanism.TREE else accounting.Sampling.POISSON
         sampling = accounting.Sampling(FLAGS.sampling) if FLAGS.sampling else default
         plan = _plan(
-            mechanism, FLAGS.noise_multiplier, FLAGS.clients_per_round, sampling, accounting.Accountant(FLAGS.accountant)
+            mechanism,
+            FLAGS.noise_multiplier,
+            FLAGS.clients_per_round,
+            sampling,
+            accounting.Accountant(FLAGS.accountant),
         )
         if FLAGS.target_epsilon is not None:
             z = accounting.noise_for_target_epsilon(plan, FLAGS.rounds, FLAGS.target_epsilon)

@@ -1,7 +1,7 @@
 """Prints the data card of a client dataset and writes a PNG of sample characters.
 
-  python -m experiments.data_card                      # the embedded default population
-  python -m experiments.data_card --data_dir=~/emnist  # a real emnist_all.sqlite
+python -m experiments.data_card                      # the embedded default population
+python -m experiments.data_card --data_dir=~/emnist  # a real emnist_all.sqlite
 """
 
 from absl import app, flags
@@ -23,8 +23,11 @@ def main(argv) -> int:
         data_dir = FLAGS.data_dir or generator.ensure_generated(
             FLAGS.cache_dir,
             generator.PopulationConfig(
-                num_writers=FLAGS.num_writers, seed=FLAGS.data_seed, median_examples=FLAGS.median_examples,
-                quantity_sigma=FLAGS.quantity_sigma, label_concentration=FLAGS.label_concentration,
+                num_writers=FLAGS.num_writers,
+                seed=FLAGS.data_seed,
+                median_examples=FLAGS.median_examples,
+                quantity_sigma=FLAGS.quantity_sigma,
+                label_concentration=FLAGS.label_concentration,
             ),
         )
         print(data_card.markdown(data_card.split_statistics(data_dir)))

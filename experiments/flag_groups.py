@@ -62,7 +62,9 @@ def define_privacy_flags() -> None:
 def define_sampling_flags() -> None:
     flags.DEFINE_integer("clients_per_round", 50, "Clients per round (expected number under Poisson sampling).")
     flags.DEFINE_enum(
-        "sampling", None, _enum_values(accounting.Sampling),
+        "sampling",
+        None,
+        _enum_values(accounting.Sampling),
         "Client sampling; unset: uniform without DP, poisson for fixed/adaptive, shuffle for tree.",
     )
 
@@ -82,8 +84,13 @@ def define_output_flags() -> None:
 
 def define_all() -> None:
     for define in (
-        define_data_flags, define_model_flags, define_algorithm_flags, define_privacy_flags,
-        define_sampling_flags, define_loop_flags, define_output_flags,
+        define_data_flags,
+        define_model_flags,
+        define_algorithm_flags,
+        define_privacy_flags,
+        define_sampling_flags,
+        define_loop_flags,
+        define_output_flags,
     ):
         define()
 
@@ -105,23 +112,32 @@ def experiment_config() -> configs.ExperimentConfig:
     population = _build(
         ("num_writers", "median_examples", "quantity_sigma", "label_concentration"),
         lambda: generator.PopulationConfig(
-            num_writers=FLAGS.num_writers, seed=FLAGS.data_seed, median_examples=FLAGS.median_examples,
-            quantity_sigma=FLAGS.quantity_sigma, label_concentration=FLAGS.label_concentration,
+            num_writers=FLAGS.num_writers,
+            seed=FLAGS.data_seed,
+            median_examples=FLAGS.median_examples,
+            quantity_sigma=FLAGS.quantity_sigma,
+            label_concentration=FLAGS.label_concentration,
         ),
     )
     preprocess = _build(
         ("epochs", "batch_size", "shuffle_buffer", "max_examples_per_client"),
         lambda: preprocessing.PreprocessConfig(
-            epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, shuffle_buffer=FLAGS.shuffle_buffer,
-            max_examples=FLAGS.max_examples_per_client, seed=FLAGS.seed,
+            epochs=FLAGS.epochs,
+            batch_size=FLAGS.batch_size,
+            shuffle_buffer=FLAGS.shuffle_buffer,
+            max_examples=FLAGS.max_examples_per_client,
+            seed=FLAGS.seed,
         ),
     )
     algorithm = _build(
         ("client_learning_rate", "server_learning_rate", "server_momentum", "adaptive_epsilon", "proximal_strength"),
         lambda: algorithms.AlgorithmConfig(
-            algorithm=algorithms.Algorithm(FLAGS.algorithm), client_learning_rate=FLAGS.client_learning_rate,
-            server_learning_rate=FLAGS.server_learning_rate, server_momentum=FLAGS.server_momentum,
-            adaptive_epsilon=FLAGS.adaptive_epsilon, proximal_strength=FLAGS.proximal_strength,
+            algorithm=algorithms.Algorithm(FLAGS.algorithm),
+            client_learning_rate=FLAGS.client_learning_rate,
+            server_learning_rate=FLAGS.server_learning_rate,
+            server_momentum=FLAGS.server_momentum,
+            adaptive_epsilon=FLAGS.adaptive_epsilon,
+            proximal_strength=FLAGS.proximal_strength,
         ),
     )
     mechanism = accounting.Mechanism(FLAGS.dp)
@@ -130,8 +146,11 @@ def experiment_config() -> configs.ExperimentConfig:
         lambda: aggregation.DpConfig(
             mechanism=mechanism,
             noise_multiplier=FLAGS.noise_multiplier if mechanism is not accounting.Mechanism.NONE else 0.0,
-            clip=FLAGS.clip, target_quantile=FLAGS.target_quantile, clip_learning_rate=FLAGS.clip_learning_rate,
-            zeroing_norm=FLAGS.zeroing_norm, noise_seed=FLAGS.seed,
+            clip=FLAGS.clip,
+            target_quantile=FLAGS.target_quantile,
+            clip_learning_rate=FLAGS.clip_learning_rate,
+            zeroing_norm=FLAGS.zeroing_norm,
+            noise_seed=FLAGS.seed,
         ),
     )
     if FLAGS.target_epsilon is not None and FLAGS.target_epsilon <= 0:
@@ -153,12 +172,22 @@ def experiment_config() -> configs.ExperimentConfig:
     return _build(
         ("clients_per_round", "eval_clients", "experiment", "target_epsilon", "dp"),
         lambda: configs.ExperimentConfig(
-            model=FLAGS.model, clients_per_round=FLAGS.clients_per_round, eval_clients=FLAGS.eval_clients,
-            seed=FLAGS.seed, root_dir=FLAGS.root_dir, experiment=FLAGS.experiment,
+            model=FLAGS.model,
+            clients_per_round=FLAGS.clients_per_round,
+            eval_clients=FLAGS.eval_clients,
+            seed=FLAGS.seed,
+            root_dir=FLAGS.root_dir,
+            experiment=FLAGS.experiment,
             data=configs.DataConfig(
-                data_dir=FLAGS.data_dir, cache_dir=FLAGS.cache_dir, only_digits=FLAGS.only_digits,
+                data_dir=FLAGS.data_dir,
+                cache_dir=FLAGS.cache_dir,
+                only_digits=FLAGS.only_digits,
                 population=population,
             ),
-            preprocess=preprocess, algorithm=algorithm, dp=dp, privacy=privacy, loop=loop,
+            preprocess=preprocess,
+            algorithm=algorithm,
+            dp=dp,
+            privacy=privacy,
+            loop=loop,
         ),
     )

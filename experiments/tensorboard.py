@@ -18,7 +18,14 @@ def main(argv) -> int:
     print(f"TensorBoard for {FLAGS.root}: http://127.0.0.1:{FLAGS.port}/  (Ctrl-C stops it)", flush=True)
     os.execv(
         sys.executable,
-        [sys.executable, "-m", "tensorboard.main", f"--logdir={FLAGS.root}", "--host=127.0.0.1", f"--port={FLAGS.port}"],
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            f"--logdir={FLAGS.root}",
+            "--host=127.0.0.1",
+            f"--port={FLAGS.port}",
+        ],
     )
 
 

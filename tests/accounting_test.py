@@ -69,14 +69,18 @@ def test_target_epsilon_gives_the_noise_that_reaches_it():
 
 
 def test_unsupported_combinations_say_what_to_use():
-    with pytest.raises(accounting.AccountingError, match="PLD accountant does not support sampling=uniform; use --accountant=rdp"):
+    with pytest.raises(
+        accounting.AccountingError, match="PLD accountant does not support sampling=uniform; use --accountant=rdp"
+    ):
         dataclasses.replace(BASE, sampling=S.UNIFORM, accountant=accounting.Accountant.PLD)
     with pytest.raises(accounting.AccountingError, match="sampling=shuffle"):
         dataclasses.replace(BASE, mechanism=M.TREE)
 
 
 def test_adaptive_needs_enough_clients_and_says_how_many():
-    with pytest.raises(accounting.AccountingError, match=r"--clients_per_round>=11, a noise_multiplier below 1, or --dp=fixed"):
+    with pytest.raises(
+        accounting.AccountingError, match=r"--clients_per_round>=11, a noise_multiplier below 1, or --dp=fixed"
+    ):
         accounting.adaptive_noise_split(1.0, 10)
 
 

@@ -47,7 +47,9 @@ def test_fixed_noise_is_replayed_from_the_state_and_differs_between_rounds(tff_c
 
 
 def test_adaptive_clip_moves_to_the_target_quantile(tff_context):
-    config = aggregation.DpConfig(M.ADAPTIVE, noise_multiplier=0.0, clip=0.1, target_quantile=0.5, clip_learning_rate=0.2)
+    config = aggregation.DpConfig(
+        M.ADAPTIVE, noise_multiplier=0.0, clip=0.1, target_quantile=0.5, clip_learning_rate=0.2
+    )
     process = _process(config, m=10, dim=2)
     updates = [np.array([float(n), 0.0], np.float32) for n in range(1, 11)]  # norms 1..10, median 5.5
     state = process.initialize()

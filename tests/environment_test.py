@@ -31,7 +31,11 @@ def test_binary_on_bare_interpreter_prints_one_message_and_exits_2():
     env = {k: v for k, v in os.environ.items() if k != environment.SKIP_VARIABLE}
     proc = subprocess.run(
         [sys.executable, "-S", "-m", "experiments.train", "--rounds=1"],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=60,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "tensorflow is not installed; tffpipe needs tensorflow==2.14.1." in proc.stderr

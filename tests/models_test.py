@@ -9,7 +9,9 @@ def returns_a_string(num_classes):
 
 
 def wrong_output(num_classes):
-    return tf.keras.Sequential([tf.keras.layers.Flatten(input_shape=(28, 28, 1)), tf.keras.layers.Dense(num_classes + 1)])
+    return tf.keras.Sequential(
+        [tf.keras.layers.Flatten(input_shape=(28, 28, 1)), tf.keras.layers.Dense(num_classes + 1)]
+    )
 
 
 def wrong_input(num_classes):

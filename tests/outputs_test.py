@@ -25,10 +25,12 @@ def test_new_experiment_writes_hparams_and_a_rerun_resumes(tmp_path):
 def test_other_configuration_is_refused_and_nothing_is_touched(tmp_path):
     dirs = _dirs(tmp_path)
     outputs.prepare(dirs, {"model": "linear", "rounds": 5})
-    before = open(dirs.hparams).read()
+    with open(dirs.hparams) as f:
+        before = f.read()
     with pytest.raises(outputs.OutputError, match=r"model: 'linear' -> 'cnn'.*new --experiment"):
         outputs.prepare(dirs, {"model": "cnn", "rounds": 5})
-    assert open(dirs.hparams).read() == before
+    with open(dirs.hparams) as f:
+        assert f.read() == before
 
 
 def test_directory_of_other_files_is_never_clobbered(tmp_path):

@@ -61,7 +61,7 @@ def test_one_real_fedavg_round_on_two_tiny_clients_changes_the_weights(tff_conte
     output = process.next(state, [client(0), client(1)])
     after = process.get_model_weights(output.state).trainable
     assert output.metrics["client_work"]["train"]["num_examples"] == 8
-    assert any(not np.allclose(b, a) for b, a in zip(before, after))
+    assert any(not np.allclose(b, a) for b, a in zip(before, after, strict=True))
     assert tff_context.pid is not None
 
 

@@ -19,8 +19,14 @@ from tests import conftest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = [
-    "--num_writers=12", "--median_examples=24", "--data_seed=7", "--clients_per_round=3",
-    "--eval_clients=4", "--eval_every=2", "--noise_multiplier=0.3", "--clip=0.5",
+    "--num_writers=12",
+    "--median_examples=24",
+    "--data_seed=7",
+    "--clients_per_round=3",
+    "--eval_clients=4",
+    "--eval_every=2",
+    "--noise_multiplier=0.3",
+    "--clip=0.5",
 ]
 
 
@@ -61,13 +67,25 @@ def test_outputs_have_the_expected_layout_columns_and_rows(finished_run):
     proc, exp = finished_run
     assert "round 3/3" in proc.stdout and "epsilon" in proc.stdout and "Poisson sampling" in proc.stdout
     assert sorted(os.listdir(exp)) == [
-        "checkpoints", "hparams.json", "metrics.csv", "model.keras", "summary.png", "tensorboard", "worker.log"
+        "checkpoints",
+        "hparams.json",
+        "metrics.csv",
+        "model.keras",
+        "summary.png",
+        "tensorboard",
+        "worker.log",
     ]
     table = rows(os.path.join(exp, "metrics.csv"))
     assert [r["round"] for r in table] == ["1", "2", "3"]
     for column in (
-        "train/loss", "train/accuracy", "privacy/epsilon", "privacy/noise_stddev", "privacy/clip",
-        "system/round_seconds", "system/client_examples_per_second", "system/clients",
+        "train/loss",
+        "train/accuracy",
+        "privacy/epsilon",
+        "privacy/noise_stddev",
+        "privacy/clip",
+        "system/round_seconds",
+        "system/client_examples_per_second",
+        "system/clients",
     ):
         assert all(r[column] != "" for r in table), column
     assert [r["eval/accuracy"] != "" for r in table] == [False, True, True]  # eval_every=2, and the last round
@@ -82,7 +100,9 @@ def test_outputs_have_the_expected_layout_columns_and_rows(finished_run):
 
 def test_tensorboard_holds_scalars_hparams_and_sample_images(finished_run):
     _, exp = finished_run
-    acc = event_accumulator.EventAccumulator(os.path.join(exp, "tensorboard"), size_guidance={"tensors": 0, "images": 0})
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(exp, "tensorboard"), size_guidance={"tensors": 0, "images": 0}
+    )
     acc.Reload()
     tags = acc.Tags()
     assert [e.step for e in acc.Tensors("train/loss")] == [1, 2, 3]
@@ -95,9 +115,20 @@ def test_tensorboard_holds_scalars_hparams_and_sample_images(finished_run):
 def test_resume_after_sigkill_matches_an_uninterrupted_run(workspace, finished_run):
     cache, runs = workspace
     victim = subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS,
-         "--rounds=3", "--experiment=killed"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            f"--cache_dir={cache}",
+            f"--root_dir={runs}",
+            *TINY_FLAGS,
+            "--rounds=3",
+            "--experiment=killed",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     for line in victim.stdout:
         if line.startswith("round 2/3"):
@@ -171,7 +202,11 @@ def test_bad_inputs_each_give_their_message_and_lose_nothing(workspace, finished
         (["--dp=none", "--target_epsilon=2"], "target_epsilon needs a DP mechanism", ""),
         (["--experiment=a/b"], "experiment must be a plain directory name", ""),
         ([f"--root_dir={blocker}"], "cannot create the experiment directory", "writable --root_dir"),
-        (["--experiment=base", "--model=linear"], "was run with another configuration (model: 'small_cnn' -> 'linear'", ""),
+        (
+            ["--experiment=base", "--model=linear"],
+            "was run with another configuration (model: 'small_cnn' -> 'linear'",
+            "",
+        ),
         (["--experiment=corrupt", "--rounds=3"], "checkpoint of round 3", "is unreadable"),
         (["--roundz=3"], "Unknown command line flag 'roundz'", ""),
     ]
@@ -179,12 +214,21 @@ def test_bad_inputs_each_give_their_message_and_lose_nothing(workspace, finished
     def attempt(case):
         flags, first, second = case
         root = [] if any(f.startswith("--root_dir") for f in flags) else [f"--root_dir={runs}"]
-        cmd = [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", *TINY_FLAGS, *root, "--rounds=3", *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            f"--cache_dir={cache}",
+            *TINY_FLAGS,
+            *root,
+            "--rounds=3",
+            *flags,
+        ]
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         results = list(pool.map(attempt, cases))
-    for (flags, first, second), proc in zip(cases, results):
+    for (flags, first, second), proc in zip(cases, results, strict=True):
         assert proc.returncode != 0, flags
         assert first in proc.stderr and second in proc.stderr, (flags, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])

@@ -71,8 +71,12 @@ class FakeReleaser:
 
 def _run(process, checkpointer, releaser, rounds, **kwargs):
     return training_loop.run(
-        process=process, sampler=FakeSampler(), checkpointer=checkpointer, releaser=releaser,
-        config=training_loop.LoopConfig(total_rounds=rounds, **kwargs), evaluate=lambda w: {"eval/accuracy": w / 100},
+        process=process,
+        sampler=FakeSampler(),
+        checkpointer=checkpointer,
+        releaser=releaser,
+        config=training_loop.LoopConfig(total_rounds=rounds, **kwargs),
+        evaluate=lambda w: {"eval/accuracy": w / 100},
     )
 
 
@@ -81,7 +85,13 @@ def test_rounds_release_before_checkpoint_commit():
     result = _run(FakeProcess(), FakeCheckpointer(), releaser, rounds=3, eval_every=2)
     assert result.state == 6 and result.last_round == 3
     assert releaser.events == [
-        ("resume", 0), ("release", 1), ("commit", 1), ("release", 2), ("commit", 2), ("release", 3), ("commit", 3)
+        ("resume", 0),
+        ("release", 1),
+        ("commit", 1),
+        ("release", 2),
+        ("commit", 2),
+        ("release", 3),
+        ("commit", 3),
     ]
     assert "eval/accuracy" in releaser.rows[2] and "eval/accuracy" in releaser.rows[3]
     assert "eval/accuracy" not in releaser.rows[1]
@@ -107,7 +117,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint():
 def test_stop_request_saves_and_returns_early():
     checkpointer = FakeCheckpointer()
     result = training_loop.run(
-        process=FakeProcess(), sampler=FakeSampler(), checkpointer=checkpointer, releaser=FakeReleaser(),
-        config=training_loop.LoopConfig(total_rounds=10, checkpoint_every=5), stop_requested=lambda: True,
+        process=FakeProcess(),
+        sampler=FakeSampler(),
+        checkpointer=checkpointer,
+        releaser=FakeReleaser(),
+        config=training_loop.LoopConfig(total_rounds=10, checkpoint_every=5),
+        stop_requested=lambda: True,
     )
     assert result.stopped_early and result.last_round == 1 and checkpointer.saved == {1: 2}

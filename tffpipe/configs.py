@@ -97,8 +97,12 @@ class ExperimentConfig:
         def visit(prefix: str, value: Any) -> None:
             if dataclasses.is_dataclass(value):
                 for field in dataclasses.fields(value):
-                    visit(f"{prefix}{field.name}." if dataclasses.is_dataclass(getattr(value, field.name))
-                          else f"{prefix}{field.name}", getattr(value, field.name))
+                    visit(
+                        f"{prefix}{field.name}."
+                        if dataclasses.is_dataclass(getattr(value, field.name))
+                        else f"{prefix}{field.name}",
+                        getattr(value, field.name),
+                    )
             else:
                 flat[prefix] = value.value if isinstance(value, enum.Enum) else value
 

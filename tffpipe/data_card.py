@@ -20,11 +20,18 @@ def split_statistics(data_dir: str) -> dict[str, dict[str, float]]:
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     stats = {}
     for split in ("all_train", "all_test", "digits_only_train", "digits_only_test"):
-        n = np.array([r[0] for r in con.execute("SELECT num_examples FROM client_metadata WHERE split_name=?", (split,))])
+        n = np.array(
+            [r[0] for r in con.execute("SELECT num_examples FROM client_metadata WHERE split_name=?", (split,))]
+        )
         if len(n):
             stats[split] = {
-                "writers": len(n), "examples": int(n.sum()), "min": int(n.min()), "median": float(np.median(n)),
-                "mean": float(n.mean()), "p90": float(np.percentile(n, 90)), "max": int(n.max()),
+                "writers": len(n),
+                "examples": int(n.sum()),
+                "min": int(n.min()),
+                "median": float(np.median(n)),
+                "mean": float(n.mean()),
+                "p90": float(np.percentile(n, 90)),
+                "max": int(n.max()),
             }
     con.close()
     return stats
@@ -60,10 +67,13 @@ def write_sample_grid(data_dir: str, png_path: str, writers: int = 8, per_writer
     import matplotlib.pyplot as plt
 
     con = sqlite3.connect(f"file:{emnist_files.database_path(data_dir)}?mode=ro", uri=True)
-    ids = [r[0] for r in con.execute(
-        "SELECT client_id FROM client_metadata WHERE split_name='all_train' ORDER BY client_id LIMIT ?", (writers,)
-    )]
-    fig, axes = plt.subplots(len(ids), per_writer, figsize=(per_writer * 0.7, len(ids) * 0.85), dpi=80)
+    ids = [
+        r[0]
+        for r in con.execute(
+            "SELECT client_id FROM client_metadata WHERE split_name='all_train' ORDER BY client_id LIMIT ?", (writers,)
+        )
+    ]
+    fig, axes = plt.subplots(len(ids), per_writer, figsize=(per_writer * 0.7, len(ids) * 0.85), dpi=60)
     for row, cid in enumerate(ids):
         blobs = con.execute(
             "SELECT serialized_example_proto FROM examples WHERE client_id=? AND split_name='all_train' LIMIT ?",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from collections.abc import Callable, Mapping
 from typing import IO
 
@@ -42,7 +41,9 @@ def load_task(config: configs.ExperimentConfig) -> tasks.Task:
     )
 
 
-def create_plan(config: configs.ExperimentConfig, population: int) -> tuple[accounting.PrivacyPlan, aggregation.DpConfig]:
+def create_plan(
+    config: configs.ExperimentConfig, population: int
+) -> tuple[accounting.PrivacyPlan, aggregation.DpConfig]:
     """The privacy plan, with the noise multiplier solved for --target_epsilon when given."""
     if config.clients_per_round > population:
         raise ValueError(

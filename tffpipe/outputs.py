@@ -1,13 +1,13 @@
 """One output layout for every experiment, written through TFF's program managers.
 
-    <root>/<experiment>/
-      hparams.json        the configuration; a rerun must match it to resume
-      checkpoints/        tff.program.FileProgramStateManager, one version per round
-      metrics.csv         tff.program.CSVFileReleaseManager, keyed by `round`
-      tensorboard/        scalars (TensorBoardReleaseManager), hparams, sample images
-      model.keras         the final model (Keras format)
-      summary.png         accuracy and epsilon over rounds
-      worker.log          the TFF worker's own output
+<root>/<experiment>/
+  hparams.json        the configuration; a rerun must match it to resume
+  checkpoints/        tff.program.FileProgramStateManager, one version per round
+  metrics.csv         tff.program.CSVFileReleaseManager, keyed by `round`
+  tensorboard/        scalars (TensorBoardReleaseManager), hparams, sample images
+  model.keras         the final model (Keras format)
+  summary.png         accuracy and epsilon over rounds
+  worker.log          the TFF worker's own output
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 # Keys that may change between runs of one experiment without invalidating its checkpoints.
-RESUMABLE_KEYS = frozenset(
-    {"rounds", "eval_every", "checkpoint_every", "root_dir", "experiment", "data.cache_dir"}
-)
+RESUMABLE_KEYS = frozenset({"rounds", "eval_every", "checkpoint_every", "root_dir", "experiment", "data.cache_dir"})
 _TB_COMMITTED = ".tensorboard_round"
 
 
@@ -69,7 +67,9 @@ def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
     try:
         os.makedirs(dirs.path, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create the experiment directory {dirs.path}: {e}. Choose a writable --root_dir.")
+        raise OutputError(
+            f"cannot create the experiment directory {dirs.path}: {e}. Choose a writable --root_dir."
+        ) from e
     if not os.access(dirs.path, os.W_OK):
         raise OutputError(f"experiment directory {dirs.path} is not writable. Choose a writable --root_dir.")
     if os.path.exists(dirs.hparams):
@@ -77,7 +77,9 @@ def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
             with open(dirs.hparams) as f:
                 saved = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise OutputError(f"{dirs.hparams} is unreadable ({e}); move the directory away or pick another --experiment")
+            raise OutputError(
+                f"{dirs.hparams} is unreadable ({e}); move the directory away or pick another --experiment"
+            ) from e
         changed = sorted(
             k for k in set(saved) | set(hparams) if k not in RESUMABLE_KEYS and saved.get(k) != hparams.get(k)
         )

@@ -25,12 +25,12 @@ import portpicker
 import tensorflow_federated as tff
 from absl import logging
 from tensorflow_federated.python.core.backends.native import compiler
+from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
 from tensorflow_federated.python.core.impl.executors import remote_executor, remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.types import placements
-from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 
 _WORKER_BINARY = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
 LOOPBACK_SHIM = os.path.join(os.path.dirname(__file__), "_native", "libloopback_bind.so")
@@ -117,9 +117,7 @@ class LocalWorker:
             self._log_file = None
 
 
-def install_local_context(
-    *, max_concurrent_computation_calls: int = -1, log_path: str | None = None
-) -> LocalWorker:
+def install_local_context(*, max_concurrent_computation_calls: int = -1, log_path: str | None = None) -> LocalWorker:
     """Makes a loopback-only, parent-bound local C++ worker TFF's default context.
 
     Args:

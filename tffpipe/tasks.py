@@ -82,5 +82,3 @@ def create_task(
         model_name=model_name,
         model_info=models.describe(model_name, model),
     )
-
-

@@ -15,7 +15,9 @@ def test_missing_file_names_the_file_and_how_to_get_it(tmp_path):
 
 
 def test_still_compressed_file_is_recognised(tmp_path):
-    (tmp_path / "emnist_all.sqlite").write_bytes(lzma.compress(b"SQLite format 3\x00" + b"\x00" * 100, format=lzma.FORMAT_ALONE))
+    (tmp_path / "emnist_all.sqlite").write_bytes(
+        lzma.compress(b"SQLite format 3\x00" + b"\x00" * 100, format=lzma.FORMAT_ALONE)
+    )
     with pytest.raises(emnist_files.DataFileError, match="not an SQLite database.*LZMA"):
         emnist_files.check_database(str(tmp_path / "emnist_all.sqlite"), only_digits=False)
 

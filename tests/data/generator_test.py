@@ -45,7 +45,9 @@ def test_hand_encoded_example_equals_tf_train_example():
     ours = generator.serialize_example(pixels, 37)
     parsed = tf.train.Example.FromString(ours)
     assert list(parsed.features.feature["label"].int64_list.value) == [37]
-    np.testing.assert_array_equal(np.array(parsed.features.feature["pixels"].float_list.value, np.float32), pixels.ravel())
+    np.testing.assert_array_equal(
+        np.array(parsed.features.feature["pixels"].float_list.value, np.float32), pixels.ravel()
+    )
 
 
 def test_digits_only_splits_hold_exactly_the_digit_examples(tiny_data_dir):
@@ -121,7 +123,9 @@ def test_label_skew_shows_in_the_written_file(tmp_path):
     rows = con.execute("SELECT client_id, serialized_example_proto FROM examples WHERE split_name='all_train'")
     labels: dict[str, set] = {}
     for cid, blob in rows:
-        labels.setdefault(cid, set()).add(tf.train.Example.FromString(blob).features.feature["label"].int64_list.value[0])
+        labels.setdefault(cid, set()).add(
+            tf.train.Example.FromString(blob).features.feature["label"].int64_list.value[0]
+        )
     # With concentration 0.02 a writer's labels concentrate on a few of the 62 classes.
     assert all(len(v) <= 12 for v in labels.values())
 

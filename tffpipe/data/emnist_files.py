@@ -41,7 +41,9 @@ def check_database(path: str, only_digits: bool) -> dict[str, int]:
         raise DataFileError(f"EMNIST file not found: {path}. {HOW_TO_GET}")
     with open(path, "rb") as f:
         if f.read(16) != _SQLITE_MAGIC:
-            raise DataFileError(f"{path} is not an SQLite database (bad header): is it still LZMA-compressed? {HOW_TO_GET}")
+            raise DataFileError(
+                f"{path} is not an SQLite database (bad header): is it still LZMA-compressed? {HOW_TO_GET}"
+            )
     try:
         con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:

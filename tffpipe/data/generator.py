@@ -233,15 +233,18 @@ def generate(config: PopulationConfig, path: str, *, workers: int | None = None)
             "CREATE TABLE examples (split_name TEXT NOT NULL, client_id TEXT NOT NULL,"
             " serialized_example_proto BLOB NOT NULL)"
         )
-        con.execute("CREATE TABLE client_metadata (client_id TEXT NOT NULL, split_name TEXT NOT NULL,"
-                    " num_examples INTEGER NOT NULL)")
+        con.execute(
+            "CREATE TABLE client_metadata (client_id TEXT NOT NULL, split_name TEXT NOT NULL,"
+            " num_examples INTEGER NOT NULL)"
+        )
         con.execute(f"CREATE TABLE {METADATA_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         for index, rows in _iter_writers(config, workers):
             cid = writer_id(index)
             for part in ("train", "test"):
                 all_rows = [(f"all_{part}", cid, blob) for split, _, blob in rows if split == part]
-                digit_rows = [(f"digits_only_{part}", cid, blob) for split, y, blob in rows
-                              if split == part and y < _DIGITS]
+                digit_rows = [
+                    (f"digits_only_{part}", cid, blob) for split, y, blob in rows if split == part and y < _DIGITS
+                ]
                 for batch in (all_rows, digit_rows):
                     if batch:
                         con.executemany("INSERT INTO examples VALUES (?, ?, ?)", batch)

@@ -21,19 +21,22 @@ IMAGE_SIZE = 28
 FONTS = ("futural", "futuram", "rowmans", "rowmand", "timesr", "timesi", "scripts", "scriptc", "cursive")
 # EMNIST centres the character's bounding box in the frame with a margin; longest side ~20-24 px.
 _BOX_PIXELS = 22.0
-_PIXEL_CENTRES = np.stack(np.meshgrid(np.arange(IMAGE_SIZE), np.arange(IMAGE_SIZE), indexing="xy"), -1).reshape(
-    -1, 2
-).astype(np.float32) + 0.5
+_PIXEL_CENTRES = (
+    np.stack(np.meshgrid(np.arange(IMAGE_SIZE), np.arange(IMAGE_SIZE), indexing="xy"), -1)
+    .reshape(-1, 2)
+    .astype(np.float32)
+    + 0.5
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(name: str) -> HersheyFonts:
     fonts = HersheyFonts()
     fonts.load_default_font(name)  # decompresses an archive: about 20 ms, so once per font
     return fonts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def strokes(font: str, label: int) -> tuple[np.ndarray, np.ndarray]:
     """Returns (points [P,2], segments [S,2] as point indices) of one glyph, y pointing down."""
     fonts = _font(font)
