@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from tffpipe import accounting, aggregation, algorithms, configs, models, training_loop
+from tffpipe import accounting, aggregation, algorithms, configs, devices, models, training_loop
 from tffpipe.data import generator, preprocessing
 
 FLAGS = flags.FLAGS
@@ -69,6 +69,20 @@ def define_sampling_flags() -> None:
     )
 
 
+def define_device_flags() -> None:
+    flags.DEFINE_bool(
+        "device_model",
+        False,
+        "Simulate mobile devices: availability windows, speed tiers, dropouts, deadlines (see README).",
+    )
+    flags.DEFINE_float("overselect", 0.3, "Device model: ask clients_per_round * (1 + overselect) devices.")
+    flags.DEFINE_float("deadline_seconds", 240.0, "Device model: reporting deadline in simulated seconds (0: none).")
+    flags.DEFINE_float("start_hour_utc", 4.0, "Device model: simulated UTC hour at round 1.")
+    flags.DEFINE_float("server_gap_seconds", 30.0, "Device model: simulated seconds between rounds.")
+    flags.DEFINE_string("device_profiles", None, "Device model: profile CSV (schema in tffpipe/devices.py).")
+    flags.DEFINE_bool("compression", False, "Upload 8-bit quantized updates (TFF's compression aggregator; no DP).")
+
+
 def define_loop_flags() -> None:
     flags.DEFINE_integer("rounds", 50, "Total rounds; raise it to extend a finished run.")
     flags.DEFINE_integer("eval_every", 10, "Evaluate on held-out clients every N rounds (and at the end).")
@@ -89,6 +103,7 @@ def define_all() -> None:
         define_algorithm_flags,
         define_privacy_flags,
         define_sampling_flags,
+        define_device_flags,
         define_loop_flags,
         define_output_flags,
     ):
@@ -163,6 +178,18 @@ def experiment_config() -> configs.ExperimentConfig:
         accountant=accounting.Accountant(FLAGS.accountant),
         target_epsilon=FLAGS.target_epsilon,
     )
+    device_config = None
+    if FLAGS.device_model:
+        device_config = _build(
+            ("overselect", "deadline_seconds", "server_gap_seconds"),
+            lambda: devices.DeviceConfig(
+                overselect=FLAGS.overselect,
+                deadline_seconds=FLAGS.deadline_seconds,
+                start_hour_utc=FLAGS.start_hour_utc,
+                server_gap_seconds=FLAGS.server_gap_seconds,
+                profiles_path=FLAGS.device_profiles,
+            ),
+        )
     loop = _build(
         ("rounds", "eval_every", "checkpoint_every"),
         lambda: training_loop.LoopConfig(
@@ -170,7 +197,7 @@ def experiment_config() -> configs.ExperimentConfig:
         ),
     )
     return _build(
-        ("clients_per_round", "eval_clients", "experiment", "target_epsilon", "dp"),
+        ("clients_per_round", "eval_clients", "experiment", "target_epsilon", "dp", "sampling", "device_model"),
         lambda: configs.ExperimentConfig(
             model=FLAGS.model,
             clients_per_round=FLAGS.clients_per_round,
@@ -189,5 +216,7 @@ def experiment_config() -> configs.ExperimentConfig:
             dp=dp,
             privacy=privacy,
             loop=loop,
+            devices=device_config,
+            compression=FLAGS.compression,
         ),
     )

@@ -13,7 +13,12 @@ Rounds compose with the client sampling actually used: Poisson with q = m/N
 (`PoissonSampledDpEvent`, add/remove-one neighbours), or fixed-size uniform without
 replacement (`SampledWithoutReplacementDpEvent`, replace-one neighbours: replacing a
 client moves the clipped sum by up to 2C, so each Gaussian's multiplier is halved).
-PLD supports Poisson only; RDP supports all three.
+PLD supports Poisson (and unsampled rounds) only; RDP supports all.
+
+Under the device model (`devices`) who takes part depends on availability windows,
+speed and dropouts, so neither sampling assumption holds. Then each round is accounted
+as the full Gaussian mechanism, without amplification (`Sampling.DEVICE`): a bound that
+holds whatever the participation pattern, and much larger than the sampled one.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ class Sampling(enum.Enum):
     POISSON = "poisson"  # each client independently with q = m / N
     UNIFORM = "uniform"  # exactly m clients, uniformly without replacement
     SHUFFLE = "shuffle"  # a seeded permutation: each client at most once (tree aggregation)
+    # Participation decided by device availability, deadlines and dropouts: not uniform,
+    # so no amplification by sampling is claimed; every round counts in full.
+    DEVICE = "device"
 
 
 class Accountant(enum.Enum):
@@ -86,7 +94,7 @@ class PrivacyPlan:
             )
         if self.mechanism is not Mechanism.TREE and self.sampling is Sampling.SHUFFLE:
             raise AccountingError("sampling=shuffle is only accounted for the tree mechanism; use poisson or uniform")
-        if self.accountant is Accountant.PLD and self.sampling is not Sampling.POISSON:
+        if self.accountant is Accountant.PLD and self.sampling not in (Sampling.POISSON, Sampling.DEVICE):
             raise AccountingError(
                 f"the PLD accountant does not support sampling={self.sampling.value}; use --accountant=rdp"
             )
@@ -154,6 +162,8 @@ def event_after_rounds(plan: PrivacyPlan, rounds: int) -> dp_accounting.DpEvent:
             )
         return dp_accounting.SingleEpochTreeAggregationDpEvent(plan.noise_multiplier, max(rounds, 1))
     inner = round_event(plan)
+    if plan.sampling is Sampling.DEVICE:
+        return dp_accounting.SelfComposedDpEvent(inner, rounds)
     if plan.sampling is Sampling.POISSON:
         sampled = dp_accounting.PoissonSampledDpEvent(plan.sampling_rate, inner)
     else:
@@ -165,6 +175,7 @@ def create_accountant(plan: PrivacyPlan) -> dp_accounting.PrivacyAccountant:
     """A fresh accountant whose neighbouring relation matches the plan's sampling."""
     relation = {
         Sampling.POISSON: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+        Sampling.DEVICE: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
         Sampling.UNIFORM: dp_accounting.NeighboringRelation.REPLACE_ONE,
         Sampling.SHUFFLE: dp_accounting.NeighboringRelation.REPLACE_SPECIAL,
     }[plan.sampling]
@@ -192,6 +203,7 @@ def describe(plan: PrivacyPlan) -> str:
         Sampling.POISSON: f"Poisson sampling q={plan.sampling_rate:.4g}",
         Sampling.UNIFORM: f"uniform sampling of {plan.clients_per_round} of {plan.population} without replacement",
         Sampling.SHUFFLE: f"each of {plan.population} clients at most once",
+        Sampling.DEVICE: "participation by device availability (no amplification by sampling)",
     }[plan.sampling]
     return (
         f"client-level DP, {plan.mechanism.value} clipping, z={plan.noise_multiplier:g}, {sampling}, "

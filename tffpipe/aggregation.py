@@ -12,6 +12,7 @@ import collections
 import dataclasses
 
 import dp_accounting
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
@@ -127,16 +128,43 @@ def validate(config: DpConfig, clients_per_round: int) -> None:
         accounting.adaptive_noise_split(config.noise_multiplier, clients_per_round)
 
 
-def build_factory(config: DpConfig, clients_per_round: int, record_specs=None):
+# TFF's compression aggregator: 8-bit uniform quantization of tensors above 20,000 elements.
+COMPRESSION_BITS = 8
+COMPRESSION_THRESHOLD = 20_000
+
+
+def upload_bytes(record_specs, compression: bool) -> int:
+    """Bytes one client uploads: float32 per weight, or 8 bits (+ min and max) for big tensors."""
+    total = 0
+    for spec in tf.nest.flatten(record_specs):
+        size = int(np.prod(spec.shape))
+        if compression and size > COMPRESSION_THRESHOLD:
+            total += -(-size * COMPRESSION_BITS // 8) + 8
+        else:
+            total += 4 * size
+    return total
+
+
+def build_factory(config: DpConfig, clients_per_round: int, record_specs=None, *, compression: bool = False):
     """Returns the TFF aggregation factory for `config`, or None for TFF's default weighted mean.
 
     Args:
       config: the mechanism.
       clients_per_round: m, the expected number of clients; the mean divides by it.
       record_specs: the model's trainable-weight TensorSpecs (needed by `tree`).
+      compression: TFF's compression aggregator (weighted mean of 8-bit quantized
+        updates). Not combined with DP: quantizing a clipped update can raise its norm
+        above the clip, which the accounting would not cover.
     """
     validate(config, clients_per_round)
     z, m = config.noise_multiplier, float(clients_per_round)
+    if compression:
+        if config.is_private:
+            raise ValueError(
+                "compression is not combined with DP aggregation (quantization after clipping can exceed the clip); "
+                "use --dp=none with --compression"
+            )
+        return tff.learning.compression_aggregator(zeroing=False, clipping=False, weighted=True)
     if config.mechanism is Mechanism.NONE:
         return None
     if config.mechanism is Mechanism.FIXED:

@@ -83,19 +83,22 @@ def build_training_process(
 ) -> tff.learning.templates.LearningProcess:
     """Builds `(<S@SERVER, {B*}@CLIENTS> -> <S@SERVER, M@SERVER>)` for the algorithm.
 
-    With `aggregator=None` clients are weighted by example count (TFF's default);
-    a DP aggregator is unweighted (see `aggregation`), so the unweighted builder is used.
+    With `aggregator=None` clients are weighted by example count (TFF's default); a
+    weighted factory (e.g. compression) keeps that; an unweighted one (every DP
+    aggregator, see `aggregation`) selects the unweighted builder.
     """
     client_opt = tff.learning.optimizers.build_sgdm(config.client_learning_rate)
     server_opt = create_server_optimizer(config)
-    weighted = aggregator is None
+    weighted = not isinstance(aggregator, tff.aggregators.UnweightedAggregationFactory)
     if config.algorithm is Algorithm.FEDSGD:
         if not weighted:
             raise ValueError(
                 "fedsgd takes only weighted aggregators in TFF 0.87, and DP aggregation is unweighted; "
                 "use --algorithm=fedavg with --epochs=1 for DP"
             )
-        return tff.learning.algorithms.build_fed_sgd(model_fn, server_optimizer_fn=server_opt)
+        return tff.learning.algorithms.build_fed_sgd(
+            model_fn, server_optimizer_fn=server_opt, model_aggregator=aggregator
+        )
     if config.algorithm is Algorithm.FEDPROX:
         build = (
             tff.learning.algorithms.build_weighted_fed_prox
@@ -111,7 +114,7 @@ def build_training_process(
         )
     if weighted:
         return tff.learning.algorithms.build_weighted_fed_avg(
-            model_fn, client_optimizer_fn=client_opt, server_optimizer_fn=server_opt
+            model_fn, client_optimizer_fn=client_opt, server_optimizer_fn=server_opt, model_aggregator=aggregator
         )
     return tff.learning.algorithms.build_unweighted_fed_avg(
         model_fn, client_optimizer_fn=client_opt, server_optimizer_fn=server_opt, model_aggregator=aggregator

@@ -16,6 +16,7 @@ from tffpipe.aggregation import DpConfig
 from tffpipe.algorithms import AlgorithmConfig
 from tffpipe.data.generator import PopulationConfig
 from tffpipe.data.preprocessing import PreprocessConfig
+from tffpipe.devices import DeviceConfig
 from tffpipe.training_loop import LoopConfig
 
 
@@ -68,6 +69,8 @@ class ExperimentConfig:
     dp: DpConfig = DpConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     loop: LoopConfig = LoopConfig(total_rounds=50)
+    devices: DeviceConfig | None = None  # None: ideal, every sampled client reports
+    compression: bool = False
 
     def __post_init__(self):
         if self.clients_per_round <= 0:
@@ -76,11 +79,18 @@ class ExperimentConfig:
             raise ValueError(f"eval_clients must be >= 0 (0: no evaluation), got {self.eval_clients}")
         if not self.experiment or "/" in self.experiment or self.experiment in (".", ".."):
             raise ValueError(f"experiment must be a plain directory name, got {self.experiment!r}")
+        if self.devices is not None and self.privacy.sampling not in (None, accounting.Sampling.DEVICE):
+            raise ValueError(
+                f"sampling={self.privacy.sampling.value} cannot hold under the device model, which decides "
+                "participation itself; leave sampling unset"
+            )
         if self.privacy.target_epsilon is not None and not self.dp.is_private:
             raise ValueError("target_epsilon needs a DP mechanism: set dp to fixed, adaptive or tree")
 
     @property
     def sampling(self) -> accounting.Sampling:
+        if self.devices is not None:
+            return accounting.Sampling.DEVICE
         if self.privacy.sampling is not None:
             return self.privacy.sampling
         return {
@@ -95,7 +105,9 @@ class ExperimentConfig:
         flat: dict[str, Any] = {}
 
         def visit(prefix: str, value: Any) -> None:
-            if dataclasses.is_dataclass(value):
+            if value is None and prefix == "devices":
+                flat["devices"] = None
+            elif dataclasses.is_dataclass(value):
                 for field in dataclasses.fields(value):
                     visit(
                         f"{prefix}{field.name}."

@@ -15,7 +15,7 @@ from typing import IO
 import numpy as np
 import tensorflow as tf
 
-from tffpipe import accounting, aggregation, algorithms, configs, outputs, runtime, tasks, training_loop
+from tffpipe import accounting, aggregation, algorithms, configs, devices, outputs, runtime, tasks, training_loop
 from tffpipe.data import emnist_files, generator, sampling
 
 
@@ -27,10 +27,14 @@ class Prepared:
     task: tasks.Task
     plan: accounting.PrivacyPlan
     dp: aggregation.DpConfig
+    data_dir: str
 
 
-def load_task(config: configs.ExperimentConfig) -> tasks.Task:
-    data_dir = config.data.data_dir or generator.ensure_generated(config.data.cache_dir, config.data.population)
+def resolve_data_dir(config: configs.ExperimentConfig) -> str:
+    return config.data.data_dir or generator.ensure_generated(config.data.cache_dir, config.data.population)
+
+
+def load_task(config: configs.ExperimentConfig, data_dir: str) -> tasks.Task:
     train, test = emnist_files.load_client_data(data_dir, config.data.only_digits)
     return tasks.create_task(
         train,
@@ -75,9 +79,33 @@ def create_plan(
 
 
 def prepare(config: configs.ExperimentConfig) -> Prepared:
-    task = load_task(config)
+    data_dir = resolve_data_dir(config)
+    task = load_task(config, data_dir)
     plan, dp = create_plan(config, len(task.train_data.client_ids))
-    return Prepared(config=config, task=task, plan=plan, dp=dp)
+    return Prepared(config=config, task=task, plan=plan, dp=dp, data_dir=data_dir)
+
+
+def create_device_rounds(prepared: Prepared, upload_bytes: int) -> devices.DeviceRounds:
+    """Device-model selection over the training clients, with their real example counts."""
+    config, task = prepared.config, prepared.task
+    ids = task.train_data.client_ids
+    if config.devices.profiles_path:
+        profiles = devices.load_profiles(config.devices.profiles_path, ids)
+    else:
+        profiles = devices.create_profiles(ids, config.seed)
+    counts = emnist_files.client_example_counts(prepared.data_dir, config.data.only_digits)
+    if config.preprocess.max_examples > 0:
+        counts = {cid: min(n, config.preprocess.max_examples) for cid, n in counts.items()}
+    return devices.DeviceRounds(
+        {cid: profiles[cid] for cid in ids},
+        counts,
+        clients_per_round=config.clients_per_round,
+        epochs=config.preprocess.epochs,
+        model_bytes=task.model_info.update_bytes,
+        update_bytes=upload_bytes,
+        config=config.devices,
+        seed=config.seed,
+    )
 
 
 class ProgressPrinter:
@@ -125,6 +153,8 @@ def run(
     tf.keras.utils.set_random_seed(config.seed)  # Keras initializers draw from the global seed
     dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
     prepared = prepare(config)
+    if config.compression and prepared.dp.is_private:
+        raise ValueError("--compression is not combined with DP aggregation; use --dp=none with --compression")
     task, plan, dp = prepared.task, prepared.plan, prepared.dp
     hparams = config.hparams()
     hparams["dp.noise_multiplier"] = dp.noise_multiplier
@@ -139,16 +169,22 @@ def run(
     print(f"privacy: {accounting.describe(plan)}", file=stream, flush=True)
     worker = runtime.install_local_context(log_path=dirs.worker_log)
     try:
-        aggregator = aggregation.build_factory(dp, config.clients_per_round, task.record_specs())
+        specs = task.record_specs()
+        aggregator = aggregation.build_factory(dp, config.clients_per_round, specs, compression=config.compression)
+        upload = aggregation.upload_bytes(specs, config.compression)
         process = task.compose_train(
             algorithms.build_training_process(task.model_fn, config.algorithm, aggregator=aggregator)
         )
         evaluate = None
         if config.eval_clients > 0:
             evaluate = _build_evaluate(task, config)
-        sampler = sampling.ClientSampler(
-            task.train_data.client_ids, config.clients_per_round, config.sampling, config.seed
-        )
+        device_rounds = None
+        if config.devices is not None:
+            sampler = device_rounds = create_device_rounds(prepared, upload)
+        else:
+            sampler = sampling.ClientSampler(
+                task.train_data.client_ids, config.clients_per_round, config.sampling, config.seed
+            )
         if not resuming:
             outputs.write_hparams_summary(dirs, hparams, ["eval/accuracy", "train/accuracy", "privacy/epsilon"])
             outputs.write_sample_images(dirs, _sample_images(task, config.seed))
@@ -159,7 +195,7 @@ def run(
             releaser=outputs.MetricsReleaser(dirs),
             config=config.loop,
             evaluate=evaluate,
-            round_metrics=_build_round_metrics(plan, dp, config),
+            round_metrics=_build_round_metrics(plan, dp, config, upload, task.model_info.update_bytes, device_rounds),
             progress=ProgressPrinter(config.loop.total_rounds, stream),
             stop_requested=stop_requested,
         )
@@ -168,6 +204,15 @@ def run(
         model.save(dirs.model)
         outputs.write_summary_plot(dirs)
         outputs.record_hparams(dirs, hparams)
+        if device_rounds is not None:
+            summary = device_rounds.participation_by_tier(result.last_round)
+            outputs.write_json(dirs.device_participation, summary)
+            for tier, s in summary.items():
+                print(
+                    f"devices {tier:>4}: {s['devices']:5d} devices, selected {s['selected']:5d} times, "
+                    f"updates in {s['reported']:5d} ({s['report_rate']:.0%})",
+                    file=stream,
+                )
     finally:
         worker.stop()
     eps = accounting.epsilon(plan, result.last_round)
@@ -195,9 +240,21 @@ def _build_evaluate(task: tasks.Task, config: configs.ExperimentConfig):
     return evaluate
 
 
-def _build_round_metrics(plan: accounting.PrivacyPlan, dp: aggregation.DpConfig, config: configs.ExperimentConfig):
+def _build_round_metrics(
+    plan: accounting.PrivacyPlan,
+    dp: aggregation.DpConfig,
+    config: configs.ExperimentConfig,
+    upload: int,
+    download: int,
+    device_rounds: devices.DeviceRounds | None,
+):
     def round_metrics(round_num: int, output, clients) -> dict[str, float]:
         metrics = {"privacy/epsilon": accounting.epsilon(plan, round_num), "privacy/delta": plan.delta}
+        if device_rounds is not None:
+            metrics.update(device_rounds.outcome(round_num).metrics())
+        else:
+            metrics["system/bytes_up"] = float(upload * len(clients))
+            metrics["system/bytes_down"] = float(download * len(clients))
         if not dp.is_private or output is None:
             return metrics
         dp_metrics = output.metrics["aggregator"].get("dp_query_metrics", {})

@@ -52,6 +52,7 @@ class ExperimentDirs:
             "model": "model.keras",
             "summary_png": "summary.png",
             "worker_log": "worker.log",
+            "device_participation": "device_participation.json",
         }
         if item not in files:
             raise AttributeError(item)
@@ -95,16 +96,16 @@ def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
             f"{dirs.path} already holds files but no hparams.json: not a tffpipe experiment. "
             "It is left as is; pick another --experiment or --root_dir."
         )
-    _write_json(dirs.hparams, hparams)
+    write_json(dirs.hparams, hparams)
     return False
 
 
 def record_hparams(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> None:
     """Rewrites hparams.json after a successful (resumed) run, e.g. with a raised round count."""
-    _write_json(dirs.hparams, hparams)
+    write_json(dirs.hparams, hparams)
 
 
-def _write_json(path: str, value: Mapping[str, Any]) -> None:
+def write_json(path: str, value: Mapping[str, Any]) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)

@@ -67,6 +67,18 @@ def check_database(path: str, only_digits: bool) -> dict[str, int]:
     return counts
 
 
+def client_example_counts(data_dir: str, only_digits: bool = False) -> dict[str, int]:
+    """Training examples per client, from `client_metadata` (no example is read)."""
+    con = sqlite3.connect(f"file:{database_path(data_dir)}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT client_id, num_examples FROM client_metadata WHERE split_name = ?", (SPLITS[only_digits][0],)
+        )
+        return {cid: int(n) for cid, n in rows}
+    finally:
+        con.close()
+
+
 def _parse(dataset):
     """Serialized tf.train.Example -> OrderedDict(label=int32[], pixels=float32[28, 28]), as TFF's loader."""
     import tensorflow as tf

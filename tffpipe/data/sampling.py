@@ -46,6 +46,8 @@ class ClientSampler:
             start = ((round_num - 1) * self._m) % len(self._ids)
             picks = np.take(self._permutation, range(start, start + self._m), mode="wrap")
             return self._ids[picks].tolist()
+        if self._scheme is accounting.Sampling.DEVICE:
+            raise ValueError("device-model participation comes from devices.DeviceRounds, not ClientSampler")
         rng = np.random.default_rng([self._seed, round_num])
         if self._scheme is accounting.Sampling.POISSON:
             mask = rng.random(len(self._ids)) < self._m / len(self._ids)
