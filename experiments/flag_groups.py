@@ -41,7 +41,7 @@ def define_algorithm_flags() -> None:
     flags.DEFINE_float("server_momentum", 0.9, "FedAvgM server momentum.")
     flags.DEFINE_float("adaptive_epsilon", 1e-3, "FedAdam/FedYogi/FedAdagrad tau.")
     flags.DEFINE_float("proximal_strength", 0.01, "FedProx mu.")
-    flags.DEFINE_integer("epochs", 1, "Local epochs per round.")
+    flags.DEFINE_integer("epochs", 5, "Local epochs per round.")
     flags.DEFINE_integer("batch_size", 20, "Local batch size.")
     flags.DEFINE_integer("shuffle_buffer", 100, "Client shuffle buffer (1: no shuffling).")
     flags.DEFINE_integer("max_examples_per_client", -1, "Cap on a client's examples per round (-1: all).")

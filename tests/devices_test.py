@@ -10,16 +10,26 @@ HOUR = devices.SECONDS_PER_HOUR
 
 def profile(cid: str, speed: float = 100.0, dropout: float = 0.0, window=(0.0, 24.0), offset: float = 0.0):
     return devices.DeviceProfile(
-        client_id=cid, tier="mid", examples_per_second=speed, upload_bytes_per_second=1e12,
-        download_bytes_per_second=1e12, utc_offset_hours=offset, window_start_hour=window[0],
-        window_hours=window[1], dropout_probability=dropout,
+        client_id=cid,
+        tier="mid",
+        examples_per_second=speed,
+        upload_bytes_per_second=1e12,
+        download_bytes_per_second=1e12,
+        utc_offset_hours=offset,
+        window_start_hour=window[0],
+        window_hours=window[1],
+        dropout_probability=dropout,
     )
 
 
 def rounds(profiles, *, k, deadline=0.0, overselect=0.0, seed=0, update_bytes=1000, examples=100):
     return devices.DeviceRounds(
-        {p.client_id: p for p in profiles}, {p.client_id: examples for p in profiles},
-        clients_per_round=k, epochs=1, model_bytes=2000, update_bytes=update_bytes,
+        {p.client_id: p for p in profiles},
+        {p.client_id: examples for p in profiles},
+        clients_per_round=k,
+        epochs=1,
+        model_bytes=2000,
+        update_bytes=update_bytes,
         config=devices.DeviceConfig(overselect=overselect, deadline_seconds=deadline, start_hour_utc=0.0),
         seed=seed,
     )

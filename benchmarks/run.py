@@ -1,0 +1,245 @@
+"""Simulation speed against the centralized limit and the TFF-tutorial loop.
+
+  python -m benchmarks.run            # all workloads (make bench)
+  python -m benchmarks.run --quick    # fewer rounds (make bench-quick)
+  python -m benchmarks.run --workloads=w2 --max_concurrent_calls=1
+
+For each workload, in one process: tffpipe's pipeline (client datasets built inside
+the TFF computation from client ids), the plain TFF-tutorial pipeline
+(`build_weighted_fed_avg` over `tf.data` datasets built in Python each round), and
+`model.fit` on the same examples with the same model and batch (the single-machine
+limit). Medians over rounds after a warm-up, with the interquartile range, peak RSS of
+the whole process tree (TFF's worker included), the time from setting a workload up
+(loading its data, building its process) to its first finished round, and once the
+time from process start to main() (imports). Results print as a table and go to benchmarks/results/<time>.json.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+# TF must be imported before absl's app.run starts main(): imported inside it, Keras
+# builds Sequential models eagerly and Flatten fails on the unknown batch dimension
+# (seen with TF/Keras 2.14 and absl 1.4).
+import tensorflow as tf  # noqa: E402
+import tensorflow_federated as tff  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from tffpipe import accounting, algorithms, runtime, tasks  # noqa: E402
+from tffpipe.data import emnist_files, generator, preprocessing, sampling  # noqa: E402
+
+flags.DEFINE_bool("quick", False, "Fewer rounds per workload.")
+flags.DEFINE_list("workloads", ["fixed", "w2", "w1", "w3"], "Workloads to run.")
+flags.DEFINE_integer("max_concurrent_calls", -1, "TFF worker's max_concurrent_computation_calls (-1: no limit).")
+flags.DEFINE_bool("baseline", True, "Also time the TFF-tutorial pipeline.")
+flags.DEFINE_string("cache_dir", "data_cache", "Where benchmark populations are generated.")
+flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON results go.")
+FLAGS = flags.FLAGS
+
+_STARTED = psutil.Process().create_time()
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str
+    clients_per_round: int
+    num_writers: int
+    median_examples: int  # per writer before the 10% test split
+    rounds: int
+    quick_rounds: int
+
+
+WORKLOADS = {
+    "w1": Workload("w1", "cnn", 10, 200, 334, 8, 4),  # ~300 train examples per client
+    "w2": Workload("w2", "mlp", 100, 1000, 56, 8, 4),  # ~50 per client
+    "w3": Workload("w3", "linear", 1000, 10_000, 22, 5, 3),  # ~20 per client
+    "fixed": Workload("fixed", "linear", 10, 200, 22, 30, 10),  # ~20 per client
+}
+
+
+class PeakRss:
+    """Samples the RSS of this process and its children (the TFF worker) every 100 ms."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # a child may exit between listing and reading
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3)}
+
+
+def run_workload(w: Workload, rounds: int) -> dict:
+    population = generator.PopulationConfig(
+        num_writers=w.num_writers, median_examples=w.median_examples, quantity_sigma=0.0, seed=42
+    )
+    data_dir = generator.ensure_generated(FLAGS.cache_dir, population)  # once per population, not timed
+    rss = PeakRss()
+    began = time.perf_counter()
+    train, test = emnist_files.load_client_data(data_dir)
+    prep = preprocessing.PreprocessConfig(epochs=1, batch_size=20, shuffle_buffer=1)
+    task = tasks.create_task(train, test, num_classes=62, model_name=w.model, preprocess=prep)
+    config = algorithms.AlgorithmConfig(client_learning_rate=0.05)
+    process = task.compose_train(algorithms.build_training_process(task.model_fn, config))
+    sampler = sampling.ClientSampler(train.client_ids, w.clients_per_round, accounting.Sampling.UNIFORM, seed=0)
+    state = process.initialize()
+    seconds, examples = [], []
+    first_round_s = None
+    for r in range(1, rounds + 2):  # round 1 is warm-up (tracing, worker start)
+        ids = sampler.sample(r)
+        t = time.perf_counter()
+        out = process.next(state, ids)
+        dt = time.perf_counter() - t
+        state = out.state
+        if first_round_s is None:
+            first_round_s = time.perf_counter() - began
+        if r > 1:
+            seconds.append(dt)
+            examples.append(float(out.metrics["client_work"]["train"]["num_examples"]))
+    tffpipe_eps = [e / s for e, s in zip(examples, seconds, strict=True)]
+    result = {
+        "workload": dataclasses.asdict(w),
+        "rounds_timed": rounds,
+        "tffpipe_seconds_per_round": _stats(seconds),
+        "tffpipe_examples_per_second": _stats(tffpipe_eps),
+        "examples_per_round": float(np.median(examples)),
+        "setup_to_first_round_seconds": first_round_s,
+    }
+
+    # The limit: model.fit on each round's examples, same model, batch 20, SGD.
+    keras_model = task.create_keras_model()
+    keras_model.compile(tf.keras.optimizers.SGD(0.05), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    fit_eps = []
+    for r in range(1, rounds + 2):
+        ids = sampler.sample(r)
+        ds = train.preprocess(preprocessing.create_train_fn(prep))
+        xs, ys = [], []
+        for cid in ids:
+            for b in ds.create_tf_dataset_for_client(cid):
+                xs.append(b["x"].numpy())
+                ys.append(b["y"].numpy())
+        x, y = np.concatenate(xs), np.concatenate(ys)
+        pooled = tf.data.Dataset.from_tensor_slices((x, y)).batch(20).cache()
+        list(pooled)  # materialize, so fit times the model only
+        t = time.perf_counter()
+        keras_model.fit(pooled, epochs=1, verbose=0)
+        dt = time.perf_counter() - t
+        if r > 1:
+            fit_eps.append(len(x) / dt)
+    result["fit_examples_per_second"] = _stats(fit_eps)
+    result["ratio_to_fit"] = (
+        result["tffpipe_examples_per_second"]["median"] / result["fit_examples_per_second"]["median"]
+    )
+
+    if FLAGS.baseline:
+        # TFF tutorial: build datasets in Python each round and pass them to next().
+        tut = tff.learning.algorithms.build_weighted_fed_avg(
+            task.model_fn,
+            client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.05),
+            server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+        )
+        ds = train.preprocess(preprocessing.create_train_fn(prep))
+        tstate = tut.initialize()
+        base_eps, base_s = [], []
+        for r in range(1, rounds + 2):
+            ids = sampler.sample(r)
+            t = time.perf_counter()
+            datasets = [ds.create_tf_dataset_for_client(c) for c in ids]
+            out = tut.next(tstate, datasets)
+            dt = time.perf_counter() - t
+            tstate = out.state
+            if r > 1:
+                base_s.append(dt)
+                base_eps.append(float(out.metrics["client_work"]["train"]["num_examples"]) / dt)
+        result["tutorial_seconds_per_round"] = _stats(base_s)
+        result["tutorial_examples_per_second"] = _stats(base_eps)
+        result["speedup_over_tutorial"] = (
+            result["tffpipe_examples_per_second"]["median"] / result["tutorial_examples_per_second"]["median"]
+        )
+    result["peak_rss_bytes"] = rss.stop()
+    return result
+
+
+def _row(r: dict) -> str:
+    w = r["workload"]
+    tut = r.get("tutorial_examples_per_second", {}).get("median", float("nan"))
+    per_client = r["examples_per_round"] / w["clients_per_round"]
+    return (
+        f"| {w['name']} | {w['model']} | {w['clients_per_round']} x ~{per_client:.0f} "
+        f"| {r['tffpipe_seconds_per_round']['median'] * 1000:.0f} ms "
+        f"({r['tffpipe_seconds_per_round']['q1'] * 1000:.0f}-{r['tffpipe_seconds_per_round']['q3'] * 1000:.0f}) "
+        f"| {r['tffpipe_examples_per_second']['median']:.0f} | {r['fit_examples_per_second']['median']:.0f} "
+        f"| {r['ratio_to_fit']:.2f} | {tut:.0f} | {r.get('speedup_over_tutorial', float('nan')):.2f} "
+        f"| {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['setup_to_first_round_seconds']:.1f} s |"
+    )
+
+
+def main(argv) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    startup = time.time() - _STARTED  # interpreter start and imports (TF, TFF) until main()
+    print(f"process start to main(): {startup:.1f} s", flush=True)
+    worker = runtime.install_local_context(max_concurrent_computation_calls=FLAGS.max_concurrent_calls)
+    results = []
+    header = (
+        "| workload | model | clients x examples | s/round (IQR) | tffpipe ex/s | fit ex/s | ratio "
+        "| tutorial ex/s | vs tutorial | peak RSS | setup to 1st round |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    try:
+        for name in FLAGS.workloads:
+            w = WORKLOADS[name]
+            r = run_workload(w, w.quick_rounds if FLAGS.quick else w.rounds)
+            r["max_concurrent_calls"] = FLAGS.max_concurrent_calls
+            results.append(r)
+            print(header if len(results) == 1 else "", end="\n" if len(results) == 1 else "")
+            print(_row(r), flush=True)
+    finally:
+        worker.stop()
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    path = os.path.join(FLAGS.out_dir, time.strftime("%Y%m%d-%H%M%S") + ".json")
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "flags": FLAGS.flag_values_dict(),
+                "cpu_count": os.cpu_count(),
+                "startup_seconds": startup,
+                "results": results,
+            },
+            f,
+            indent=2,
+        )
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,58 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tffpipe import accounting
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.compute_epsilon", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_plans_epsilon_with_its_assumptions():
+    proc = _run("--noise_multiplier=1.0", "--clients_per_round=50", "--rounds=100", "--population=3400")
+    assert proc.returncode == 0, proc.stderr
+    plan = accounting.PrivacyPlan(
+        accounting.Mechanism.FIXED, 1.0, 50, 3400, accounting.Sampling.POISSON, accounting.default_delta(3400)
+    )
+    assert f"epsilon {accounting.epsilon(plan, 100):.4g} at delta" in proc.stdout
+    assert "Poisson sampling q=0.01471" in proc.stdout and "RDP accountant" in proc.stdout
+
+
+def test_solves_the_noise_for_a_target():
+    proc = _run("--target_epsilon=3", "--clients_per_round=100", "--rounds=50")
+    assert proc.returncode == 0, proc.stderr
+    assert "reaches epsilon 3 after 50 rounds" in proc.stdout
+    assert "epsilon 3 at delta" in proc.stdout or "epsilon 2.99" in proc.stdout
+
+
+def test_builds_no_tf_graph_and_does_not_import_tensorflow():
+    code = (
+        "import sys, experiments.compute_epsilon; "
+        "print(sorted(m for m in ('tensorflow', 'tensorflow_federated') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (("--accountant=pld", "--sampling=uniform"), "PLD accountant does not support sampling=uniform"),
+        (("--dp=adaptive", "--clients_per_round=5"), "--clients_per_round>=11"),
+        (("--dp=tree", "--rounds=1000"), "at most 68 rounds"),
+    ],
+)
+def test_bad_plans_get_one_line_and_exit_2(flags, message):
+    proc = _run(*flags)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
