@@ -12,6 +12,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import collections  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -26,6 +27,7 @@ flags.DEFINE_integer("rounds", 6, "Rounds per variant (the first is not timed)."
 flags.DEFINE_integer("clients_per_round", 50, "Clients per round.")
 flags.DEFINE_string("model", "small_cnn", "Model.")
 flags.DEFINE_string("cache_dir", "data_cache", "Embedded data cache.")
+flags.DEFINE_list("variants", ["none", "fixed", "adaptive", "tree", "zeroing", "functional"], "Variants to time.")
 FLAGS = flags.FLAGS
 
 M = accounting.Mechanism
@@ -57,24 +59,30 @@ def main(argv) -> None:
     print(f"model {FLAGS.model}, {m} clients per round, 1 epoch, batch 20; median s/round over {FLAGS.rounds - 1}")
     print("| variant | s/round | IQR |\n|---|---|---|")
     variants = {
-        "none (weighted mean)": aggregation.DpConfig(),
-        "fixed z=1": aggregation.DpConfig(M.FIXED, 1.0, 1.0),
-        "adaptive z=1": aggregation.DpConfig(M.ADAPTIVE, 1.0, 1.0),
-        "tree z=1": aggregation.DpConfig(M.TREE, 1.0, 1.0),
-        "fixed z=1 + zeroing": aggregation.DpConfig(M.FIXED, 1.0, 1.0, zeroing_norm=10.0),
+        "none": ("none (weighted mean)", aggregation.DpConfig()),
+        "fixed": ("fixed z=1", aggregation.DpConfig(M.FIXED, 1.0, 1.0)),
+        "adaptive": ("adaptive z=1", aggregation.DpConfig(M.ADAPTIVE, 1.0, 1.0)),
+        "tree": ("tree z=1", aggregation.DpConfig(M.TREE, 1.0, 1.0)),
+        "zeroing": ("fixed z=1 + zeroing", aggregation.DpConfig(M.FIXED, 1.0, 1.0, zeroing_norm=10.0)),
     }
     try:
-        for name, dp in variants.items():
+        for key in FLAGS.variants:
+            if key not in variants:
+                continue
+            name, dp = variants[key]
             factory = aggregation.build_factory(dp, m, task.record_specs())
+            # The Keras-wrapped model, as before the switch to functional models.
             process = task.compose_train(algorithms.build_training_process(task.model_fn, config, aggregator=factory))
             median, iqr = _time_rounds(process, sampler)
             print(f"| {name} | {median:.3f} | {iqr:.3f} |", flush=True)
+        if "functional" not in FLAGS.variants:
+            return
         # The same FedAvg with TFF's functional model instead of the Keras-wrapped one.
         functional = tff.learning.models.functional_model_from_keras(
             task.create_keras_model(),
             tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             task.input_spec,
-            metrics_constructor=lambda: {"accuracy": tf.keras.metrics.SparseCategoricalAccuracy()},
+            metrics_constructor=lambda: collections.OrderedDict(accuracy=tf.keras.metrics.SparseCategoricalAccuracy()),
         )
         process = task.compose_train(algorithms.build_training_process(functional, config))
         median, iqr = _time_rounds(process, sampler)

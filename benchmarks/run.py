@@ -110,7 +110,7 @@ def run_workload(w: Workload, rounds: int) -> dict:
     prep = preprocessing.PreprocessConfig(epochs=1, batch_size=20, shuffle_buffer=1)
     task = tasks.create_task(train, test, num_classes=62, model_name=w.model, preprocess=prep)
     config = algorithms.AlgorithmConfig(client_learning_rate=0.05)
-    process = task.compose_train(algorithms.build_training_process(task.model_fn, config))
+    process = task.compose_train(algorithms.build_training_process(task.learning_model(), config))
     sampler = sampling.ClientSampler(train.client_ids, w.clients_per_round, accounting.Sampling.UNIFORM, seed=0)
     state = process.initialize()
     seconds, examples = [], []
@@ -127,6 +127,7 @@ def run_workload(w: Workload, rounds: int) -> dict:
             seconds.append(dt)
             examples.append(float(out.metrics["client_work"]["train"]["num_examples"]))
     tffpipe_eps = [e / s for e, s in zip(examples, seconds, strict=True)]
+    peak_after_tffpipe = rss.peak
     result = {
         "workload": dataclasses.asdict(w),
         "rounds_timed": rounds,
@@ -134,6 +135,7 @@ def run_workload(w: Workload, rounds: int) -> dict:
         "tffpipe_examples_per_second": _stats(tffpipe_eps),
         "examples_per_round": float(np.median(examples)),
         "setup_to_first_round_seconds": first_round_s,
+        "peak_rss_tffpipe_phase_bytes": peak_after_tffpipe,
     }
 
     # The limit: model.fit on each round's examples, same model, batch 20, SGD.

@@ -112,7 +112,7 @@ def run(
         if clients:
             output = process.next(state, clients)
             metrics.update(_train_metrics(output.metrics))
-            loss = metrics.get("train/loss", 0.0)
+            loss = metrics.get("train/loss", math.nan)  # a missing loss is as unusable as a NaN one
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"round {round_num} produced a non-finite training loss ({loss}); "
