@@ -65,6 +65,7 @@ WORKLOADS = {
     "w1": Workload("w1", "cnn", 10, 200, 334, 8, 4),  # ~300 train examples per client
     "w2": Workload("w2", "mlp", 100, 1000, 56, 8, 4),  # ~50 per client
     "w3": Workload("w3", "linear", 1000, 10_000, 22, 5, 3),  # ~20 per client
+    "w3_2k": Workload("w3_2k", "linear", 1000, 2_000, 22, 5, 3),  # W3 on a 5x smaller population
     "fixed": Workload("fixed", "linear", 10, 200, 22, 30, 10),  # ~20 per client
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import hashlib
 import os
@@ -10,6 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 import tensorflow as tf
@@ -244,3 +247,66 @@ def test_no_worker_process_of_any_binary_run_remains():
 
     # Workers of this pytest process (the shared tff_context) are stopped by conftest at exit.
     assert {pid for pid in conftest.worker_pids() if parent(pid) != os.getpid()} == set()
+
+
+def test_sigterm_stops_after_saving_and_tensorboard_really_shows_the_scalars(workspace):
+    cache, runs = workspace
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            f"--cache_dir={cache}",
+            f"--root_dir={runs}",
+            *TINY_FLAGS,
+            "--rounds=40",
+            "--experiment=signalled",
+            "--tensorboard",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = None
+    for line in proc.stdout:
+        if line.startswith("TensorBoard: "):
+            url = line.split()[1]
+        if line.startswith("round  3/40"):
+            break
+    assert url and url.startswith("http://127.0.0.1:")
+    tags = ""
+    deadline = time.monotonic() + 60
+    while "train/loss" not in tags and time.monotonic() < deadline:
+        time.sleep(1)
+        with contextlib.suppress(OSError):
+            tags = urllib.request.urlopen(url + "data/plugin/scalars/tags", timeout=5).read().decode()
+    assert "train/loss" in tags and "privacy/epsilon" in tags
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received: stopping after this round" in err
+    table = rows(os.path.join(runs, "signalled", "metrics.csv"))
+    last = int(table[-1]["round"])
+    assert 3 <= last < 40
+    assert f"program_state_{last}" in os.listdir(os.path.join(runs, "signalled", "checkpoints"))
+    with pytest.raises(OSError):  # TensorBoard went with the run
+        urllib.request.urlopen(url, timeout=5)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(workspace):
+    cache, runs = workspace
+    proc = train(
+        "--rounds=5", "--experiment=diverged", "--dp=none", "--client_learning_rate=1e12", cache=cache, root=runs
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert "non-finite training loss" in proc.stderr and "Lower the client learning rate" in proc.stderr
+    checkpoints = os.path.join(runs, "diverged", "checkpoints")
+    saved = sorted(os.listdir(checkpoints)) if os.path.isdir(checkpoints) else []
+    rows_written = rows(os.path.join(runs, "diverged", "metrics.csv"))
+    # Every CSV row is from a finite round, and the newest checkpoint is the last of them.
+    assert all(float(r["train/loss"]) < float("inf") for r in rows_written)
+    if rows_written:
+        assert f"program_state_{rows_written[-1]['round']}" in saved
+    else:
+        assert saved == []
