@@ -14,6 +14,17 @@ def wrong_output(num_classes):
     )
 
 
+def nan_logits(num_classes):
+    """Fits the task but outputs NaN logits: every loss is NaN (the NaN-loss e2e test)."""
+    return tf.keras.Sequential(
+        [
+            tf.keras.layers.Flatten(input_shape=(28, 28, 1)),
+            tf.keras.layers.Dense(num_classes),
+            tf.keras.layers.Lambda(lambda x: x * float("nan")),
+        ]
+    )
+
+
 def wrong_input(num_classes):
     return tf.keras.Sequential([tf.keras.layers.Dense(num_classes, input_shape=(10,))])
 

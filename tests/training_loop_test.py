@@ -114,6 +114,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint():
     assert sorted(checkpointer.saved) == [1, 2]
 
 
+def test_round_where_tff_dropped_every_client_as_non_finite_counts_as_nan():
+    class ZeroedProcess(FakeProcess):
+        def next(self, state, clients):
+            out = super().next(state, clients)
+            if out.state >= 4:  # round 2: TFF zeroed every client's metrics
+                out.metrics["client_work"]["train"].update(loss=0.0, num_examples=0.0)
+            return out
+
+    checkpointer = FakeCheckpointer()
+    with pytest.raises(training_loop.NonFiniteLossError, match="round 2"):
+        _run(ZeroedProcess(), checkpointer, FakeReleaser(), rounds=3)
+    assert sorted(checkpointer.saved) == [1]
+
+
 def test_stop_request_saves_and_returns_early():
     checkpointer = FakeCheckpointer()
     result = training_loop.run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,7 +15,6 @@ from tffpipe import runtime
 def start(logdir: str, port: int | None = None, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
     """Launches `tensorboard --logdir=logdir` bound to loopback; returns (process, URL)."""
     port = port or portpicker.pick_unused_port()
-    os.makedirs(logdir, exist_ok=True)
     process = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1", f"--port={port}"],
         stdin=subprocess.DEVNULL,

@@ -113,6 +113,10 @@ def run(
             output = process.next(state, clients)
             metrics.update(_train_metrics(output.metrics))
             loss = metrics.get("train/loss", math.nan)  # a missing loss is as unusable as a NaN one
+            if metrics.get("train/num_examples") == 0:
+                # TFF zeroes a client's update *and metrics* when they are not finite, so a
+                # round where every client diverged reports loss 0 over 0 examples, not NaN.
+                loss = math.nan
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"round {round_num} produced a non-finite training loss ({loss}); "
