@@ -20,6 +20,22 @@ def worker_pids() -> set[int]:
     return {int(p) for p in out.stdout.split()}
 
 
+def orphaned_workers() -> set[int]:
+    """Workers whose Python parent is gone (reparented to init or a subreaper): leaks."""
+    orphans = set()
+    for pid in worker_pids():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{parent}/cmdline", "rb") as f:
+                parent_cmd = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        if b"python" not in parent_cmd:
+            orphans.add(pid)
+    return orphans
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory) -> str:
     return generator.ensure_generated(str(tmp_path_factory.mktemp("cache")), TINY, workers=1)
@@ -36,7 +52,7 @@ def tff_context():
 
 @pytest.fixture(scope="session", autouse=True)
 def no_worker_survives():
-    """After the whole suite, no TFF worker started by it may still run."""
-    before = worker_pids()
+    """After the whole suite no TFF worker may be left without its Python parent."""
+    before = orphaned_workers()
     yield
-    assert worker_pids() - before == set()
+    assert orphaned_workers() - before == set()

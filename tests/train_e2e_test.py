@@ -33,9 +33,26 @@ TINY_FLAGS = [
 ]
 
 
+def train_command(*flags: str, cache: str, root: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        f"--cache_dir={cache}",
+        f"--root_dir={root}",
+        *TINY_FLAGS,
+        *flags,
+    ]
+
+
 def train(*flags: str, cache: str, root: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={root}", *TINY_FLAGS, *flags]
+    cmd = train_command(*flags, cache=cache, root=root)
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(*flags: str, cache: str, root: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+    cmd = train_command(*flags, cache=cache, root=root)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def rows(path: str) -> list[dict[str, str]]:
@@ -54,7 +71,7 @@ def tree_digest(path: str) -> str:
 
 @pytest.fixture(scope="module")
 def workers_before_this_module() -> set[int]:
-    return conftest.worker_pids()
+    return conftest.orphaned_workers()
 
 
 @pytest.fixture(scope="module")
@@ -122,22 +139,7 @@ def test_tensorboard_holds_scalars_hparams_and_sample_images(finished_run):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(workspace, finished_run):
     cache, runs = workspace
-    victim = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            f"--cache_dir={cache}",
-            f"--root_dir={runs}",
-            *TINY_FLAGS,
-            "--rounds=3",
-            "--experiment=killed",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    victim = start_train("--rounds=3", "--experiment=killed", cache=cache, root=runs, stderr=subprocess.DEVNULL)
     for line in victim.stdout:
         if line.startswith("round 2/3"):
             victim.send_signal(signal.SIGKILL)  # mid-run: round 2 released, maybe not checkpointed
@@ -220,19 +222,8 @@ def test_bad_inputs_each_give_their_message_and_lose_nothing(workspace, finished
     ]
 
     def attempt(case):
-        flags, first, second = case
-        root = [] if any(f.startswith("--root_dir") for f in flags) else [f"--root_dir={runs}"]
-        cmd = [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            f"--cache_dir={cache}",
-            *TINY_FLAGS,
-            *root,
-            "--rounds=3",
-            *flags,
-        ]
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+        # A case's own --root_dir comes later on the command line, and absl keeps the last.
+        return train("--rounds=3", *case[0], cache=cache, root=runs)
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         results = list(pool.map(attempt, cases))
@@ -246,35 +237,13 @@ def test_bad_inputs_each_give_their_message_and_lose_nothing(workspace, finished
 
 
 def test_no_worker_process_of_any_binary_run_remains(workers_before_this_module):
-    def parent(pid: int) -> int:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-
-    # Workers of this pytest process (the shared tff_context) are stopped by conftest at
-    # exit; workers that existed before this module belong to other programs.
-    new = conftest.worker_pids() - workers_before_this_module
-    assert {pid for pid in new if parent(pid) != os.getpid()} == set()
+    # Every binary run above has exited; a worker of theirs would now be an orphan.
+    assert conftest.orphaned_workers() - workers_before_this_module == set()
 
 
 def test_sigterm_stops_after_saving_and_tensorboard_really_shows_the_scalars(workspace):
     cache, runs = workspace
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            f"--cache_dir={cache}",
-            f"--root_dir={runs}",
-            *TINY_FLAGS,
-            "--rounds=40",
-            "--experiment=signalled",
-            "--tensorboard",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_train("--rounds=40", "--experiment=signalled", "--tensorboard", cache=cache, root=runs)
     url = None
     for line in proc.stdout:
         if line.startswith("TensorBoard: "):
