@@ -105,9 +105,7 @@ class ExperimentConfig:
         flat: dict[str, Any] = {}
 
         def visit(prefix: str, value: Any) -> None:
-            if value is None and prefix == "devices":
-                flat["devices"] = None
-            elif dataclasses.is_dataclass(value):
+            if dataclasses.is_dataclass(value):
                 for field in dataclasses.fields(value):
                     visit(
                         f"{prefix}{field.name}."
@@ -121,6 +119,10 @@ class ExperimentConfig:
         visit("", self)
         flat["privacy.sampling"] = self.sampling.value
         # Loop cadences may change on resume; outputs.RESUMABLE_KEYS lists them unprefixed.
-        for key in ("total_rounds", "eval_every", "checkpoint_every"):
-            flat[{"total_rounds": "rounds"}.get(key, key)] = flat.pop(f"loop.{key}")
+        for old, new in (
+            ("loop.total_rounds", "rounds"),
+            ("loop.eval_every", "eval_every"),
+            ("loop.checkpoint_every", "checkpoint_every"),
+        ):
+            flat[new] = flat.pop(old)
         return flat
