@@ -105,35 +105,24 @@ def build_training_process(
         return tff.learning.algorithms.build_fed_sgd(
             model_fn, server_optimizer_fn=server_opt, model_aggregator=aggregator, loop_implementation=LOOP
         )
+    common = dict(
+        client_optimizer_fn=client_opt,
+        server_optimizer_fn=server_opt,
+        model_aggregator=aggregator,
+        loop_implementation=LOOP,
+    )
     if config.algorithm is Algorithm.FEDPROX:
         build = (
             tff.learning.algorithms.build_weighted_fed_prox
             if weighted
             else tff.learning.algorithms.build_unweighted_fed_prox
         )
-        return build(
-            model_fn,
-            proximal_strength=config.proximal_strength,
-            client_optimizer_fn=client_opt,
-            server_optimizer_fn=server_opt,
-            model_aggregator=aggregator,
-            loop_implementation=LOOP,
-        )
-    if weighted:
-        return tff.learning.algorithms.build_weighted_fed_avg(
-            model_fn,
-            client_optimizer_fn=client_opt,
-            server_optimizer_fn=server_opt,
-            model_aggregator=aggregator,
-            loop_implementation=LOOP,
-        )
-    return tff.learning.algorithms.build_unweighted_fed_avg(
-        model_fn,
-        client_optimizer_fn=client_opt,
-        server_optimizer_fn=server_opt,
-        model_aggregator=aggregator,
-        loop_implementation=LOOP,
+        return build(model_fn, proximal_strength=config.proximal_strength, **common)
+    # FedAvg and the server-optimizer variants differ only in `server_opt`.
+    build = (
+        tff.learning.algorithms.build_weighted_fed_avg if weighted else tff.learning.algorithms.build_unweighted_fed_avg
     )
+    return build(model_fn, **common)
 
 
 def build_evaluation_process(
