@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import csv
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -286,3 +287,33 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(worksp
         assert f"program_state_{rows_written[-1]['round']}" in saved
     else:
         assert saved == []
+
+
+def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace):
+    cache, runs = workspace
+    proc = train(
+        "--rounds=2",
+        "--experiment=mobile",
+        "--device_model",
+        "--dp=none",
+        "--compression",
+        "--deadline_seconds=60",
+        cache=cache,
+        root=runs,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # Compression runs without DP, so there is no epsilon to label (devices_test checks the DP label).
+    assert "epsilon inf" in proc.stdout and "no differential privacy" in proc.stdout
+    assert "devices  low:" in proc.stdout
+    table = rows(os.path.join(runs, "mobile", "metrics.csv"))
+    assert [r["round"] for r in table] == ["1", "2"]
+    for r in table:
+        # small_cnn uploads 69,056 bytes compressed (tests/devices_test.py), downloads 217,848.
+        assert float(r["system/bytes_up"]) == 69_056 * float(r["system/reported"])
+        assert float(r["system/bytes_down"]) == 217_848 * float(r["system/selected"])
+        assert float(r["system/clients"]) == float(r["system/reported"])
+        assert 0 < float(r["system/simulated_round_seconds"]) <= 60
+    with open(os.path.join(runs, "mobile", "device_participation.json")) as f:
+        summary = json.load(f)
+    assert set(summary) == {"low", "mid", "high"}
+    assert sum(t["reported"] for t in summary.values()) == sum(float(r["system/reported"]) for r in table)
