@@ -45,6 +45,27 @@ def test_adaptive_split_matches_tff_and_composes_back_to_z():
     assert accounting.epsilon(adaptive, 100) == pytest.approx(accounting.epsilon(BASE, 100), rel=1e-3)
 
 
+def test_adaptive_is_accounted_by_pld_too():
+    adaptive = dataclasses.replace(BASE, mechanism=M.ADAPTIVE, accountant=accounting.Accountant.PLD)
+    fixed = dataclasses.replace(BASE, accountant=accounting.Accountant.PLD)
+    assert accounting.epsilon(adaptive, 100) == pytest.approx(accounting.epsilon(fixed, 100), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        dataclasses.replace(BASE, accountant=accounting.Accountant.PLD),
+        dataclasses.replace(BASE, mechanism=M.ADAPTIVE, accountant=accounting.Accountant.PLD),
+        BASE,
+        dataclasses.replace(BASE, sampling=S.DEVICE, accountant=accounting.Accountant.PLD),
+    ],
+)
+def test_per_round_tracker_gives_the_accountants_numbers(plan):
+    tracker = accounting.EpsilonTracker(plan)
+    for rounds in (0, 1, 7, 300):
+        assert tracker(rounds) == pytest.approx(accounting.epsilon(plan, rounds), rel=1e-6, abs=1e-12)
+
+
 def test_tree_equals_single_epoch_tree_event():
     direct = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
     direct.compose(dp_accounting.SingleEpochTreeAggregationDpEvent(1.0, 60))

@@ -248,8 +248,10 @@ def _build_round_metrics(
     download: int,
     device_rounds: devices.DeviceRounds | None,
 ):
+    epsilon = accounting.EpsilonTracker(plan)
+
     def round_metrics(round_num: int, output, clients) -> dict[str, float]:
-        metrics = {"privacy/epsilon": accounting.epsilon(plan, round_num), "privacy/delta": plan.delta}
+        metrics = {"privacy/epsilon": epsilon(round_num), "privacy/delta": plan.delta}
         if device_rounds is not None:
             metrics.update(device_rounds.outcome(round_num).metrics())
         else:
