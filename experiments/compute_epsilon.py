@@ -5,6 +5,7 @@ python -m experiments.compute_epsilon --target_epsilon=8 --clients_per_round=100
 python -m experiments.compute_epsilon --table      # the README's grid of plans
 """
 
+import dataclasses
 import itertools
 import math
 
@@ -68,7 +69,7 @@ def main(argv) -> int:
         if FLAGS.target_epsilon is not None:
             z = accounting.noise_for_target_epsilon(plan, FLAGS.rounds, FLAGS.target_epsilon)
             print(f"noise_multiplier {z:.4f} reaches epsilon {FLAGS.target_epsilon:g} after {FLAGS.rounds} rounds")
-            plan = accounting.PrivacyPlan(**{**plan.__dict__, "noise_multiplier": z})
+            plan = dataclasses.replace(plan, noise_multiplier=z)
         eps = accounting.epsilon(plan, FLAGS.rounds)
         print(f"epsilon {eps:.4g} at delta {plan.delta:.3g} after {FLAGS.rounds} rounds")
         print(f"assumes: {accounting.describe(plan)}")

@@ -33,7 +33,13 @@ def test_solves_the_noise_for_a_target():
     proc = _run("--target_epsilon=3", "--clients_per_round=100", "--rounds=50")
     assert proc.returncode == 0, proc.stderr
     assert "reaches epsilon 3 after 50 rounds" in proc.stdout
-    assert "epsilon 3 at delta" in proc.stdout or "epsilon 2.99" in proc.stdout
+    z = float(proc.stdout.split()[1])  # "noise_multiplier <z> reaches ..."
+    plan = accounting.PrivacyPlan(
+        accounting.Mechanism.FIXED, z, 100, 3400, accounting.Sampling.POISSON, accounting.default_delta(3400)
+    )
+    assert accounting.epsilon(plan, 50) == pytest.approx(3.0, abs=0.01)
+    reported = float(proc.stdout.splitlines()[1].split()[1])  # "epsilon <eps> at delta ..."
+    assert reported == pytest.approx(3.0, abs=0.01)
 
 
 def test_builds_no_tf_graph_and_does_not_import_tensorflow():
