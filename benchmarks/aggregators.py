@@ -50,7 +50,7 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)
     worker = runtime.install_local_context()
     data_dir = generator.ensure_generated(FLAGS.cache_dir, generator.PopulationConfig())
-    train, test = emnist_files.load_client_data(data_dir)
+    train, test = emnist_files.load_client_rows(data_dir)
     prep = preprocessing.PreprocessConfig(epochs=1)
     task = tasks.create_task(train, test, num_classes=62, model_name=FLAGS.model, preprocess=prep)
     sampler = sampling.ClientSampler(train.client_ids, FLAGS.clients_per_round, accounting.Sampling.UNIFORM, 0)

@@ -38,8 +38,8 @@ def train(
     tf.keras.utils.set_random_seed(seed)
 
     def pooled(train: bool) -> tf.data.Dataset:
-        ds = emnist_files.load_pooled(data_dir, only_digits, train).map(preprocessing.to_model_input)
-        return ds.map(lambda e: (e["x"], e["y"]))
+        rows = emnist_files.load_pooled_rows(data_dir, only_digits, train)
+        return rows.batch(1024).map(preprocessing.to_model_batch).unbatch().map(lambda e: (e["x"], e["y"]))
 
     train_ds = pooled(True).cache()
     n = sum(1 for _ in train_ds)  # fills the cache, so epochs time the model, not SQLite

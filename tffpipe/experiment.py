@@ -35,7 +35,7 @@ def resolve_data_dir(config: configs.ExperimentConfig) -> str:
 
 
 def load_task(config: configs.ExperimentConfig, data_dir: str) -> tasks.Task:
-    train, test = emnist_files.load_client_data(data_dir, config.data.only_digits)
+    train, test = emnist_files.load_client_rows(data_dir, config.data.only_digits)
     return tasks.create_task(
         train,
         test,
