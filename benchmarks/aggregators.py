@@ -71,7 +71,7 @@ def main(argv) -> None:
                 continue
             name, dp = variants[key]
             factory = aggregation.build_factory(dp, m, task.record_specs())
-            # The Keras-wrapped model, as tffpipe runs it.
+            # The Keras-wrapped model, as before the switch to functional models.
             process = task.compose_train(algorithms.build_training_process(task.model_fn, config, aggregator=factory))
             median, iqr = _time_rounds(process, sampler)
             print(f"| {name} | {median:.3f} | {iqr:.3f} |", flush=True)

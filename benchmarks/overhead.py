@@ -83,7 +83,7 @@ def main(argv) -> None:
     def datasets(cids):
         return tff.federated_sum(tff.federated_map(count, tff.federated_map(make_dataset, cids)))
 
-    process = task.compose_train(algorithms.build_training_process(task.model_fn, algorithms.AlgorithmConfig()))
+    process = task.compose_train(algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig()))
     state = process.initialize()
     zeros = np.zeros(task.model_info.num_parameters, np.float32)
     parts = {

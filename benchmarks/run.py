@@ -111,7 +111,7 @@ def run_workload(w: Workload, rounds: int) -> dict:
     prep = preprocessing.PreprocessConfig(epochs=1, batch_size=20, shuffle_buffer=1)
     task = tasks.create_task(train, test, num_classes=62, model_name=w.model, preprocess=prep)
     config = algorithms.AlgorithmConfig(client_learning_rate=0.05)
-    process = task.compose_train(algorithms.build_training_process(task.model_fn, config))
+    process = task.compose_train(algorithms.build_training_process(task.learning_model(), config))
     sampler = sampling.ClientSampler(train.client_ids, w.clients_per_round, accounting.Sampling.UNIFORM, seed=0)
     state = process.initialize()
     seconds, examples = [], []

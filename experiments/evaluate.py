@@ -41,7 +41,9 @@ def main(argv) -> int:
             worker = runtime.install_local_context()
             try:
                 aggregator = aggregation.build_factory(prepared.dp, config.clients_per_round, task.record_specs())
-                process = algorithms.build_training_process(task.model_fn, config.algorithm, aggregator=aggregator)
+                process = algorithms.build_training_process(
+                    task.learning_model(), config.algorithm, aggregator=aggregator
+                )
                 state, round_num = outputs.Checkpointer(dirs.checkpoints).load_latest(process.initialize())
             finally:
                 worker.stop()

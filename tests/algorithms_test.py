@@ -16,7 +16,7 @@ def task(tiny_data_dir):
 @pytest.mark.parametrize("algorithm", list(algorithms.Algorithm))
 def test_every_algorithm_runs_a_round_that_changes_the_model(task, tff_context, algorithm):
     process = task.compose_train(
-        algorithms.build_training_process(task.model_fn, algorithms.AlgorithmConfig(algorithm=algorithm))
+        algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig(algorithm=algorithm))
     )
     state = process.initialize()
     before = process.get_model_weights(state).trainable
@@ -30,13 +30,13 @@ def test_dp_aggregation_selects_the_unweighted_process(task, tff_context):
     factory = aggregation.build_factory(
         aggregation.DpConfig(accounting.Mechanism.FIXED, 0.0, 1.0), 3, task.record_specs()
     )
-    process = algorithms.build_training_process(task.model_fn, algorithms.AlgorithmConfig(), aggregator=factory)
+    process = algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig(), aggregator=factory)
     # Unweighted: the aggregator's measurements are the DP factory's, not the weighted mean's.
     output = task.compose_train(process).next(process.initialize(), task.train_data.client_ids[:3])
     assert "dp_query_metrics" in output.metrics["aggregator"]
     with pytest.raises(ValueError, match="fedsgd takes only weighted aggregators"):
         algorithms.build_training_process(
-            task.model_fn, algorithms.AlgorithmConfig(algorithm=algorithms.Algorithm.FEDSGD), aggregator=factory
+            task.learning_model(), algorithms.AlgorithmConfig(algorithm=algorithms.Algorithm.FEDSGD), aggregator=factory
         )
 
 

@@ -173,7 +173,7 @@ def run(
         aggregator = aggregation.build_factory(dp, config.clients_per_round, specs, compression=config.compression)
         upload = aggregation.upload_bytes(specs, config.compression)
         process = task.compose_train(
-            algorithms.build_training_process(task.model_fn, config.algorithm, aggregator=aggregator)
+            algorithms.build_training_process(task.learning_model(), config.algorithm, aggregator=aggregator)
         )
         evaluate = None
         if config.eval_clients > 0:
@@ -226,7 +226,7 @@ def run(
 
 
 def _build_evaluate(task: tasks.Task, config: configs.ExperimentConfig):
-    eval_process = task.compose_eval(algorithms.build_evaluation_process(task.model_fn))
+    eval_process = task.compose_eval(algorithms.build_evaluation_process(task.learning_model()))
     eval_state = eval_process.initialize()
     ids = sorted(task.test_data.client_ids)
     rng = np.random.default_rng([config.seed, 0xE7A1])
