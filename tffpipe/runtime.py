@@ -72,7 +72,7 @@ class LocalWorker:
         env = dict(os.environ)
         # Clients run concurrently (one computation call each), which already fills the
         # cores; splitting each op over more threads on top only adds hand-offs. W2 rounds
-        # 304-318 -> 249-253 ms, W1 unchanged (BENCHMARKS.md). A user's setting wins.
+        # 305/293 -> 260/242 ms, W1 unchanged (BENCHMARKS.md). A user's setting wins.
         env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
         if self.loopback_only:
             env["LD_PRELOAD"] = " ".join(filter(None, [LOOPBACK_SHIM, env.get("LD_PRELOAD")]))

@@ -59,7 +59,8 @@ def test_epochs_cap_and_seeded_shuffle(rows_and_parsed):
 
 def test_client_datasets_skip_tf_data_rewrites():
     """Per-client iterators must not run tf.data's graph rewrites or autotuning (issue 6)."""
-    fn = preprocessing.create_train_fn(preprocessing.PreprocessConfig())
-    options = fn(tf.data.Dataset.from_tensors(tf.constant(b"")).repeat(0)).options()
-    assert options.experimental_optimization.apply_default_optimizations is False
-    assert options.autotune.enabled is False
+    rows = tf.data.Dataset.from_tensors(tf.constant(b"")).repeat(0)
+    for fn in (preprocessing.create_train_fn(preprocessing.PreprocessConfig()), preprocessing.create_eval_fn()):
+        options = fn(rows).options()
+        assert options.experimental_optimization.apply_default_optimizations is False
+        assert options.autotune.enabled is False

@@ -119,10 +119,7 @@ def load_client_rows(data_dir: str, only_digits: bool = False):
 
     path = database_path(data_dir)
     check_database(path, only_digits)
-    train_split, test_split = SPLITS[only_digits]
-    return tff.simulation.datasets.SqlClientData(path, train_split), tff.simulation.datasets.SqlClientData(
-        path, test_split
-    )
+    return tuple(tff.simulation.datasets.SqlClientData(path, split) for split in SPLITS[only_digits])
 
 
 def load_client_data(data_dir: str, only_digits: bool = False):
