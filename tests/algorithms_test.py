@@ -40,6 +40,20 @@ def test_dp_aggregation_selects_the_unweighted_process(task, tff_context):
         )
 
 
+@pytest.mark.parametrize("mechanism", [accounting.Mechanism.FIXED, accounting.Mechanism.ADAPTIVE, accounting.Mechanism.TREE])
+def test_every_dp_mechanism_trains_a_round(task, tff_context, mechanism):
+    # z = 0.2 keeps adaptive clipping's count noise valid with 3 clients.
+    factory = aggregation.build_factory(aggregation.DpConfig(mechanism, 0.2, 1.0), 3, task.record_specs())
+    process = task.compose_train(
+        algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig(), aggregator=factory)
+    )
+    state = process.initialize()
+    output = process.next(state, task.train_data.client_ids[:3])
+    before, after = (process.get_model_weights(s).trainable for s in (state, output.state))
+    assert all(np.all(np.isfinite(a)) for a in after)
+    assert any(not np.allclose(b, a) for b, a in zip(before, after, strict=True))
+
+
 def test_bad_rates_name_the_field():
     with pytest.raises(ValueError, match="client_learning_rate must be positive, got 0"):
         algorithms.AlgorithmConfig(client_learning_rate=0.0)

@@ -65,10 +65,15 @@ class Task:
             metrics_constructor=_functional_metrics,
         )
 
-    def record_specs(self) -> list[tf.TensorSpec]:
-        """Specs of the trainable weights: the structure of one client update."""
+    def record_specs(self) -> tuple[tf.TensorSpec, ...]:
+        """Specs of the trainable weights: the structure of one client update.
+
+        A tuple, as TFF hands the update to the aggregator's TensorFlow: the tree
+        aggregator adds noise built from these specs to it, and `tf.nest` refuses a
+        list against a tuple.
+        """
         model = self.create_keras_model()
-        return [tf.TensorSpec(w.shape, w.dtype) for w in model.trainable_weights]
+        return tuple(tf.TensorSpec(w.shape, w.dtype) for w in model.trainable_weights)
 
     def compose_train(self, process: tff.learning.templates.LearningProcess):
         """`next` then takes client ids (`{str}@CLIENTS`) instead of datasets."""
