@@ -15,7 +15,7 @@ import dataclasses
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tffpipe import models
+from tffpipe import fusion, models
 from tffpipe.data import preprocessing
 
 
@@ -77,14 +77,16 @@ class Task:
 
     def compose_train(self, process: tff.learning.templates.LearningProcess):
         """`next` then takes client ids (`{str}@CLIENTS`) instead of datasets."""
-        return tff.simulation.compose_dataset_computation_with_learning_process(
-            self.train_data.dataset_computation, process
-        )
+        return _compose(self.train_data, process)
 
     def compose_eval(self, process: tff.learning.templates.LearningProcess):
-        return tff.simulation.compose_dataset_computation_with_learning_process(
-            self.test_data.dataset_computation, process
-        )
+        return _compose(self.test_data, process)
+
+
+def _compose(data: tff.simulation.datasets.ClientData, process: tff.learning.templates.LearningProcess):
+    """Each client's dataset is built in the same TensorFlow call as its client work."""
+    composed = tff.simulation.compose_dataset_computation_with_learning_process(data.dataset_computation, process)
+    return fusion.fuse_client_datasets(composed)
 
 
 class ExampleCount(tf.keras.metrics.Sum):
