@@ -40,7 +40,9 @@ def test_dp_aggregation_selects_the_unweighted_process(task, tff_context):
         )
 
 
-@pytest.mark.parametrize("mechanism", [accounting.Mechanism.FIXED, accounting.Mechanism.ADAPTIVE, accounting.Mechanism.TREE])
+@pytest.mark.parametrize(
+    "mechanism", [accounting.Mechanism.FIXED, accounting.Mechanism.ADAPTIVE, accounting.Mechanism.TREE]
+)
 def test_every_dp_mechanism_trains_a_round(task, tff_context, mechanism):
     # z = 0.2 keeps adaptive clipping's count noise valid with 3 clients.
     factory = aggregation.build_factory(aggregation.DpConfig(mechanism, 0.2, 1.0), 3, task.record_specs())

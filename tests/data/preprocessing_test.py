@@ -64,3 +64,23 @@ def test_client_datasets_skip_tf_data_rewrites():
         options = fn(rows).options()
         assert options.experimental_optimization.apply_default_optimizations is False
         assert options.autotune.enabled is False
+
+
+def _dataset_ops(dataset: tf.data.Dataset) -> tuple[set[str], int]:
+    graph = tf.compat.v1.GraphDef.FromString(tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor).numpy())
+    return {node.op for node in graph.node}, len(graph.library.function)
+
+
+def test_client_datasets_need_no_tf_data_functions(rows_and_parsed):
+    """tf.data instantiates a map's function for every iterator: every client, every round (issue 6)."""
+    rows, _ = rows_and_parsed
+    cid = rows.client_ids[0]
+    for fn in (preprocessing.create_train_fn(preprocessing.PreprocessConfig(epochs=2)), preprocessing.create_eval_fn()):
+        ops, functions = _dataset_ops(fn(rows.serializable_dataset_fn(cid)))
+        assert functions == 0 and not any("Map" in op for op in ops), ops
+
+
+def test_a_client_without_examples_gives_no_batches():
+    rows = tf.data.Dataset.from_tensors(tf.constant(b"")).repeat(0)
+    for fn in (preprocessing.create_train_fn(preprocessing.PreprocessConfig()), preprocessing.create_eval_fn()):
+        assert list(fn(rows)) == []
