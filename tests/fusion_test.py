@@ -1,17 +1,34 @@
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_federated as tff
 
 from tffpipe import accounting, aggregation, algorithms, fusion, tasks
 from tffpipe.data import emnist_files, preprocessing
 
 
+def batch_norm_model(num_classes: int) -> tf.keras.Model:
+    """Non-trainable variables: TFF takes it only Keras-wrapped. Deterministic, unlike dropout."""
+    return tf.keras.Sequential(
+        [
+            tf.keras.layers.InputLayer(input_shape=(28, 28, 1)),
+            tf.keras.layers.Flatten(),
+            tf.keras.layers.BatchNormalization(),
+            tf.keras.layers.Dense(num_classes),
+        ]
+    )
+
+
+def _task(data_dir: str, model_name: str) -> tasks.Task:
+    train, test = emnist_files.load_client_rows(data_dir)
+    return tasks.create_task(
+        train, test, num_classes=62, model_name=model_name, preprocess=preprocessing.PreprocessConfig(batch_size=8)
+    )
+
+
 @pytest.fixture(scope="module")
 def task(tiny_data_dir):
-    train, test = emnist_files.load_client_rows(tiny_data_dir)
-    return tasks.create_task(
-        train, test, num_classes=62, model_name="mlp", preprocess=preprocessing.PreprocessConfig(batch_size=8)
-    )
+    return _task(tiny_data_dir, "mlp")
 
 
 def _composed(data, process):
@@ -27,8 +44,18 @@ def _sequences_between_calls(process) -> int:
     )
 
 
-def test_fused_training_round_equals_the_composed_one(task, tff_context):
-    factory = aggregation.build_factory(aggregation.DpConfig(accounting.Mechanism.FIXED, 0.5, 1.0), 3)
+@pytest.mark.filterwarnings("ignore:Batch Normalization contains non-trainable variables")
+@pytest.mark.parametrize(
+    "model_name, dp",
+    [
+        ("mlp", aggregation.DpConfig(accounting.Mechanism.FIXED, 0.5, 1.0)),  # functional, unweighted DP mean
+        # Keras-wrapped (BatchNorm), weighted mean: the learning rate joins the zip.
+        ("tests.fusion_test:batch_norm_model", aggregation.DpConfig()),
+    ],
+)
+def test_fused_training_round_equals_the_composed_one(tiny_data_dir, tff_context, model_name, dp):
+    task = _task(tiny_data_dir, model_name)
+    factory = aggregation.build_factory(dp, 3)
     process = algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig(), aggregator=factory)
     composed, fused = (
         _composed(task.train_data, process),

@@ -37,8 +37,8 @@ def fuse_client_datasets(process: tff.learning.templates.LearningProcess) -> tff
 
     Raises:
       FusionError: when `next` does not map the ids through one dataset computation
-        whose datasets go, zipped with one other client value, into one client
-        computation and nowhere else.
+        whose datasets go, zipped with other client values (model, hyperparameters),
+        into one client computation and nowhere else.
     """
     lam = tff.framework.to_call_dominant(process.next.to_building_block())
     block = lam.result
@@ -51,15 +51,25 @@ def fuse_client_datasets(process: tff.learning.templates.LearningProcess) -> tff
         "map over the client ids",
     )
     zip_name, zipped = _only_user(locals_, block.result, dataset_name, "dataset")
-    if not _is_call(zipped, _ZIP) or len(zipped.argument) != 2 or not _is_ref(zipped.argument[1], dataset_name):
+    positions = (
+        [i for i, value in enumerate(zipped.argument) if _is_ref(value, dataset_name)] if _is_call(zipped, _ZIP) else []
+    )
+    if len(positions) != 1:
         raise FusionError(f"the datasets go into {zipped.compact_representation()[:200]}, not a zip with the model")
     map_name, client_map = _only_user(locals_, block.result, zip_name, "zipped client input")
     if not _is_call(client_map, _MAP):
         raise FusionError(f"the zipped input goes into {client_map.compact_representation()[:200]}, not a map")
 
-    weights, ids = zipped.argument[0], dataset_map.argument[1]
-    fused = _fused_computation(client_map.argument[0], dataset_map.argument[0], weights.type_signature.member)
-    new_zip = _zip_at_clients(weights, ids)
+    (position,) = positions
+    client_inputs = list(zipped.argument)
+    client_inputs[position] = dataset_map.argument[1]  # the ids
+    fused = _fused_computation(
+        client_map.argument[0],
+        dataset_map.argument[0],
+        [value.type_signature.member for value in client_inputs],
+        position,
+    )
+    new_zip = _zip_at_clients(client_inputs)
     replaced = {
         zip_name: new_zip,
         map_name: _map(fused, tff.framework.Reference(zip_name, new_zip.type_signature)),
@@ -82,21 +92,25 @@ def fuse_client_datasets(process: tff.learning.templates.LearningProcess) -> tff
     )
 
 
-def _fused_computation(client_comp, dataset_comp, weights_type) -> tff.framework.CompiledComputation:
-    """One TF graph: `client_comp(weights, dataset_comp(client_id))`."""
+def _fused_computation(
+    client_comp, dataset_comp, input_types: list, position: int
+) -> tff.framework.CompiledComputation:
+    """One TF graph: `client_comp(*inputs)` with `inputs[position] = dataset_comp(client_id)`."""
     client_fn = tff.framework.ConcreteComputation.from_building_block(client_comp)
     dataset_fn = tff.framework.ConcreteComputation.from_building_block(dataset_comp)
 
-    @tff.tensorflow.computation(weights_type, dataset_fn.type_signature.parameter)
-    def client_work_from_id(weights, client_id):
-        return client_fn(weights, dataset_fn(client_id))
+    @tff.tensorflow.computation(tff.StructType(input_types))
+    def client_work_from_id(inputs):
+        values = [inputs[i] for i in range(len(input_types))]
+        values[position] = dataset_fn(values[position])
+        return client_fn(*values)
 
     return client_work_from_id.to_building_block()
 
 
-def _zip_at_clients(first, second) -> tff.framework.Call:
-    arg = tff.framework.Struct([first, second])
-    result = tff.FederatedType(tff.StructType([first.type_signature.member, second.type_signature.member]), tff.CLIENTS)
+def _zip_at_clients(values: list) -> tff.framework.Call:
+    arg = tff.framework.Struct(values)
+    result = tff.FederatedType(tff.StructType([v.type_signature.member for v in values]), tff.CLIENTS)
     return tff.framework.Call(tff.framework.Intrinsic(_ZIP, tff.FunctionType(arg.type_signature, result)), arg)
 
 
