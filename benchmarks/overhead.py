@@ -5,8 +5,9 @@
 
 Times, in TFF's C++ worker and over the same clients, computations that each do one
 part of a FedAvg round: a trivial per-client call, broadcasting the model and
-averaging it back, building and reading every client's training dataset (across the
-computation boundary, as a round does), and the whole round. Medians over repeats,
+averaging it back, building and reading every client's training dataset (in a call of
+its own, as `tff.simulation`'s composition does, and inside the reading call, as
+`tffpipe.fusion` does), and the whole round. Medians over repeats,
 as ms per round and per client.
 """
 
@@ -80,8 +81,16 @@ def main(argv) -> None:
         return dataset.reduce(np.int32(0), lambda n, batch: n + tf.shape(batch["y"])[0])
 
     @tff.federated_computation(client_ids)
-    def datasets(cids):
+    def datasets_across_calls(cids):
         return tff.federated_sum(tff.federated_map(count, tff.federated_map(make_dataset, cids)))
+
+    @tff.tensorflow.computation(np.str_)
+    def count_from_id(cid):
+        return count(make_dataset(cid))  # one graph, as tffpipe.fusion builds a round's client work
+
+    @tff.federated_computation(client_ids)
+    def datasets_in_one_call(cids):
+        return tff.federated_sum(tff.federated_map(count_from_id, cids))
 
     process = task.compose_train(algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig()))
     state = process.initialize()
@@ -89,7 +98,10 @@ def main(argv) -> None:
     parts = {
         "trivial per-client call + sum": lambda: trivial(ids),
         f"broadcast + per-client map + mean ({zeros.size:,} floats)": lambda: broadcast_mean(zeros, ids),
-        "build + read each client's dataset": lambda: datasets(ids),
+        "build + read each client's dataset, two calls (dataset serialized between)": lambda: datasets_across_calls(
+            ids
+        ),
+        "build + read each client's dataset in one call (as in a round)": lambda: datasets_in_one_call(ids),
         "whole FedAvg round (1 epoch)": lambda: process.next(state, ids),
     }
     print(f"{FLAGS.model}, {len(ids)} clients, medians of {FLAGS.repeats} calls")
