@@ -70,7 +70,7 @@ def main(argv) -> None:
             if key not in variants:
                 continue
             name, dp = variants[key]
-            factory = aggregation.build_factory(dp, m, task.record_specs())
+            factory = aggregation.build_factory(dp, m)
             # The Keras-wrapped model, as before the switch to functional models.
             process = task.compose_train(algorithms.build_training_process(task.model_fn, config, aggregator=factory))
             median, iqr = _time_rounds(process, sampler)

@@ -40,7 +40,7 @@ def main(argv) -> int:
 
             worker = runtime.install_local_context()
             try:
-                aggregator = aggregation.build_factory(prepared.dp, config.clients_per_round, task.record_specs())
+                aggregator = aggregation.build_factory(prepared.dp, config.clients_per_round)
                 process = algorithms.build_training_process(
                     task.learning_model(), config.algorithm, aggregator=aggregator
                 )

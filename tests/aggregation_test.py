@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import tensorflow as tf
 import tensorflow_federated as tff
 
 from tffpipe import accounting, aggregation
@@ -9,7 +8,7 @@ M = accounting.Mechanism
 
 
 def _process(config: aggregation.DpConfig, m: int, dim: int):
-    factory = aggregation.build_factory(config, m, tf.TensorSpec([dim], tf.float32))
+    factory = aggregation.build_factory(config, m)
     return factory.create(tff.TensorType(np.float32, [dim]))
 
 
@@ -64,7 +63,7 @@ def test_adaptive_clip_moves_to_the_target_quantile(tff_context):
 def test_adaptive_validation_replaces_tffs_error():
     config = aggregation.DpConfig(M.ADAPTIVE, noise_multiplier=1.0, clip=1.0)
     with pytest.raises(accounting.AccountingError, match="needs more than 10 clients per round"):
-        aggregation.build_factory(config, 5, None)
+        aggregation.build_factory(config, 5)
 
 
 def test_no_dp_means_tffs_default_weighted_mean():

@@ -27,9 +27,7 @@ def test_every_algorithm_runs_a_round_that_changes_the_model(task, tff_context, 
 
 
 def test_dp_aggregation_selects_the_unweighted_process(task, tff_context):
-    factory = aggregation.build_factory(
-        aggregation.DpConfig(accounting.Mechanism.FIXED, 0.0, 1.0), 3, task.record_specs()
-    )
+    factory = aggregation.build_factory(aggregation.DpConfig(accounting.Mechanism.FIXED, 0.0, 1.0), 3)
     process = algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig(), aggregator=factory)
     # Unweighted: the aggregator's measurements are the DP factory's, not the weighted mean's.
     output = task.compose_train(process).next(process.initialize(), task.train_data.client_ids[:3])
@@ -40,14 +38,17 @@ def test_dp_aggregation_selects_the_unweighted_process(task, tff_context):
         )
 
 
+@pytest.mark.parametrize("keras_wrapped", [False, True], ids=["functional", "keras_wrapped"])
 @pytest.mark.parametrize(
     "mechanism", [accounting.Mechanism.FIXED, accounting.Mechanism.ADAPTIVE, accounting.Mechanism.TREE]
 )
-def test_every_dp_mechanism_trains_a_round(task, tff_context, mechanism):
-    # z = 0.2 keeps adaptive clipping's count noise valid with 3 clients.
-    factory = aggregation.build_factory(aggregation.DpConfig(mechanism, 0.2, 1.0), 3, task.record_specs())
+def test_every_dp_mechanism_trains_a_round(task, tff_context, mechanism, keras_wrapped):
+    # z = 0.2 keeps adaptive clipping's count noise valid with 3 clients. The two model
+    # kinds hand updates to the aggregator in different containers (list / tuple).
+    factory = aggregation.build_factory(aggregation.DpConfig(mechanism, 0.2, 1.0), 3)
+    model = task.model_fn if keras_wrapped else task.learning_model()
     process = task.compose_train(
-        algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig(), aggregator=factory)
+        algorithms.build_training_process(model, algorithms.AlgorithmConfig(), aggregator=factory)
     )
     state = process.initialize()
     output = process.next(state, task.train_data.client_ids[:3])

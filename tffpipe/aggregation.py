@@ -122,6 +122,27 @@ class SeededGaussianSumQuery(tfp.GaussianSumQuery):
         return collections.OrderedDict(clip=global_state.l2_norm_clip, clipped_count=global_state.clipped_count)
 
 
+class TreeFactory(tff.aggregators.UnweightedAggregationFactory):
+    """TFF's DP-FTRL tree aggregation, with its noise shaped like the updates it gets.
+
+    `DifferentiallyPrivateFactory.tree_aggregation` takes the update's TensorSpecs up
+    front and `tf.nest` then demands the same containers as the updates: lists from
+    Keras-wrapped models, tuples from functional ones. Building it at `create`, from the
+    value type TFF passes in, fits both.
+    """
+
+    def __init__(self, noise_multiplier: float, clients_per_round: float, clip: float, noise_seed: int | None):
+        self._args = (noise_multiplier, clients_per_round, clip)
+        self._noise_seed = noise_seed
+
+    def create(self, value_type) -> tff.templates.AggregationProcess:
+        specs = tff.types.type_to_tf_tensor_specs(value_type)
+        factory = tff.aggregators.DifferentiallyPrivateFactory.tree_aggregation(
+            *self._args, specs, noise_seed=self._noise_seed
+        )
+        return factory.create(value_type)
+
+
 def validate(config: DpConfig, clients_per_round: int) -> None:
     """Fails early, with the fix, where TFF would fail deep inside the build."""
     if config.mechanism is Mechanism.ADAPTIVE:
@@ -145,13 +166,12 @@ def upload_bytes(record_specs, compression: bool) -> int:
     return total
 
 
-def build_factory(config: DpConfig, clients_per_round: int, record_specs=None, *, compression: bool = False):
+def build_factory(config: DpConfig, clients_per_round: int, *, compression: bool = False):
     """Returns the TFF aggregation factory for `config`, or None for TFF's default weighted mean.
 
     Args:
       config: the mechanism.
       clients_per_round: m, the expected number of clients; the mean divides by it.
-      record_specs: the model's trainable-weight TensorSpecs (needed by `tree`).
       compression: TFF's compression aggregator (weighted mean of 8-bit quantized
         updates). Not combined with DP: quantizing a clipped update can raise its norm
         above the clip, which the accounting would not cover.
@@ -180,11 +200,7 @@ def build_factory(config: DpConfig, clients_per_round: int, record_specs=None, *
             learning_rate=config.clip_learning_rate,
         )
     else:
-        if record_specs is None:
-            raise ValueError("the tree mechanism needs record_specs (the model's trainable weight specs)")
-        factory = tff.aggregators.DifferentiallyPrivateFactory.tree_aggregation(
-            z, m, config.clip, record_specs, noise_seed=config.noise_seed
-        )
+        factory = TreeFactory(z, m, config.clip, config.noise_seed)
     if config.zeroing_norm > 0:
         factory = tff.aggregators.zeroing_factory(config.zeroing_norm, factory)
     return factory

@@ -170,7 +170,7 @@ def run(
     worker = runtime.install_local_context(log_path=dirs.worker_log)
     try:
         specs = task.record_specs()
-        aggregator = aggregation.build_factory(dp, config.clients_per_round, specs, compression=config.compression)
+        aggregator = aggregation.build_factory(dp, config.clients_per_round, compression=config.compression)
         upload = aggregation.upload_bytes(specs, config.compression)
         process = task.compose_train(
             algorithms.build_training_process(task.learning_model(), config.algorithm, aggregator=aggregator)

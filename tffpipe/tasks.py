@@ -4,7 +4,8 @@ A `Task` holds the preprocessed train/test `ClientData`, the Keras builder and t
 `model_fn` TFF needs, and composes learning processes with
 `ClientData.dataset_computation`, so client datasets are built inside the TFF
 computation from client ids: a round touches only its own clients' rows, and
-nothing is serialized from Python per round.
+nothing is serialized from Python per round. `fusion` then moves each client's
+dataset into the same TensorFlow call as its training.
 """
 
 from __future__ import annotations
@@ -65,15 +66,10 @@ class Task:
             metrics_constructor=_functional_metrics,
         )
 
-    def record_specs(self) -> tuple[tf.TensorSpec, ...]:
-        """Specs of the trainable weights: the structure of one client update.
-
-        A tuple, as TFF hands the update to the aggregator's TensorFlow: the tree
-        aggregator adds noise built from these specs to it, and `tf.nest` refuses a
-        list against a tuple.
-        """
+    def record_specs(self) -> list[tf.TensorSpec]:
+        """Specs of the trainable weights: the structure of one client update."""
         model = self.create_keras_model()
-        return tuple(tf.TensorSpec(w.shape, w.dtype) for w in model.trainable_weights)
+        return [tf.TensorSpec(w.shape, w.dtype) for w in model.trainable_weights]
 
     def compose_train(self, process: tff.learning.templates.LearningProcess):
         """`next` then takes client ids (`{str}@CLIENTS`) instead of datasets."""
