@@ -45,19 +45,28 @@ class Task:
         )
 
     def learning_model(self):
-        """What TFF's process builders take: a functional model where possible.
+        """What TFF's process builders take: a functional model where it is faster.
 
         `functional_model_from_keras` cuts per-client overhead: W2 (mlp, 100 small
-        clients) rounds 237-263 ms against 283-301 ms Keras-wrapped; on small_cnn with
-        5 local epochs it cost more per step (default run 68 s against 56-62 s), see
-        BENCHMARKS.md. It rejects models with non-trainable variables
-        (BatchNorm), and in TFF 0.87 fails at run time on models with dropout-style
-        layers (an unfed placeholder inside `predict_on_batch`); those fall back to
-        the Keras-wrapped `model_fn`.
+        clients) rounds 163-169 ms against 198-224 ms Keras-wrapped, and mlp with 5
+        local epochs is no slower (20.1 s against 20.1-22.6 s for 30 rounds). On
+        convolutional models it costs more per step (default run, small_cnn: 56.5 s
+        against 46-48 s), so those stay Keras-wrapped; see BENCHMARKS.md. Both give
+        identical updates from identical weights. TFF's functional path also rejects
+        models with non-trainable variables (BatchNorm), and in TFF 0.87 fails at run
+        time on models with dropout-style layers (an unfed placeholder inside
+        `predict_on_batch`); those use the Keras-wrapped `model_fn` too.
         """
         keras_model = self.create_keras_model()
-        stochastic = (tf.keras.layers.Dropout, tf.keras.layers.GaussianNoise, tf.keras.layers.GaussianDropout)
-        if keras_model.non_trainable_weights or any(isinstance(layer, stochastic) for layer in keras_model.layers):
+        keras_wrapped = (
+            tf.keras.layers.Dropout,
+            tf.keras.layers.GaussianNoise,
+            tf.keras.layers.GaussianDropout,
+            tf.keras.layers.Conv1D,
+            tf.keras.layers.Conv2D,
+            tf.keras.layers.Conv3D,
+        )
+        if keras_model.non_trainable_weights or any(isinstance(m, keras_wrapped) for m in keras_model.submodules):
             return self.model_fn
         return tff.learning.models.functional_model_from_keras(
             keras_model,
