@@ -98,10 +98,8 @@ def main(argv) -> None:
     parts = {
         "trivial per-client call + sum": lambda: trivial(ids),
         f"broadcast + per-client map + mean ({zeros.size:,} floats)": lambda: broadcast_mean(zeros, ids),
-        "build + read each client's dataset, two calls (dataset serialized between)": lambda: datasets_across_calls(
-            ids
-        ),
-        "build + read each client's dataset in one call (as in a round)": lambda: datasets_in_one_call(ids),
+        "build + read each client's dataset, two calls": lambda: datasets_across_calls(ids),
+        "build + read each client's dataset, one call (as in a round)": lambda: datasets_in_one_call(ids),
         "whole FedAvg round (1 epoch)": lambda: process.next(state, ids),
     }
     print(f"{FLAGS.model}, {len(ids)} clients, medians of {FLAGS.repeats} calls")
