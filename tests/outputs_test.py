@@ -1,6 +1,8 @@
+import collections
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tffpipe import outputs
@@ -59,3 +61,32 @@ def test_resume_drops_uncommitted_rows_and_catches_up_tensorboard(tmp_path):
     again.release(3, {"train/loss": 0.3})
     again.release(3, {"train/loss": 0.33})
     assert [r["train/loss"] for r in outputs.read_metrics(dirs.metrics_csv)] == ["1.0", "0.5", "0.33"]
+
+
+def test_checkpoint_of_another_process_structure_is_refused_in_one_line(tmp_path):
+    # As a functional model's state (tuples, no client hyperparameters) against a
+    # Keras-wrapped model's (lists, the client learning rate).
+    checkpointer = outputs.Checkpointer(str(tmp_path))
+    checkpointer.save(collections.OrderedDict(weights=(np.zeros(3, np.float32),), client_work=()), 1)
+    other = collections.OrderedDict(
+        weights=[np.zeros(3, np.float32)], client_work=collections.OrderedDict(learning_rate=np.float32(0.1))
+    )
+    with pytest.raises(outputs.CheckpointError) as error:
+        checkpointer.load_latest(other)
+    message = str(error.value)
+    assert "holds a process state of another structure" in message and "start a new --experiment" in message
+    assert "\n" not in message and len(message) < 400
+    assert os.listdir(tmp_path) == ["program_state_1"]
+
+
+def test_damaged_checkpoint_names_the_error_in_one_line(tmp_path):
+    checkpointer = outputs.Checkpointer(str(tmp_path))
+    state = collections.OrderedDict(weights=[np.zeros(3, np.float32)])
+    checkpointer.save(state, 1)
+    for base, _, files in os.walk(tmp_path):
+        for name in files:
+            with open(os.path.join(base, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(outputs.CheckpointError, match=r"is unreadable \(OSError: .*Delete program_state_1") as error:
+        checkpointer.load_latest(state)
+    assert "\n" not in str(error.value)

@@ -128,19 +128,32 @@ class Checkpointer:
         if not versions:
             return None, 0
         latest = max(versions)
+        where = f"checkpoint of round {latest} in {self._directory}"
         try:
             state = asyncio.run(self._manager.load(latest, structure))
-        except Exception as e:  # noqa: BLE001  (SavedModel raises many types on damaged files)
+        except (TypeError, ValueError) as e:
+            if "same nested structure" not in str(e):
+                raise CheckpointError(_unreadable(where, latest, e)) from e
             raise CheckpointError(
-                f"checkpoint of round {latest} in {self._directory} is unreadable ({type(e).__name__}: {e}). "
-                f"Nothing was changed. Delete program_state_{latest} there to resume from the one before, "
-                "or start a new --experiment."
+                f"{where} holds a process state of another structure than this run builds (written by another "
+                "tffpipe version, or with settings that change the learning process). Nothing was changed. "
+                "Resume it with the code that wrote it, or start a new --experiment."
             ) from e
+        except Exception as e:  # noqa: BLE001  (SavedModel raises many types on damaged files)
+            raise CheckpointError(_unreadable(where, latest, e)) from e
         _check_same_shapes(structure, state, f"checkpoint of round {latest} in {self._directory}")
         return state, latest
 
     def save(self, state: Any, round_num: int) -> None:
         asyncio.run(self._manager.save(state, round_num))
+
+
+def _unreadable(where: str, latest: int, error: Exception) -> str:
+    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+    return (
+        f"{where} is unreadable ({type(error).__name__}: {first_line}). Nothing was changed. "
+        f"Delete program_state_{latest} there to resume from the one before, or start a new --experiment."
+    )
 
 
 def _check_same_shapes(expected: Any, loaded: Any, what: str) -> None:
