@@ -237,6 +237,24 @@ def test_bad_inputs_each_give_their_message_and_lose_nothing(workspace, finished
     assert len(cases) >= 15
 
 
+def test_evaluate_gives_the_same_accuracy_from_the_exported_model_and_the_checkpoint(workspace, finished_run):
+    cache, runs = workspace
+
+    def evaluate(source: str) -> str:
+        cmd = [sys.executable, "-m", "experiments.evaluate", f"--cache_dir={cache}", f"--root_dir={runs}"]
+        cmd += [*TINY_FLAGS, "--experiment=base", f"--source={source}"]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    from_model, from_checkpoint = evaluate("model"), evaluate("checkpoint")
+    assert "checkpoint of round 3" in from_checkpoint
+    summary = [
+        line for line in from_model.splitlines() if line.startswith(("clients", "pooled accuracy", "per-client"))
+    ]
+    assert len(summary) == 4 and all(line in from_checkpoint for line in summary)
+
+
 def test_no_worker_process_of_any_binary_run_remains(workers_before_this_module):
     # Every binary run above has exited; a worker of theirs would now be an orphan.
     assert conftest.orphaned_workers() - workers_before_this_module == set()
