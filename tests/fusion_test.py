@@ -57,10 +57,8 @@ def test_fused_training_round_equals_the_composed_one(tiny_data_dir, tff_context
     task = _task(tiny_data_dir, model_name)
     factory = aggregation.build_factory(dp, 3)
     process = algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig(), aggregator=factory)
-    composed, fused = (
-        _composed(task.train_data, process),
-        fusion.fuse_client_datasets(_composed(task.train_data, process)),
-    )
+    composed = _composed(task.train_data, process)
+    fused = fusion.fuse_client_datasets(composed)
     assert _sequences_between_calls(composed) == 1 and _sequences_between_calls(fused) == 0
     assert fused.next.type_signature == composed.next.type_signature
 

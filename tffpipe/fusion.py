@@ -47,7 +47,7 @@ def fuse_client_datasets(process: tff.learning.templates.LearningProcess) -> tff
     locals_ = list(block.locals)
 
     dataset_name, dataset_map = _only(
-        [(n, v) for n, v in locals_ if _is_call(v, _MAP) and _refers_to(v.argument[1], lam.parameter_name)],
+        [(n, v) for n, v in locals_ if _is_call(v, _MAP) and lam.parameter_name in _reference_names(v.argument[1])],
         "map over the client ids",
     )
     zip_name, zipped = _only_user(locals_, block.result, dataset_name, "dataset")
@@ -132,10 +132,6 @@ def _is_call(value, uri: str) -> bool:
 
 def _is_ref(value, name: str) -> bool:
     return isinstance(value, tff.framework.Reference) and value.name == name
-
-
-def _refers_to(value, name: str) -> bool:
-    return name in _reference_names(value)
 
 
 def _reference_names(value) -> set[str]:

@@ -141,7 +141,7 @@ class Checkpointer:
             ) from e
         except Exception as e:  # noqa: BLE001  (SavedModel raises many types on damaged files)
             raise CheckpointError(_unreadable(where, latest, e)) from e
-        _check_same_shapes(structure, state, f"checkpoint of round {latest} in {self._directory}")
+        _check_same_shapes(structure, state, where)
         return state, latest
 
     def save(self, state: Any, round_num: int) -> None:
