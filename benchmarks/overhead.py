@@ -24,8 +24,10 @@ import tensorflow as tf  # noqa: E402  (before app.run, see benchmarks/run.py)
 import tensorflow_federated as tff  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from tffpipe import algorithms, runtime, tasks  # noqa: E402
-from tffpipe.data import emnist_files, generator, preprocessing  # noqa: E402
+from tffpipe import algorithms, configs, runtime  # noqa: E402
+from tffpipe.tasks.emnist import files as emnist_files  # noqa: E402
+from tffpipe.tasks.emnist import generator  # noqa: E402
+from tffpipe.tasks.emnist import task as emnist_task  # noqa: E402
 
 flags.DEFINE_string("model", "mlp", "Model whose size is broadcast and averaged.")
 flags.DEFINE_integer("clients", 100, "Clients per call.")
@@ -48,10 +50,12 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     worker = runtime.install_local_context()
-    population = generator.PopulationConfig(num_writers=1000, median_examples=56, quantity_sigma=0.0, seed=42)
+    population = configs.PopulationConfig(num_writers=1000, median_examples=56, quantity_sigma=0.0, seed=42)
     train, test = emnist_files.load_client_rows(generator.ensure_generated(FLAGS.cache_dir, population))
-    prep = preprocessing.PreprocessConfig(epochs=1, batch_size=20, shuffle_buffer=1)
-    task = tasks.create_task(train, test, num_classes=62, model_name=FLAGS.model, preprocess=prep)
+    prep = configs.PreprocessConfig(epochs=1, batch_size=20, shuffle_buffer=1)
+    task = emnist_task.create_task_from_client_data(
+        train, test, num_classes=62, model_name=FLAGS.model, preprocess=prep
+    )
     ids = train.client_ids[: FLAGS.clients]
     client_ids = tff.FederatedType(np.str_, tff.CLIENTS)
 

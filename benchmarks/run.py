@@ -36,8 +36,11 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_federated as tff  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from tffpipe import accounting, algorithms, runtime, tasks  # noqa: E402
-from tffpipe.data import emnist_files, generator, preprocessing, sampling  # noqa: E402
+from tffpipe import accounting, algorithms, configs, runtime  # noqa: E402
+from tffpipe.data import sampling  # noqa: E402
+from tffpipe.tasks.emnist import files as emnist_files  # noqa: E402
+from tffpipe.tasks.emnist import generator  # noqa: E402
+from tffpipe.tasks.emnist import task as emnist_task  # noqa: E402
 
 flags.DEFINE_bool("quick", False, "Fewer rounds per workload.")
 flags.DEFINE_list("workloads", ["fixed", "w2", "w1", "w3"], "Workloads to run.")
@@ -101,18 +104,26 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def run_workload(w: Workload, rounds: int) -> dict:
-    population = generator.PopulationConfig(
+    population = configs.PopulationConfig(
         num_writers=w.num_writers, median_examples=w.median_examples, quantity_sigma=0.0, seed=42
     )
     data_dir = generator.ensure_generated(FLAGS.cache_dir, population)  # once per population, not timed
     rss = PeakRss()
     began = time.perf_counter()
     train, test = emnist_files.load_client_rows(data_dir)
-    prep = preprocessing.PreprocessConfig(epochs=1, batch_size=20, shuffle_buffer=1)
-    task = tasks.create_task(train, test, num_classes=62, model_name=w.model, preprocess=prep)
-    config = algorithms.AlgorithmConfig(client_learning_rate=0.05)
-    process = task.compose_train(algorithms.build_training_process(task.learning_model(), config))
-    sampler = sampling.ClientSampler(train.client_ids, w.clients_per_round, accounting.Sampling.UNIFORM, seed=0)
+    prep = configs.PreprocessConfig(epochs=1, batch_size=20, shuffle_buffer=1)
+    task = emnist_task.create_task_from_client_data(train, test, num_classes=62, model_name=w.model, preprocess=prep)
+    # The experiment's own process builder, as `train` runs it: FedAvg, no DP, uniform sampling.
+    config = configs.ExperimentConfig(
+        model=w.model,
+        clients_per_round=w.clients_per_round,
+        preprocess=prep,
+        algorithm=configs.AlgorithmConfig(client_learning_rate=0.05),
+        dp=configs.DpConfig(mechanism=configs.Mechanism.NONE),
+    )
+    plan = accounting.create_plan(config, len(train.client_ids))
+    process = algorithms.build_learning_process(task, config, plan)
+    sampler = sampling.ClientSampler(train.client_ids, w.clients_per_round, config.sampling, seed=0)
     state = process.initialize()
     seconds, examples = [], []
     first_round_s = None
@@ -145,7 +156,7 @@ def run_workload(w: Workload, rounds: int) -> dict:
     fit_eps = []
     for r in range(1, rounds + 2):
         ids = sampler.sample(r)
-        ds = train.preprocess(preprocessing.create_train_fn(prep))
+        ds = train.preprocess(emnist_task.create_train_fn(prep, seed=0))
         xs, ys = [], []
         for cid in ids:
             for b in ds.create_tf_dataset_for_client(cid):
@@ -200,7 +211,7 @@ def _tutorial_preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
     repeat(epochs) -> batch -> map(batch_format_fn) -> prefetch, with tf.data's default
     options; no shuffle, as in tffpipe's benchmark config (shuffle_buffer=1).
     """
-    return dataset.repeat(1).batch(20).map(preprocessing.to_model_batch).prefetch(10)
+    return dataset.repeat(1).batch(20).map(emnist_task.to_model_batch).prefetch(10)
 
 
 def _row(r: dict) -> str:

@@ -1,44 +1,55 @@
-"""What every binary shares: user-facing errors as one line and an exit code, and clean stops."""
+"""What every binary shares: the start-up sequence, user errors as one line, clean stops.
+
+Standard library only at import: a binary imports this first and calls
+`require_environment()` before absl, numpy or TensorFlow are imported, so a broken
+install prints one message instead of an import traceback. `start` then parses the
+flags (absl's own parse errors become one `error:` line and exit 2 as well), prints
+the binary's flags by group for --help/--helpshort, and runs `main`, mapping what it
+raises to one line and an exit code:
+
+  ValueError (bad input: flags, files, builders, checkpoints)  -> 2
+  tffpipe.errors.Fault (a fault while running)                 -> its exit_code (1, 3, ...)
+  KeyboardInterrupt, processes.Interrupted (a stop asked for)  -> 130 (SIGINT) / 143 (SIGTERM)
+
+With --verbosity >= 0 the traceback is printed too.
+"""
 
 from __future__ import annotations
 
-import logging as pylogging
+import os
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from absl import flags, logging
-
-from tffpipe import training_loop
-
-# User input errors, not bugs: every tffpipe input error (flags, configs, data files,
-# model builders, accounting, output and checkpoint directories) is a ValueError
-# subclass. One line, no traceback (unless --verbosity >= 0), exit 2.
-USER_ERRORS = (ValueError,)
+_HELP = ("--help", "-h", "--helpshort", "-?")
 
 
-def run_guarded(main: Callable[[], int | None]) -> int:
-    """Runs `main`, turning user errors into `error: ...` on stderr and a non-zero exit."""
-    if not flags.FLAGS["verbosity"].present:
-        # Quiet by default (warnings and errors); --verbosity=0 shows absl and TF info logs.
-        logging.set_verbosity(logging.WARNING)
-        tf_logger = pylogging.getLogger("tensorflow")
-        tf_logger.setLevel(pylogging.WARNING)
-    try:
-        return main() or 0
-    except training_loop.NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except USER_ERRORS as e:
-        if flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 0:
-            traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _verbose(argv: Sequence[str]) -> bool:
+    for arg in argv:
+        name, _, value = arg.partition("=")
+        if name in ("--verbosity", "-v") and value not in ("-1", "-2", "-3"):
+            return True
+    return False
+
+
+def require_environment() -> None:
+    """Exits 2 with one message when the interpreter or the pinned packages are wrong."""
+    from tffpipe import environment  # standard library only
+
+    problems = environment.problems_unless_skipped()
+    if problems:
+        print(environment.format_problems(problems), file=sys.stderr)
+        sys.exit(2)
+    if not _verbose(sys.argv):
+        # TF reads this once, at import; --verbosity=0 or higher brings its C++ logs back.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 class StopSignals:
-    """SIGINT/SIGTERM ask the run to stop after the current round (and save); a second one aborts."""
+    """SIGINT/SIGTERM ask the run to stop after the current step (and save); a second one aborts."""
+
+    last: int | None = None  # the first signal any instance received, for the exit code
 
     def __init__(self):
         self.received: int | None = None
@@ -48,10 +59,10 @@ class StopSignals:
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
             raise KeyboardInterrupt
-        self.received = signum
+        self.received = StopSignals.last = signum
         print(
-            f"\n{signal.Signals(signum).name} received: stopping after this round, saving a checkpoint "
-            "(send again to abort without saving).",
+            f"\n{signal.Signals(signum).name} received: stopping after this step, saving what is done "
+            "(send again to abort at once).",
             file=sys.stderr,
             flush=True,
         )
@@ -62,3 +73,60 @@ class StopSignals:
     @property
     def exit_code(self) -> int:
         return 128 + self.received if self.received else 0
+
+
+def start(main: Callable[[], int | None], *, doc: str, own_flags: Sequence[str] = ()) -> None:
+    """Parses flags, runs `main` and exits with its code; see the module doc for errors."""
+    from absl import flags, logging
+
+    from experiments import flag_groups
+
+    program = os.path.basename(sys.argv[0]).removesuffix(".py")
+    if any(arg in _HELP for arg in sys.argv[1:]):
+        try:
+            print(flag_groups.help_text(f"experiments.{program}", doc, own_flags), flush=True)
+        except BrokenPipeError:  # `--helpshort | head`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    try:
+        rest = flags.FLAGS(sys.argv)
+    except flags.Error as e:
+        print(f"error: {e} (--helpshort lists the flags)", file=sys.stderr)
+        sys.exit(2)
+    if len(rest) > 1:
+        print(f"error: unexpected arguments {rest[1:]}; flags take the form --name=value", file=sys.stderr)
+        sys.exit(2)
+    verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 0
+    if not verbose:
+        import logging as pylogging
+
+        logging.set_verbosity(logging.WARNING)
+        pylogging.getLogger("tensorflow").setLevel(pylogging.WARNING)
+    sys.exit(run_guarded(main, verbose=verbose))
+
+
+def run_guarded(main: Callable[[], int | None], *, verbose: bool = False) -> int:
+    """Runs `main`, turning errors into one `error:` line and an exit code."""
+    from tffpipe import errors, processes
+
+    try:
+        return main() or 0
+    except (KeyboardInterrupt, processes.Interrupted):
+        print("\ninterrupted: stopped before anything partial was kept; rerun to continue.", file=sys.stderr)
+        return 128 + (StopSignals.last or signal.SIGINT)
+    except errors.Fault as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ValueError as e:
+        if verbose:
+            traceback.print_exc()
+        from experiments import flag_groups
+
+        print(f"error: {_one_line(flag_groups.to_flag_error(e))}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

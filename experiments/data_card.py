@@ -1,41 +1,47 @@
-"""Prints the data card of a client dataset and writes a PNG of sample characters.
+"""Prints the data card of a task's client data and writes a PNG of samples.
 
 python -m experiments.data_card                      # the embedded default population
 python -m experiments.data_card --data_dir=~/emnist  # a real emnist_all.sqlite
 """
 
-from absl import app, flags
+from experiments import cli
 
-from experiments import cli, flag_groups
-from tffpipe import data_card
-from tffpipe.data import generator
+cli.require_environment()
 
-flag_groups.define_data_flags()
+import os  # noqa: E402
+
+from absl import flags  # noqa: E402
+
+from experiments import flag_groups  # noqa: E402
+
+flag_groups.define("task and data")
 flags.DEFINE_string("png", "docs/samples.png", "Where to write the sample grid.")
-flags.DEFINE_integer("writers", 8, "Writers (rows) in the sample grid.")
+flags.DEFINE_integer("writers", 8, "Clients (rows) in the sample grid.")
 FLAGS = flags.FLAGS
 
 
-def main(argv) -> int:
-    del argv
+def main() -> int:
+    config = flag_groups.experiment_config()
+    if FLAGS.writers <= 0:
+        raise flag_groups.FlagError(f"--writers={FLAGS.writers}: must be positive")
+    directory = os.path.dirname(os.path.abspath(FLAGS.png))
+    if not FLAGS.png.endswith(".png") or (os.path.exists(directory) and not os.path.isdir(directory)):
+        raise flag_groups.FlagError(f"--png={FLAGS.png}: must name a .png file in a directory")
+    stop = cli.StopSignals()
+    from tffpipe import progress, tasks
 
-    def card() -> None:
-        data_dir = FLAGS.data_dir or generator.ensure_generated(
-            FLAGS.cache_dir,
-            generator.PopulationConfig(
-                num_writers=FLAGS.num_writers,
-                seed=FLAGS.data_seed,
-                median_examples=FLAGS.median_examples,
-                quantity_sigma=FLAGS.quantity_sigma,
-                label_concentration=FLAGS.label_concentration,
-            ),
-        )
-        print(data_card.markdown(data_card.split_statistics(data_dir)))
-        data_card.write_sample_grid(data_dir, FLAGS.png, writers=FLAGS.writers)
-        print(f"\nsample grid: {FLAGS.png}")
-
-    return cli.run_guarded(card)
+    data = tasks.data_source(config)
+    report = progress.Progress()
+    data_dir = data.prepare(progress=report.counter("data", "clients"), stop_requested=stop)
+    print(data.card(data_dir))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        data.write_samples(data_dir, FLAGS.png, clients=FLAGS.writers)
+    except OSError as e:
+        raise flag_groups.FlagError(f"--png={FLAGS.png}: cannot write it ({e.strerror or e})") from e
+    print(f"\nsample grid: {FLAGS.png}")
+    return stop.exit_code
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main, doc=__doc__, own_flags=["png", "writers"])

@@ -5,12 +5,15 @@ Pass the same flags (or --flagfile) as the training run:
   python -m experiments.evaluate --experiment=default --source=checkpoint
 """
 
-import os
+from experiments import cli
 
-from absl import app, flags
+cli.require_environment()
 
-from experiments import cli, flag_groups
-from tffpipe import aggregation, algorithms, evaluation, experiment, outputs
+import os  # noqa: E402
+
+from absl import flags  # noqa: E402
+
+from experiments import flag_groups  # noqa: E402
 
 flag_groups.define_all()
 flags.DEFINE_enum("source", "model", ["model", "checkpoint"], "Exported model.keras, or the latest checkpoint.")
@@ -19,48 +22,31 @@ flags.DEFINE_integer("max_clients", -1, "Evaluate at most this many held-out cli
 FLAGS = flags.FLAGS
 
 
-def main(argv) -> int:
-    del argv
+def main() -> None:
+    config = flag_groups.experiment_config()
+    if FLAGS.max_clients == 0 or FLAGS.max_clients < -1:
+        raise flag_groups.FlagError(f"--max_clients={FLAGS.max_clients}: must be positive or -1 (all)")
+    from tffpipe import evaluation, outputs, program  # TensorFlow, once the flags are known to be valid
 
-    def evaluate() -> None:
-        import tensorflow as tf
-
-        config = flag_groups.experiment_config()
-        prepared = experiment.prepare(config)
-        task = prepared.task
-        dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
-        if FLAGS.source == "model" or FLAGS.model_path:
-            path = FLAGS.model_path or dirs.model
-            if not os.path.isfile(path):
-                raise ValueError(f"no model at {path}; train first, or pass --model_path or --source=checkpoint")
-            model = tf.keras.models.load_model(path)
-            where = path
-        else:
-            from tffpipe import runtime
-
-            worker = runtime.install_local_context()
-            try:
-                aggregator = aggregation.build_factory(prepared.dp, config.clients_per_round)
-                process = algorithms.build_training_process(
-                    task.learning_model(), config.algorithm, aggregator=aggregator
-                )
-                state, round_num = outputs.Checkpointer(dirs.checkpoints).load_latest(process.initialize())
-            finally:
-                worker.stop()
-            if state is None:
-                raise ValueError(f"no checkpoint in {dirs.checkpoints}; train first or use --source=model")
-            model = task.create_keras_model()
-            process.get_model_weights(state).assign_weights_to(model)
-            where = f"checkpoint of round {round_num} in {dirs.checkpoints}"
-        ids = sorted(task.test_data.client_ids)
-        if FLAGS.max_clients > 0:
-            ids = ids[: FLAGS.max_clients]
-        accuracies, counts = evaluation.per_client_accuracy(model, task.test_data, ids)
-        print(f"model: {where}")
-        print("\n".join(evaluation.summarize(accuracies, counts).lines()))
-
-    return cli.run_guarded(evaluate)
+    dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
+    if FLAGS.model_path or FLAGS.source == "model":
+        path = FLAGS.model_path or dirs.model
+        if not path.endswith(".keras") or not os.path.isfile(path):
+            raise flag_groups.FlagError(
+                f"no Keras model file at {path}; train first, or pass --model_path=<file.keras> or --source=checkpoint"
+            )
+    prepared = program.prepare(config)
+    if FLAGS.model_path or FLAGS.source == "model":
+        model, where = evaluation.load_keras_model(path), path
+    else:
+        model, where = program.restore_model(prepared, dirs)
+    ids = sorted(prepared.task.test_data.client_ids)
+    if FLAGS.max_clients > 0:
+        ids = ids[: FLAGS.max_clients]
+    accuracies, counts = evaluation.per_client_accuracy(model, prepared.task.test_data, ids)
+    print(f"model: {where}")
+    print("\n".join(evaluation.summarize(accuracies, counts).lines()))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main, doc=__doc__, own_flags=["source", "model_path", "max_clients"])

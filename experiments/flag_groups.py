@@ -1,222 +1,227 @@
-"""absl flag definitions, grouped, and their conversion into an `ExperimentConfig`.
+"""absl flag groups, declared once with the config field each sets, and their conversion.
 
-Only binaries import this module; the library never reads flags. Every value is
-validated by the config it lands in, and a failure is reported as
-`--flag=value: reason` before anything heavy starts.
+Every flag names the `ExperimentConfig` field it fills (`Flag.path`), and its default
+is that field's default, so binaries that share a group (train, evaluate,
+compute_epsilon) share names and defaults, and an error about a field names the one
+flag that set it. Only binaries import this module; it imports no TensorFlow.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+from collections.abc import Sequence
+from typing import Any
+
 from absl import flags
 
-from tffpipe import accounting, aggregation, algorithms, configs, devices, models, training_loop
-from tffpipe.data import generator, preprocessing
+from tffpipe import configs, validation
 
 FLAGS = flags.FLAGS
+_FROM_CONFIG = object()
 
 
-def _enum_values(enum_cls) -> list[str]:
-    return [e.value for e in enum_cls]
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One flag: its name, the config field it sets (None: not a field), kind and help."""
+
+    name: str
+    path: str | None
+    kind: str  # float, integer, bool, string or enum
+    help: str
+    enum_class: type[enum.Enum] | None = None
+    default: Any = _FROM_CONFIG
+
+    @property
+    def resolved_default(self) -> Any:
+        value = configs.default(self.path) if self.default is _FROM_CONFIG else self.default
+        return value.value if isinstance(value, enum.Enum) else value
 
 
-def define_data_flags() -> None:
-    flags.DEFINE_string("data_dir", None, "Directory holding a real emnist_all.sqlite; unset: embedded generated data.")
-    flags.DEFINE_string("cache_dir", "data_cache", "Where the embedded data is generated (once per configuration).")
-    flags.DEFINE_bool("only_digits", False, "Use the 10 digit classes instead of all 62.")
-    flags.DEFINE_integer("num_writers", 3400, "Embedded data: writers (clients) in the population.")
-    flags.DEFINE_integer("median_examples", 60, "Embedded data: median examples per writer.")
-    flags.DEFINE_float("label_concentration", 2.0, "Embedded data: Dirichlet label-skew concentration (small: skewed).")
-    flags.DEFINE_float("quantity_sigma", 0.8, "Embedded data: log-normal sigma of examples per writer.")
-    flags.DEFINE_integer("data_seed", 0, "Embedded data: generator seed.")
+def _rates() -> str:
+    return ", ".join(f"{a.value} {r:.3g}" for a, r in configs.DEFAULT_SERVER_LEARNING_RATE.items())
 
 
-def define_model_flags() -> None:
-    flags.DEFINE_string("model", "small_cnn", f"One of {sorted(models.REGISTRY)}, or package.module:function.")
+def _values(enum_class: type[enum.Enum]) -> str:
+    return "/".join(e.value for e in enum_class)
 
 
-def define_algorithm_flags() -> None:
-    flags.DEFINE_enum("algorithm", "fedavg", _enum_values(algorithms.Algorithm), "Federated algorithm.")
-    flags.DEFINE_float("client_learning_rate", 0.1, "Client SGD learning rate.")
-    flags.DEFINE_float("server_learning_rate", 1.0, "Server optimizer learning rate (1.0 + SGD = FedAvg).")
-    flags.DEFINE_float("server_momentum", 0.9, "FedAvgM server momentum.")
-    flags.DEFINE_float("adaptive_epsilon", 1e-3, "FedAdam/FedYogi/FedAdagrad tau.")
-    flags.DEFINE_float("proximal_strength", 0.01, "FedProx mu.")
-    flags.DEFINE_integer("epochs", 5, "Local epochs per round.")
-    flags.DEFINE_integer("batch_size", 20, "Local batch size.")
-    flags.DEFINE_integer("shuffle_buffer", 100, "Client shuffle buffer (1: no shuffling).")
-    flags.DEFINE_integer("max_examples_per_client", -1, "Cap on a client's examples per round (-1: all).")
+GROUPS: dict[str, tuple[Flag, ...]] = {
+    "task and data": (
+        Flag("task", "task", "enum", "What clients hold and the model predicts.", configs.Task),
+        Flag("data_dir", "data.data_dir", "string", "Directory with the task's real files; unset: embedded data."),
+        Flag("cache_dir", "data.cache_dir", "string", "Where the embedded data is generated (once per configuration)."),
+        Flag("only_digits", "data.only_digits", "bool", "EMNIST: the 10 digit classes instead of all 62."),
+        Flag("num_writers", "data.population.num_writers", "integer", "Embedded EMNIST: writers (clients)."),
+        Flag("median_examples", "data.population.median_examples", "integer", "Embedded EMNIST: median per writer."),
+        Flag("label_concentration", "data.population.label_concentration", "float", "Embedded EMNIST: label skew."),
+        Flag("quantity_sigma", "data.population.quantity_sigma", "float", "Embedded EMNIST: log-normal size skew."),
+        Flag("data_seed", "data.population.seed", "integer", "Embedded data: generator seed."),
+    ),
+    "model": (
+        Flag(
+            "model",
+            "model",
+            "string",
+            "A registered model of the task, or package.module:function; "
+            f"unset: {', '.join(f'{t.value} {m}' for t, m in configs.DEFAULT_MODEL.items())}.",
+        ),
+    ),
+    "algorithm": (
+        Flag("algorithm", "algorithm.algorithm", "enum", "Federated algorithm.", configs.Algorithm),
+        Flag("client_learning_rate", "algorithm.client_learning_rate", "float", "Client SGD learning rate."),
+        Flag(
+            "server_learning_rate",
+            "algorithm.server_learning_rate",
+            "float",
+            f"Server learning rate; unset: per algorithm ({_rates()}; Reddi et al. 2021).",
+        ),
+        Flag("server_momentum", "algorithm.server_momentum", "float", "FedAvgM server momentum."),
+        Flag("adaptive_epsilon", "algorithm.adaptive_epsilon", "float", "FedAdam/FedYogi/FedAdagrad tau."),
+        Flag("proximal_strength", "algorithm.proximal_strength", "float", "FedProx mu."),
+        Flag("epochs", "preprocess.epochs", "integer", "Local epochs per round."),
+        Flag("batch_size", "preprocess.batch_size", "integer", "Local batch size."),
+        Flag("shuffle_buffer", "preprocess.shuffle_buffer", "integer", "Client shuffle buffer (1: no shuffling)."),
+        Flag(
+            "max_examples_per_client",
+            "preprocess.max_examples_per_client",
+            "integer",
+            "Cap on a client's examples per round (-1: all).",
+        ),
+    ),
+    "privacy": (
+        Flag("dp", "dp.mechanism", "enum", "DP aggregation mechanism.", configs.Mechanism),
+        Flag(
+            "noise_multiplier",
+            "dp.noise_multiplier",
+            "float",
+            f"z: noise std on the clipped sum is z * clip; unset: {configs.DEFAULT_NOISE_MULTIPLIER} with DP.",
+        ),
+        Flag("clip", "dp.clip", "float", "L2 clip (fixed/tree) or initial clip (adaptive)."),
+        Flag("target_quantile", "dp.target_quantile", "float", "Adaptive clipping: target unclipped fraction."),
+        Flag("clip_learning_rate", "dp.clip_learning_rate", "float", "Adaptive clipping: clip learning rate."),
+        Flag("zeroing_norm", "dp.zeroing_norm", "float", "Zero updates with larger L-inf norm (0: off)."),
+        Flag("target_epsilon", "privacy.target_epsilon", "float", "Solve the noise multiplier for this epsilon."),
+        Flag("delta", "privacy.delta", "float", "delta; unset: 1 / population^1.1."),
+        Flag("accountant", "privacy.accountant", "enum", "Privacy accountant.", configs.Accountant),
+        Flag(
+            "sampling",
+            "privacy.sampling",
+            "enum",
+            "Client sampling; unset: uniform without DP, poisson for fixed/adaptive, shuffle for tree.",
+            configs.Sampling,
+        ),
+        Flag("clients_per_round", "clients_per_round", "integer", "Clients per round (expected, under Poisson)."),
+    ),
+    "devices": (
+        Flag(
+            "device_model",
+            None,
+            "bool",
+            "Simulate mobile devices: windows, speed tiers, dropouts, deadlines.",
+            default=False,
+        ),
+        Flag("overselect", "devices.overselect", "float", "Device model: ask clients_per_round*(1+overselect)."),
+        Flag("deadline_seconds", "devices.deadline_seconds", "float", "Device model: deadline, simulated s (0: none)."),
+        Flag("start_hour_utc", "devices.start_hour_utc", "float", "Device model: simulated UTC hour at round 1."),
+        Flag("server_gap_seconds", "devices.server_gap_seconds", "float", "Device model: simulated s between rounds."),
+        Flag("device_profiles", "devices.device_profiles", "string", "Device model: profile CSV (devices.py)."),
+        Flag("compression", "compression", "bool", "Upload 8-bit quantized updates (TFF's compression; no DP)."),
+    ),
+    "rounds": (
+        Flag("rounds", "loop.rounds", "integer", "Total rounds; raise it to extend a finished run."),
+        Flag("eval_every", "loop.eval_every", "integer", "Evaluate held-out clients every N rounds (and last)."),
+        Flag("eval_clients", "eval_clients", "integer", "Held-out clients per evaluation (0: none)."),
+        Flag("checkpoint_every", "loop.checkpoint_every", "integer", "Checkpoint every N rounds (and at the end)."),
+        Flag("seed", "seed", "integer", "Seeds client sampling, shuffling, DP noise and model init."),
+    ),
+    "outputs": (
+        Flag("root_dir", "root_dir", "string", "Root of all experiments' outputs."),
+        Flag("experiment", "experiment", "string", "Experiment name: outputs go to <root_dir>/<experiment>."),
+    ),
+}
+_BY_NAME = {f.name: f for group in GROUPS.values() for f in group}
+_BY_PATH = {f.path: f for f in _BY_NAME.values() if f.path}
+_DEFINED: dict[str, list[Flag]] = {}  # group -> flags this binary defined, for --helpshort
 
 
-def define_privacy_flags() -> None:
-    flags.DEFINE_enum("dp", "fixed", _enum_values(accounting.Mechanism), "DP aggregation mechanism.")
-    flags.DEFINE_float("noise_multiplier", 0.7, "z: noise std on the clipped sum is z * clip.")
-    flags.DEFINE_float("clip", 1.0, "L2 clip (fixed/tree) or initial clip (adaptive).")
-    flags.DEFINE_float("target_quantile", 0.5, "Adaptive clipping: target fraction of unclipped updates.")
-    flags.DEFINE_float("clip_learning_rate", 0.2, "Adaptive clipping: clip learning rate.")
-    flags.DEFINE_float("zeroing_norm", 0.0, "Zero updates with larger L-inf norm (0: off).")
-    flags.DEFINE_float("target_epsilon", None, "Solve the noise multiplier for this epsilon over --rounds.")
-    flags.DEFINE_float("delta", None, "delta; unset: 1 / population^1.1.")
-    flags.DEFINE_enum("accountant", "rdp", _enum_values(accounting.Accountant), "Privacy accountant.")
+def define(*groups: str, only: Sequence[str] = (), flag_values: flags.FlagValues = FLAGS) -> None:
+    """Defines the flags of `groups` (all of them), or just the flags named in `only`."""
+    for group in groups:
+        for flag in GROUPS[group]:
+            if only and flag.name not in only:
+                continue
+            default = flag.resolved_default
+            if flag.kind == "enum":
+                choices = [e.value for e in flag.enum_class]
+                flags.DEFINE_enum(flag.name, default, choices, flag.help, flag_values=flag_values)
+            else:
+                getattr(flags, f"DEFINE_{flag.kind}")(flag.name, default, flag.help, flag_values=flag_values)
+            if flag_values is FLAGS:
+                _DEFINED.setdefault(group, []).append(flag)
 
 
-def define_sampling_flags() -> None:
-    flags.DEFINE_integer("clients_per_round", 50, "Clients per round (expected number under Poisson sampling).")
-    flags.DEFINE_enum(
-        "sampling",
-        None,
-        _enum_values(accounting.Sampling),
-        "Client sampling; unset: uniform without DP, poisson for fixed/adaptive, shuffle for tree.",
-    )
-
-
-def define_device_flags() -> None:
-    flags.DEFINE_bool(
-        "device_model",
-        False,
-        "Simulate mobile devices: availability windows, speed tiers, dropouts, deadlines (see README).",
-    )
-    flags.DEFINE_float("overselect", 0.3, "Device model: ask clients_per_round * (1 + overselect) devices.")
-    flags.DEFINE_float("deadline_seconds", 240.0, "Device model: reporting deadline in simulated seconds (0: none).")
-    flags.DEFINE_float("start_hour_utc", 4.0, "Device model: simulated UTC hour at round 1.")
-    flags.DEFINE_float("server_gap_seconds", 30.0, "Device model: simulated seconds between rounds.")
-    flags.DEFINE_string("device_profiles", None, "Device model: profile CSV (schema in tffpipe/devices.py).")
-    flags.DEFINE_bool("compression", False, "Upload 8-bit quantized updates (TFF's compression aggregator; no DP).")
-
-
-def define_loop_flags() -> None:
-    flags.DEFINE_integer("rounds", 50, "Total rounds; raise it to extend a finished run.")
-    flags.DEFINE_integer("eval_every", 10, "Evaluate on held-out clients every N rounds (and at the end).")
-    flags.DEFINE_integer("eval_clients", 200, "Held-out clients per evaluation (0: none).")
-    flags.DEFINE_integer("checkpoint_every", 1, "Checkpoint every N rounds (and at the end).")
-    flags.DEFINE_integer("seed", 0, "Seeds client sampling, shuffling, DP noise and model init.")
-
-
-def define_output_flags() -> None:
-    flags.DEFINE_string("root_dir", "runs", "Root of all experiments' outputs.")
-    flags.DEFINE_string("experiment", "default", "Experiment name: outputs go to <root_dir>/<experiment>.")
-
-
-def define_all() -> None:
-    for define in (
-        define_data_flags,
-        define_model_flags,
-        define_algorithm_flags,
-        define_privacy_flags,
-        define_sampling_flags,
-        define_device_flags,
-        define_loop_flags,
-        define_output_flags,
-    ):
-        define()
+def define_all(flag_values: flags.FlagValues = FLAGS) -> None:
+    define(*GROUPS, flag_values=flag_values)
 
 
 class FlagError(ValueError):
     """A flag value the configuration rejects; the message names the flag."""
 
 
-def _build(flag_names: tuple[str, ...], make):
+def to_flag_error(error: ValueError, flag_values: flags.FlagValues = FLAGS) -> FlagError:
+    """`--flag=value: reason` for an error about the field (`error.field`) a flag set; the reason alone otherwise."""
+    if isinstance(error, FlagError):
+        return error
+    flag = _BY_PATH.get(getattr(error, "field", None))
+    if flag is None or flag.name not in flag_values or flag_values[flag.name].value is None:
+        return FlagError(str(error))
+    value = flag_values[flag.name].value
+    if flag.kind == "bool":
+        return FlagError(f"--{'' if value else 'no'}{flag.name}: {error}")
+    return FlagError(f"--{flag.name}={value}: {error}")
+
+
+def experiment_config(flag_values: flags.FlagValues = FLAGS) -> configs.ExperimentConfig:
+    """The validated config from the parsed flags (defaults for flags this binary lacks).
+
+    Raises:
+      FlagError: naming the one flag at fault.
+    """
+    values = {}
+    for name, flag in _BY_NAME.items():
+        if flag.path is None or name not in flag_values:
+            continue
+        value = flag_values[name].value
+        if flag.enum_class is not None and value is not None:
+            value = flag.enum_class(value)
+        values[flag.path] = value
+    device_model = "device_model" in flag_values and flag_values["device_model"].value
+    if not device_model:
+        stray = [
+            f.name
+            for f in GROUPS["devices"]
+            if f.path and f.path.startswith("devices.") and f.name in flag_values and flag_values[f.name].present
+        ]
+        if stray:
+            raise FlagError(f"--{stray[0]} is a device-model flag: add --device_model, or drop --{stray[0]}")
+        values = {k: v for k, v in values.items() if not k.startswith("devices.")}
     try:
-        return make()
-    except ValueError as e:
-        values = ", ".join(f"--{n}={getattr(FLAGS, n)}" for n in flag_names)
-        raise FlagError(f"{values}: {e}") from e
+        return configs.build(values, devices=device_model)
+    except validation.ConfigError as e:
+        raise to_flag_error(e, flag_values) from None
 
 
-def experiment_config() -> configs.ExperimentConfig:
-    """Builds the validated config from parsed flags; raises FlagError naming the flag."""
-    population = _build(
-        ("num_writers", "median_examples", "quantity_sigma", "label_concentration"),
-        lambda: generator.PopulationConfig(
-            num_writers=FLAGS.num_writers,
-            seed=FLAGS.data_seed,
-            median_examples=FLAGS.median_examples,
-            quantity_sigma=FLAGS.quantity_sigma,
-            label_concentration=FLAGS.label_concentration,
-        ),
-    )
-    preprocess = _build(
-        ("epochs", "batch_size", "shuffle_buffer", "max_examples_per_client"),
-        lambda: preprocessing.PreprocessConfig(
-            epochs=FLAGS.epochs,
-            batch_size=FLAGS.batch_size,
-            shuffle_buffer=FLAGS.shuffle_buffer,
-            max_examples=FLAGS.max_examples_per_client,
-            seed=FLAGS.seed,
-        ),
-    )
-    algorithm = _build(
-        ("client_learning_rate", "server_learning_rate", "server_momentum", "adaptive_epsilon", "proximal_strength"),
-        lambda: algorithms.AlgorithmConfig(
-            algorithm=algorithms.Algorithm(FLAGS.algorithm),
-            client_learning_rate=FLAGS.client_learning_rate,
-            server_learning_rate=FLAGS.server_learning_rate,
-            server_momentum=FLAGS.server_momentum,
-            adaptive_epsilon=FLAGS.adaptive_epsilon,
-            proximal_strength=FLAGS.proximal_strength,
-        ),
-    )
-    mechanism = accounting.Mechanism(FLAGS.dp)
-    dp = _build(
-        ("dp", "noise_multiplier", "clip", "target_quantile", "clip_learning_rate", "zeroing_norm"),
-        lambda: aggregation.DpConfig(
-            mechanism=mechanism,
-            noise_multiplier=FLAGS.noise_multiplier if mechanism is not accounting.Mechanism.NONE else 0.0,
-            clip=FLAGS.clip,
-            target_quantile=FLAGS.target_quantile,
-            clip_learning_rate=FLAGS.clip_learning_rate,
-            zeroing_norm=FLAGS.zeroing_norm,
-            noise_seed=FLAGS.seed,
-        ),
-    )
-    if FLAGS.target_epsilon is not None and FLAGS.target_epsilon <= 0:
-        raise FlagError(f"--target_epsilon={FLAGS.target_epsilon}: must be positive")
-    if FLAGS.delta is not None and not 0 < FLAGS.delta < 1:
-        raise FlagError(f"--delta={FLAGS.delta}: must be in (0, 1)")
-    privacy = configs.PrivacyConfig(
-        sampling=accounting.Sampling(FLAGS.sampling) if FLAGS.sampling else None,
-        delta=FLAGS.delta,
-        accountant=accounting.Accountant(FLAGS.accountant),
-        target_epsilon=FLAGS.target_epsilon,
-    )
-    device_config = None
-    if FLAGS.device_model:
-        device_config = _build(
-            ("overselect", "deadline_seconds", "server_gap_seconds"),
-            lambda: devices.DeviceConfig(
-                overselect=FLAGS.overselect,
-                deadline_seconds=FLAGS.deadline_seconds,
-                start_hour_utc=FLAGS.start_hour_utc,
-                server_gap_seconds=FLAGS.server_gap_seconds,
-                profiles_path=FLAGS.device_profiles,
-            ),
-        )
-    loop = _build(
-        ("rounds", "eval_every", "checkpoint_every"),
-        lambda: training_loop.LoopConfig(
-            total_rounds=FLAGS.rounds, eval_every=FLAGS.eval_every, checkpoint_every=FLAGS.checkpoint_every
-        ),
-    )
-    return _build(
-        ("clients_per_round", "eval_clients", "experiment", "target_epsilon", "dp", "sampling", "device_model"),
-        lambda: configs.ExperimentConfig(
-            model=FLAGS.model,
-            clients_per_round=FLAGS.clients_per_round,
-            eval_clients=FLAGS.eval_clients,
-            seed=FLAGS.seed,
-            root_dir=FLAGS.root_dir,
-            experiment=FLAGS.experiment,
-            data=configs.DataConfig(
-                data_dir=FLAGS.data_dir,
-                cache_dir=FLAGS.cache_dir,
-                only_digits=FLAGS.only_digits,
-                population=population,
-            ),
-            preprocess=preprocess,
-            algorithm=algorithm,
-            dp=dp,
-            privacy=privacy,
-            loop=loop,
-            devices=device_config,
-            compression=FLAGS.compression,
-        ),
-    )
+def help_text(program: str, doc: str, own: Sequence[str] = ()) -> str:
+    """The binary's flags by group, with their defaults (what --helpshort prints)."""
+    lines = [doc.strip(), "", f"Flags of {program}, by group (--helpfull adds absl's own):"]
+    sections = [(group, [f.name for f in defined]) for group, defined in _DEFINED.items()]
+    if own:
+        sections.append((program, list(own)))
+    for title, names in sections:
+        lines.append(f"\n  {title}:")
+        for name in names:
+            default = FLAGS[name].default
+            shown = "unset" if default is None else repr(default) if isinstance(default, str) else default
+            lines.append(f"    --{name} (default {shown}): {FLAGS[name].help}")
+    return "\n".join(lines)

@@ -1,20 +1,24 @@
 """Serves TensorBoard on 127.0.0.1 over every experiment under --root (`make tensorboard`)."""
 
-import os
-import sys
+from experiments import cli
 
-from absl import app, flags
+cli.require_environment()
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from absl import flags  # noqa: E402
 
 flags.DEFINE_string("root", "runs", "Root directory of experiments.")
 flags.DEFINE_integer("port", 6006, "Port on 127.0.0.1.")
 FLAGS = flags.FLAGS
 
 
-def main(argv) -> int:
-    del argv
+def main() -> None:
     if not os.path.isdir(FLAGS.root):
-        print(f"error: {FLAGS.root} does not exist yet; run `make train` first", file=sys.stderr)
-        return 2
+        raise ValueError(f"--root={FLAGS.root}: no such directory yet; run `make train` first")
+    if not 0 < FLAGS.port < 65536:
+        raise ValueError(f"--port={FLAGS.port}: must be in 1-65535")
     print(f"TensorBoard for {FLAGS.root}: http://127.0.0.1:{FLAGS.port}/  (Ctrl-C stops it)", flush=True)
     os.execv(
         sys.executable,
@@ -30,4 +34,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.start(main, doc=__doc__, own_flags=["root", "port"])

@@ -8,10 +8,10 @@ import pytest
 from dp_accounting import pld, rdp
 from tensorflow_federated.python.aggregators import differential_privacy as tff_dp
 
-from tffpipe import accounting
+from tffpipe import accounting, configs
 
 Plan = accounting.PrivacyPlan
-M, S = accounting.Mechanism, accounting.Sampling
+M, S = configs.Mechanism, configs.Sampling
 BASE = Plan(M.FIXED, 1.0, 50, 3400, S.POISSON, 1e-5)
 
 
@@ -24,7 +24,7 @@ def test_fixed_poisson_rdp_equals_a_direct_dp_accounting_computation():
 def test_fixed_poisson_pld_equals_a_direct_dp_accounting_computation():
     direct = pld.PLDAccountant()
     direct.compose(dp_accounting.PoissonSampledDpEvent(50 / 3400, dp_accounting.GaussianDpEvent(1.0)), 100)
-    plan = dataclasses.replace(BASE, accountant=accounting.Accountant.PLD)
+    plan = dataclasses.replace(BASE, accountant=configs.Accountant.PLD)
     assert accounting.epsilon(plan, 100) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-3)
 
 
@@ -46,18 +46,18 @@ def test_adaptive_split_matches_tff_and_composes_back_to_z():
 
 
 def test_adaptive_is_accounted_by_pld_too():
-    adaptive = dataclasses.replace(BASE, mechanism=M.ADAPTIVE, accountant=accounting.Accountant.PLD)
-    fixed = dataclasses.replace(BASE, accountant=accounting.Accountant.PLD)
+    adaptive = dataclasses.replace(BASE, mechanism=M.ADAPTIVE, accountant=configs.Accountant.PLD)
+    fixed = dataclasses.replace(BASE, accountant=configs.Accountant.PLD)
     assert accounting.epsilon(adaptive, 100) == pytest.approx(accounting.epsilon(fixed, 100), rel=1e-3)
 
 
 @pytest.mark.parametrize(
     "plan",
     [
-        dataclasses.replace(BASE, accountant=accounting.Accountant.PLD),
-        dataclasses.replace(BASE, mechanism=M.ADAPTIVE, accountant=accounting.Accountant.PLD),
+        dataclasses.replace(BASE, accountant=configs.Accountant.PLD),
+        dataclasses.replace(BASE, mechanism=M.ADAPTIVE, accountant=configs.Accountant.PLD),
         BASE,
-        dataclasses.replace(BASE, sampling=S.DEVICE, accountant=accounting.Accountant.PLD),
+        dataclasses.replace(BASE, sampling=S.DEVICE, accountant=configs.Accountant.PLD),
     ],
 )
 def test_per_round_tracker_gives_the_accountants_numbers(plan):
@@ -89,20 +89,30 @@ def test_target_epsilon_gives_the_noise_that_reaches_it():
     assert accounting.epsilon(dataclasses.replace(BASE, noise_multiplier=z), 200) == pytest.approx(2.0, abs=0.01)
 
 
-def test_unsupported_combinations_say_what_to_use():
-    with pytest.raises(
-        accounting.AccountingError, match="PLD accountant does not support sampling=uniform; use --accountant=rdp"
-    ):
-        dataclasses.replace(BASE, sampling=S.UNIFORM, accountant=accounting.Accountant.PLD)
-    with pytest.raises(accounting.AccountingError, match="sampling=shuffle"):
-        dataclasses.replace(BASE, mechanism=M.TREE)
-
-
 def test_adaptive_needs_enough_clients_and_says_how_many():
-    with pytest.raises(
-        accounting.AccountingError, match=r"--clients_per_round>=11, a noise_multiplier below 1, or --dp=fixed"
-    ):
+    with pytest.raises(accounting.AccountingError, match=r"needs at least 11 clients per round") as e:
         accounting.adaptive_noise_split(1.0, 10)
+    assert e.value.field == "clients_per_round"
+
+
+def test_the_plan_resolves_the_noise_for_a_target_and_keeps_the_limits():
+    config = configs.ExperimentConfig(privacy=configs.PrivacyConfig(target_epsilon=2.0), loop=configs.LoopConfig(200))
+    plan = accounting.create_plan(config, 3400)
+    assert plan.target_epsilon == 2.0 and plan.rounds == 200
+    assert accounting.epsilon(plan, 200) == pytest.approx(2.0, abs=0.01)
+    tree = dataclasses.replace(config, dp=configs.DpConfig(mechanism=M.TREE), privacy=configs.PrivacyConfig())
+    with pytest.raises(accounting.AccountingError, match="at most 68 rounds of 50 clients from 3400") as e:
+        accounting.create_plan(dataclasses.replace(tree, loop=configs.LoopConfig(69)), 3400)
+    assert e.value.field == "loop.rounds"
+    with pytest.raises(accounting.AccountingError, match="clients_per_round=50 exceeds the 12 clients"):
+        accounting.create_plan(configs.ExperimentConfig(), 12)
+
+
+def test_non_finite_plans_are_refused_instead_of_hanging_the_accountant():
+    with pytest.raises(accounting.AccountingError, match="noise_multiplier must be finite"):
+        dataclasses.replace(BASE, noise_multiplier=math.nan)
+    with pytest.raises(accounting.AccountingError, match="target_epsilon must be a positive number"):
+        accounting.noise_for_target_epsilon(BASE, 10, math.inf)
 
 
 def test_description_names_every_assumption():

@@ -2,18 +2,19 @@ import numpy as np
 import pytest
 import tensorflow_federated as tff
 
-from tffpipe import accounting, aggregation
+from tests import conftest
+from tffpipe import accounting, aggregation, configs
 
-M = accounting.Mechanism
+M = configs.Mechanism
 
 
-def _process(config: aggregation.DpConfig, m: int, dim: int):
-    factory = aggregation.build_factory(config, m)
+def _process(mechanism, z: float, m: int, dim: int, *, noise_seed: int = 0, **dp):
+    factory = conftest.dp_factory(mechanism, z, m, noise_seed=noise_seed, **dp)
     return factory.create(tff.TensorType(np.float32, [dim]))
 
 
 def test_clipped_mean_without_noise_on_hand_made_updates(tff_context):
-    process = _process(aggregation.DpConfig(M.FIXED, noise_multiplier=0.0, clip=1.0), m=2, dim=2)
+    process = _process(M.FIXED, 0.0, m=2, dim=2, clip=1.0)
     # a = [3, 4] has norm 5 -> clipped to [0.6, 0.8]; b = [0.3, 0.4] has norm 0.5 -> unchanged.
     # Unweighted mean over m = 2: ([0.6, 0.8] + [0.3, 0.4]) / 2 = [0.45, 0.6].
     output = process.next(process.initialize(), [np.array([3.0, 4.0], np.float32), np.array([0.3, 0.4], np.float32)])
@@ -25,17 +26,20 @@ def test_clipped_mean_without_noise_on_hand_made_updates(tff_context):
 
 def test_noise_std_on_the_mean_is_z_c_over_m(tff_context):
     z, clip, m, dim = 1.0, 2.0, 10, 20_000
-    process = _process(aggregation.DpConfig(M.FIXED, noise_multiplier=z, clip=clip, noise_seed=3), m=m, dim=dim)
+    process = _process(M.FIXED, z, m=m, dim=dim, noise_seed=3, clip=clip)
     output = process.next(process.initialize(), [np.zeros(dim, np.float32)] * m)
     expected = z * clip / m  # 0.2
-    assert aggregation.noise_stddev_of_mean(aggregation.DpConfig(M.FIXED, z, clip), m, clip) == expected
+    reported = aggregation.round_metrics(
+        conftest.plan(M.FIXED, z, m), configs.DpConfig(clip=clip), output.measurements, clients=m
+    )
+    assert reported["privacy/noise_stddev"] == expected and reported["privacy/clip"] == clip
     # The sample std of 20,000 Gaussians is within 3% of the true one with overwhelming probability.
     assert np.std(output.result) == pytest.approx(expected, rel=0.03)
     assert abs(np.mean(output.result)) < 4 * expected / np.sqrt(dim)
 
 
 def test_fixed_noise_is_replayed_from_the_state_and_differs_between_rounds(tff_context):
-    process = _process(aggregation.DpConfig(M.FIXED, noise_multiplier=1.0, clip=1.0, noise_seed=9), m=2, dim=50)
+    process = _process(M.FIXED, 1.0, m=2, dim=50, noise_seed=9, clip=1.0)
     state = process.initialize()
     zeros = [np.zeros(50, np.float32)] * 2
     first = process.next(state, zeros)
@@ -46,10 +50,7 @@ def test_fixed_noise_is_replayed_from_the_state_and_differs_between_rounds(tff_c
 
 
 def test_adaptive_clip_moves_to_the_target_quantile(tff_context):
-    config = aggregation.DpConfig(
-        M.ADAPTIVE, noise_multiplier=0.0, clip=0.1, target_quantile=0.5, clip_learning_rate=0.2
-    )
-    process = _process(config, m=10, dim=2)
+    process = _process(M.ADAPTIVE, 0.0, m=10, dim=2, clip=0.1, target_quantile=0.5, clip_learning_rate=0.2)
     updates = [np.array([float(n), 0.0], np.float32) for n in range(1, 11)]  # norms 1..10, median 5.5
     state = process.initialize()
     for _ in range(60):
@@ -61,25 +62,25 @@ def test_adaptive_clip_moves_to_the_target_quantile(tff_context):
 
 
 def test_adaptive_validation_replaces_tffs_error():
-    config = aggregation.DpConfig(M.ADAPTIVE, noise_multiplier=1.0, clip=1.0)
-    with pytest.raises(accounting.AccountingError, match="needs more than 10 clients per round"):
-        aggregation.build_factory(config, 5)
+    with pytest.raises(accounting.AccountingError, match="needs at least 11 clients per round"):
+        conftest.dp_factory(M.ADAPTIVE, 1.0, 5)
 
 
 def test_no_dp_means_tffs_default_weighted_mean():
-    assert aggregation.build_factory(aggregation.DpConfig(), 10) is None
+    assert conftest.dp_factory(M.NONE) is None
 
 
-def test_bad_configs_name_the_field():
-    with pytest.raises(ValueError, match="clip must be positive, got 0"):
-        aggregation.DpConfig(M.FIXED, clip=0.0)
-    with pytest.raises(ValueError, match="noise_multiplier > 0 needs a DP mechanism"):
-        aggregation.DpConfig(M.NONE, noise_multiplier=1.0)
+def test_zeroing_keeps_the_mechanisms_metrics(tff_context):
+    process = _process(M.FIXED, 0.0, m=2, dim=2, clip=1.0, zeroing_norm=100.0)
+    output = process.next(process.initialize(), [np.array([3.0, 4.0], np.float32), np.zeros(2, np.float32)])
+    metrics = aggregation.round_metrics(
+        conftest.plan(M.FIXED, 0.0, 2), configs.DpConfig(clip=1.0, zeroing_norm=100.0), output.measurements, 2
+    )
+    assert metrics["diagnostic/clipped_fraction"] == 0.5  # [3, 4] was clipped, [0, 0] was not
 
 
 def test_tree_factory_builds_and_adds_seeded_noise(tff_context):
-    config = aggregation.DpConfig(M.TREE, noise_multiplier=1.0, clip=1.0, noise_seed=4)
-    process = _process(config, m=4, dim=1000)
+    process = _process(M.TREE, 1.0, m=4, dim=1000, noise_seed=4, clip=1.0)
     output = process.next(process.initialize(), [np.zeros(1000, np.float32)] * 4)
     # First tree leaf: noise std z*C on the sum, divided by m = 4.
     assert np.std(output.result) == pytest.approx(0.25, rel=0.1)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tffpipe import accounting
+from tffpipe import accounting, configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,10 +20,10 @@ def _run(*flags: str) -> subprocess.CompletedProcess:
 
 
 def test_plans_epsilon_with_its_assumptions():
-    proc = _run("--noise_multiplier=1.0", "--clients_per_round=50", "--rounds=100", "--population=3400")
+    proc = _run("--noise_multiplier=1.0", "--clients_per_round=50", "--rounds=100", "--num_writers=3400")
     assert proc.returncode == 0, proc.stderr
     plan = accounting.PrivacyPlan(
-        accounting.Mechanism.FIXED, 1.0, 50, 3400, accounting.Sampling.POISSON, accounting.default_delta(3400)
+        configs.Mechanism.FIXED, 1.0, 50, 3400, configs.Sampling.POISSON, accounting.default_delta(3400)
     )
     assert f"epsilon {accounting.epsilon(plan, 100):.4g} at delta" in proc.stdout
     assert "Poisson sampling q=0.01471" in proc.stdout and "RDP accountant" in proc.stdout
@@ -35,7 +35,7 @@ def test_solves_the_noise_for_a_target():
     assert "reaches epsilon 3 after 50 rounds" in proc.stdout
     z = float(proc.stdout.split()[1])  # "noise_multiplier <z> reaches ..."
     plan = accounting.PrivacyPlan(
-        accounting.Mechanism.FIXED, z, 100, 3400, accounting.Sampling.POISSON, accounting.default_delta(3400)
+        configs.Mechanism.FIXED, z, 100, 3400, configs.Sampling.POISSON, accounting.default_delta(3400)
     )
     assert accounting.epsilon(plan, 50) == pytest.approx(3.0, abs=0.01)
     reported = float(proc.stdout.splitlines()[1].split()[1])  # "epsilon <eps> at delta ..."
@@ -55,10 +55,26 @@ def test_builds_no_tf_graph_and_does_not_import_tensorflow():
     "flags, message",
     [
         (("--accountant=pld", "--sampling=uniform"), "PLD accountant does not support sampling=uniform"),
-        (("--dp=adaptive", "--clients_per_round=5"), "--clients_per_round>=11"),
+        (("--dp=adaptive", "--clients_per_round=5", "--noise_multiplier=1"), "needs at least 11 clients per round"),
         (("--dp=tree", "--rounds=1000"), "at most 68 rounds"),
     ],
 )
 def test_bad_plans_get_one_line_and_exit_2(flags, message):
     proc = _run(*flags)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shares_the_training_binarys_privacy_flags_and_defaults():
+    from experiments import flag_groups
+
+    privacy = {f.name for f in flag_groups.GROUPS["privacy"]}
+    help_text = _run("--helpshort").stdout
+    assert all(f"--{name} (default" in help_text for name in privacy | {"num_writers", "rounds", "device_model"})
+    assert "--noise_multiplier (default unset)" in help_text and "0.7 with DP" in help_text
+
+
+def test_the_population_comes_from_the_data_flags(tiny_data_dir):
+    # The embedded population's writers, or the clients in a real file (12 in the tiny one).
+    proc = _run("--clients_per_round=3", "--rounds=4", "--dp=tree", f"--data_dir={tiny_data_dir}")
+    assert proc.returncode == 0, proc.stderr
+    assert "each of 12 clients at most once" in proc.stdout

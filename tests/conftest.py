@@ -9,9 +9,45 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 
-from tffpipe.data import generator  # noqa: E402
+from tffpipe.tasks.emnist import generator  # noqa: E402
 
 TINY = generator.PopulationConfig(num_writers=12, median_examples=24, seed=7)
+
+
+def emnist_task(data_dir: str, model: str = "linear", *, parsed: bool = False, **preprocess):
+    """An EMNIST `base.Task` over a generated file: rows (as training reads them) or parsed elements."""
+    from tffpipe import configs
+    from tffpipe.tasks.emnist import files, task
+
+    load = files.load_client_data if parsed else files.load_client_rows
+    train, test = load(data_dir)
+    config = configs.PreprocessConfig(**{"epochs": 1, **preprocess})
+    return task.create_task_from_client_data(train, test, num_classes=62, model_name=model, preprocess=config)
+
+
+def plan(mechanism, noise_multiplier: float = 0.0, clients_per_round: int = 3, population: int = 100, **kwargs):
+    """A privacy plan with the sampling its mechanism is accounted for."""
+    from tffpipe import accounting, configs
+
+    return accounting.PrivacyPlan(
+        mechanism,
+        noise_multiplier,
+        clients_per_round,
+        population,
+        kwargs.pop("sampling", configs.default_sampling(mechanism)),
+        kwargs.pop("delta", 1e-5),
+        **kwargs,
+    )
+
+
+def dp_factory(mechanism, noise_multiplier: float = 0.0, clients_per_round: int = 3, *, noise_seed: int = 0, **dp):
+    """The aggregation factory tffpipe builds for this mechanism (DP parameters as in `configs.DpConfig`)."""
+    from tffpipe import aggregation, configs
+
+    config = configs.DpConfig(mechanism=mechanism, **dp)
+    return aggregation.build_factory(
+        config, plan(mechanism, noise_multiplier, clients_per_round), noise_seed=noise_seed
+    )
 
 
 def worker_pids() -> set[int]:

@@ -30,7 +30,7 @@ def rounds(profiles, *, k, deadline=0.0, overselect=0.0, seed=0, update_bytes=10
         epochs=1,
         model_bytes=2000,
         update_bytes=update_bytes,
-        config=devices.DeviceConfig(overselect=overselect, deadline_seconds=deadline, start_hour_utc=0.0),
+        config=configs.DeviceConfig(overselect=overselect, deadline_seconds=deadline, start_hour_utc=0.0),
         seed=seed,
     )
 
@@ -106,18 +106,22 @@ def test_profiles_round_trip_through_csv_and_missing_rows_are_named(tmp_path):
     (tmp_path / "bad.csv").write_text("client_id,tier\na,mid\n")
     with pytest.raises(ValueError, match="lacks the columns"):
         devices.load_profiles(str(tmp_path / "bad.csv"), ["a"])
+    text = (tmp_path / "p.csv").read_text().splitlines()
+    header, row = text[0], text[1].split(",")
+    row[header.split(",").index("dropout_probability")] = "nan"
+    (tmp_path / "nan.csv").write_text("\n".join([header, ",".join(row)]))
+    with pytest.raises(devices.ProfileError, match=r"nan.csv line 2: device a: dropout_probability must be a finite"):
+        devices.load_profiles(str(tmp_path / "nan.csv"), ["a"])
 
 
 def test_the_privacy_label_and_bound_change_when_the_device_model_is_on():
-    ideal = configs.ExperimentConfig(dp=aggregation.DpConfig(accounting.Mechanism.FIXED, 0.7))
-    mobile = dataclasses.replace(ideal, devices=devices.DeviceConfig())
-    assert ideal.sampling is accounting.Sampling.POISSON and mobile.sampling is accounting.Sampling.DEVICE
-    plans = [
-        accounting.PrivacyPlan(accounting.Mechanism.FIXED, 0.7, 50, 3400, c.sampling, 1e-5) for c in (ideal, mobile)
-    ]
+    ideal = configs.ExperimentConfig(dp=configs.DpConfig(configs.Mechanism.FIXED, 0.7))
+    mobile = dataclasses.replace(ideal, devices=configs.DeviceConfig())
+    assert ideal.sampling is configs.Sampling.POISSON and mobile.sampling is configs.Sampling.DEVICE
+    plans = [accounting.PrivacyPlan(configs.Mechanism.FIXED, 0.7, 50, 3400, c.sampling, 1e-5) for c in (ideal, mobile)]
     assert "no amplification by sampling" in accounting.describe(plans[1])
     assert "Poisson" in accounting.describe(plans[0])
     # Without amplification every round is a full Gaussian(z) mechanism: far larger epsilon.
     assert accounting.epsilon(plans[1], 50) > 10 * accounting.epsilon(plans[0], 50)
     with pytest.raises(ValueError, match="cannot hold under the device model"):
-        dataclasses.replace(mobile, privacy=configs.PrivacyConfig(sampling=accounting.Sampling.POISSON))
+        dataclasses.replace(mobile, privacy=configs.PrivacyConfig(sampling=configs.Sampling.POISSON))

@@ -3,8 +3,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tffpipe import accounting, aggregation, algorithms, fusion, tasks
-from tffpipe.data import emnist_files, preprocessing
+from tests import conftest
+from tffpipe import algorithms, configs, fusion
 
 
 def batch_norm_model(num_classes: int) -> tf.keras.Model:
@@ -19,11 +19,8 @@ def batch_norm_model(num_classes: int) -> tf.keras.Model:
     )
 
 
-def _task(data_dir: str, model_name: str) -> tasks.Task:
-    train, test = emnist_files.load_client_rows(data_dir)
-    return tasks.create_task(
-        train, test, num_classes=62, model_name=model_name, preprocess=preprocessing.PreprocessConfig(batch_size=8)
-    )
+def _task(data_dir: str, model_name: str):
+    return conftest.emnist_task(data_dir, model_name, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +43,16 @@ def _sequences_between_calls(process) -> int:
 
 @pytest.mark.filterwarnings("ignore:Batch Normalization contains non-trainable variables")
 @pytest.mark.parametrize(
-    "model_name, dp",
+    "model_name, mechanism",
     [
-        ("mlp", aggregation.DpConfig(accounting.Mechanism.FIXED, 0.5, 1.0)),  # functional, unweighted DP mean
+        ("mlp", configs.Mechanism.FIXED),  # functional, unweighted DP mean
         # Keras-wrapped (BatchNorm), weighted mean: the learning rate joins the zip.
-        ("tests.fusion_test:batch_norm_model", aggregation.DpConfig()),
+        ("tests.fusion_test:batch_norm_model", configs.Mechanism.NONE),
     ],
 )
-def test_fused_training_round_equals_the_composed_one(tiny_data_dir, tff_context, model_name, dp):
+def test_fused_training_round_equals_the_composed_one(tiny_data_dir, tff_context, model_name, mechanism):
     task = _task(tiny_data_dir, model_name)
-    factory = aggregation.build_factory(dp, 3)
+    factory = conftest.dp_factory(mechanism, 0.5 if mechanism is configs.Mechanism.FIXED else 0.0, 3, clip=1.0)
     process = algorithms.build_training_process(task.learning_model(), algorithms.AlgorithmConfig(), aggregator=factory)
     composed = _composed(task.train_data, process)
     fused = fusion.fuse_client_datasets(composed)

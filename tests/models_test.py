@@ -1,7 +1,9 @@
 import pytest
 import tensorflow as tf
 
-from tffpipe import models
+from tffpipe import configs, models
+
+EMNIST = configs.Task.EMNIST
 
 
 def returns_a_string(num_classes):
@@ -25,6 +27,14 @@ def nan_logits(num_classes):
     )
 
 
+def raises(num_classes):
+    raise RuntimeError("out of ideas")
+
+
+def takes_nothing():
+    return None
+
+
 def wrong_input(num_classes):
     return tf.keras.Sequential([tf.keras.layers.Dense(num_classes, input_shape=(10,))])
 
@@ -40,20 +50,22 @@ def wrong_input(num_classes):
     ],
 )
 def test_every_registered_model_builds_with_its_parameter_count(name, num_classes, parameters):
-    model = models.create_model(name, num_classes)
+    model = models.create_model(name, EMNIST, num_classes)
     info = models.describe(name, model)
     assert info.num_parameters == parameters
     assert info.update_bytes == 4 * parameters  # every weight is trainable float32
-    assert set(models.REGISTRY) == {"linear", "mlp", "cnn", "small_cnn"}
+    assert set(models.REGISTRY[EMNIST]) == {"linear", "mlp", "cnn", "small_cnn"}
 
 
 def test_unknown_name_lists_the_valid_ones():
-    with pytest.raises(models.ModelBuilderError, match=r"unknown model 'resnet'; choose one of \['cnn', 'linear'"):
-        models.create_model("resnet", 62)
+    with pytest.raises(
+        models.ModelBuilderError, match=r"unknown model 'resnet' for the emnist task; choose one of \['cnn', 'linear'"
+    ):
+        models.create_model("resnet", EMNIST, 62)
 
 
 def test_user_builder_by_import_path():
-    model = models.create_model("tffpipe.models:create_linear", 10)
+    model = models.create_model("tffpipe.models:create_linear", EMNIST, 10)
     assert model.output_shape == (None, 10)
 
 
@@ -65,8 +77,15 @@ def test_user_builder_by_import_path():
         ("tests.models_test:returns_a_string", "returned str, not a tf.keras.Model"),
         ("tests.models_test:wrong_output", r"outputs shape \(63,\) per example; the task needs \(62,\)"),
         ("tests.models_test:wrong_input", r"does not accept inputs of shape \[batch, 28, 28, 1\]"),
+        ("tests.models_test:raises", r"failed when called with num_classes=62: RuntimeError: out of ideas"),
+        ("tests.models_test:takes_nothing", r"failed when called with num_classes=62: TypeError: .*takes 0"),
+        (
+            "tests.broken_builder_module:build",
+            r"importing module 'tests.broken_builder_module' .* failed: ZeroDivision",
+        ),
     ],
 )
 def test_bad_builders_say_what_is_wrong(path, message):
-    with pytest.raises(models.ModelBuilderError, match=message):
-        models.create_model(path, 62)
+    with pytest.raises(models.ModelBuilderError, match=message) as e:
+        models.create_model(path, EMNIST, 62)
+    assert "\n" not in str(e.value)

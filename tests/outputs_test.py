@@ -1,6 +1,8 @@
 import collections
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,29 +10,72 @@ import pytest
 from tffpipe import outputs
 
 
-def _dirs(tmp_path) -> outputs.ExperimentDirs:
-    return outputs.ExperimentDirs(str(tmp_path), "exp")
+def _dirs(tmp_path, name: str = "exp") -> outputs.ExperimentDirs:
+    return outputs.ExperimentDirs(str(tmp_path), name)
+
+
+def _complete_a_round(dirs: outputs.ExperimentDirs) -> None:
+    os.makedirs(os.path.join(dirs.checkpoints, "program_state_1"))
 
 
 def test_new_experiment_writes_hparams_and_a_rerun_resumes(tmp_path):
     dirs = _dirs(tmp_path)
-    assert outputs.prepare(dirs, {"model": "linear", "rounds": 5}) is False
+    assert outputs.prepare(dirs, {"model": "linear", "loop.rounds": 5}) is False
+    _complete_a_round(dirs)
     # More rounds is an extension, not another configuration; recorded once the run succeeds.
-    assert outputs.prepare(dirs, {"model": "linear", "rounds": 9}) is True
+    assert outputs.prepare(dirs, {"model": "linear", "loop.rounds": 9}) is True
     with open(dirs.hparams) as f:
-        assert json.load(f)["rounds"] == 5
-    outputs.record_hparams(dirs, {"model": "linear", "rounds": 9})
+        assert json.load(f)["loop.rounds"] == 5
+    outputs.record_hparams(dirs, {"model": "linear", "loop.rounds": 9})
     with open(dirs.hparams) as f:
-        assert json.load(f)["rounds"] == 9
+        assert json.load(f)["loop.rounds"] == 9
+
+
+def test_a_run_that_completed_no_round_holds_no_configuration(tmp_path):
+    dirs = _dirs(tmp_path)
+    outputs.prepare(dirs, {"model": "linear"})
+    outputs.MetricsReleaser(dirs).release(1, {"train/loss": 1.0})  # released, never checkpointed
+    assert outputs.prepare(dirs, {"model": "cnn"}) is False  # a corrected rerun starts afresh
+    with open(dirs.hparams) as f:
+        assert json.load(f) == {"model": "cnn"}
+    assert not os.path.exists(dirs.metrics_csv)
+
+
+def test_version_changes_of_keys_are_not_configuration_changes():
+    saved = {"model": "linear", "rounds": 5, "preprocess.seed": 0}  # keys an older version wrote
+    current = {"model": "linear", "loop.rounds": 9, "task": "emnist"}  # a new key at its default
+    assert outputs.changed_keys(saved, current) == []
+    assert outputs.changed_keys(saved, {**current, "task": "other"}) == ["task"]
+
+
+def test_a_second_process_cannot_use_a_running_experiment(tmp_path):
+    dirs = _dirs(tmp_path)
+    outputs.prepare(dirs, {"model": "linear"})
+    code = (
+        "import sys; from tffpipe import outputs; "
+        f"outputs.prepare(outputs.ExperimentDirs({str(tmp_path)!r}, 'exp'), {{'model': 'linear'}})"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "is in use by another running tffpipe process" in proc.stderr
+
+
+def test_half_written_checkpoints_of_a_killed_run_are_removed_on_resume(tmp_path):
+    dirs = _dirs(tmp_path)
+    outputs.prepare(dirs, {"model": "linear"})
+    _complete_a_round(dirs)
+    os.makedirs(os.path.join(dirs.checkpoints, "program_state_2_temp4711", "variables"))
+    assert outputs.prepare(dirs, {"model": "linear"}) is True
+    assert os.listdir(dirs.checkpoints) == ["program_state_1"]
 
 
 def test_other_configuration_is_refused_and_nothing_is_touched(tmp_path):
     dirs = _dirs(tmp_path)
-    outputs.prepare(dirs, {"model": "linear", "rounds": 5})
+    outputs.prepare(dirs, {"model": "linear", "loop.rounds": 5})
+    _complete_a_round(dirs)
     with open(dirs.hparams) as f:
         before = f.read()
-    with pytest.raises(outputs.OutputError, match=r"model: 'linear' -> 'cnn'.*new --experiment"):
-        outputs.prepare(dirs, {"model": "cnn", "rounds": 5})
+    with pytest.raises(outputs.OutputError, match=r"model: 'linear' -> 'cnn'.*new experiment name"):
+        outputs.prepare(dirs, {"model": "cnn", "loop.rounds": 5})
     with open(dirs.hparams) as f:
         assert f.read() == before
 
@@ -74,7 +119,7 @@ def test_checkpoint_of_another_process_structure_is_refused_in_one_line(tmp_path
     with pytest.raises(outputs.CheckpointError) as error:
         checkpointer.load_latest(other)
     message = str(error.value)
-    assert "holds a process state of another structure" in message and "start a new --experiment" in message
+    assert "holds a process state of another structure" in message and "start a new experiment" in message
     assert "\n" not in message and len(message) < 400
     assert os.listdir(tmp_path) == ["program_state_1"]
 

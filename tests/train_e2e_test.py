@@ -10,16 +10,19 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from tests import conftest
+from tffpipe.tasks.emnist import generator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = [
@@ -93,6 +96,7 @@ def test_outputs_have_the_expected_layout_columns_and_rows(finished_run):
     proc, exp = finished_run
     assert "round 3/3" in proc.stdout and "epsilon" in proc.stdout and "Poisson sampling" in proc.stdout
     assert sorted(os.listdir(exp)) == [
+        ".lock",  # held by the running process (flock), so two runs never share an experiment
         "checkpoints",
         "hparams.json",
         "metrics.csv",
@@ -180,61 +184,152 @@ def _corrupt_checkpoint(runs: str, source: str) -> str:
     return exp
 
 
-def _unreadable_sqlite(tmp: str) -> str:
-    os.makedirs(os.path.join(tmp, "badsqlite"), exist_ok=True)
-    with open(os.path.join(tmp, "badsqlite", "emnist_all.sqlite"), "wb") as f:
-        f.write(b"this is not a database at all" * 10)
-    return os.path.join(tmp, "badsqlite")
+def _data_dir_with(tmp: str, name: str, cache: str, content: bytes | None = None, example: dict | None = None) -> str:
+    """A data directory whose emnist_all.sqlite is `content`, or the tiny file with every train example replaced."""
+    directory = os.path.join(tmp, name)
+    os.makedirs(directory)
+    path = os.path.join(directory, "emnist_all.sqlite")
+    if content is not None:
+        with open(path, "wb") as f:
+            f.write(content)
+        return directory
+    shutil.copy(os.path.join(generator.cached_data_dir(cache, conftest.TINY), "emnist_all.sqlite"), path)
+    con = sqlite3.connect(path)
+    con.execute("UPDATE examples SET serialized_example_proto = ? WHERE split_name = 'all_train'", (encode(example),))
+    con.commit()
+    con.close()
+    return directory
 
 
-def test_bad_inputs_each_give_their_message_and_lose_nothing(workspace, finished_run, tmp_path):
+def encode(example: dict) -> bytes:
+    from tffpipe.data import example_proto
+
+    return example_proto.encode_example(example)
+
+
+def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finished_run, tmp_path):
+    """Every binary, every bad input: one `error:` line naming it, exit 2, no traceback, nothing written."""
     cache, runs = workspace
     exp = finished_run[1]
     corrupt = _corrupt_checkpoint(runs, exp)
-    protected = {exp: tree_digest(exp), corrupt: tree_digest(corrupt)}
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    cases = [
-        (["--rounds=0"], "--rounds=0", "total_rounds must be positive, got 0"),
-        (["--clients_per_round=0"], "--clients_per_round=0", "clients_per_round must be positive"),
-        (["--clients_per_round=50"], "clients_per_round=50 exceeds the 12 training clients", ""),
-        (["--model=resnet"], "unknown model 'resnet'", "choose one of"),
-        (["--model=no_such_pkg:build"], "cannot import module 'no_such_pkg'", ""),
-        (["--model=tests.models_test:wrong_output"], "outputs shape (63,) per example", ""),
-        (["--data_dir=/nonexistent/emnist"], "EMNIST file not found: /nonexistent/emnist/emnist_all.sqlite", "lzma"),
-        ([f"--data_dir={_unreadable_sqlite(str(tmp_path))}"], "is not an SQLite database (bad header)", ""),
-        (["--batch_size=0"], "--batch_size=0", "batch_size must be positive"),
-        (["--noise_multiplier=-1"], "noise_multiplier must be >= 0, got -1.0", ""),
-        (["--dp=adaptive", "--noise_multiplier=1"], "--clients_per_round>=11", "or --dp=fixed"),
-        (["--target_epsilon=-1"], "--target_epsilon=-1.0: must be positive", ""),
-        (["--delta=2"], "--delta=2.0: must be in (0, 1)", ""),
-        (["--accountant=pld", "--sampling=uniform"], "PLD accountant does not support sampling=uniform", ""),
-        (["--dp=tree", "--rounds=10"], "at most 4 rounds of 3 clients from 12", "Lower --rounds"),
-        (["--dp=none", "--target_epsilon=2"], "target_epsilon needs a DP mechanism", ""),
-        (["--experiment=a/b"], "experiment must be a plain directory name", ""),
-        ([f"--root_dir={blocker}"], "cannot create the experiment directory", "writable --root_dir"),
-        (
-            ["--experiment=base", "--model=linear"],
-            "was run with another configuration (model: 'small_cnn' -> 'linear'",
-            "",
-        ),
-        (["--experiment=corrupt", "--rounds=3"], "checkpoint of round 3", "is unreadable"),
-        (["--roundz=3"], "Unknown command line flag 'roundz'", ""),
+    bad = str(tmp_path)
+    not_a_model = tmp_path / "model.keras"
+    not_a_model.write_text("not a model")
+    short_pixels = _data_dir_with(bad, "short", cache, example={"label": [1], "pixels": np.zeros(700, "f4")})
+    bad_label = _data_dir_with(bad, "label", cache, example={"label": [99], "pixels": np.zeros(784, "f4")})
+    train_cases = [
+        # Flags absl rejects while parsing, and the grouped help.
+        (["--rounds=1e9"], "--rounds=1e9: invalid literal for int()"),
+        (["--dp=bogus"], "--dp=bogus: value should be one of <none|fixed|adaptive|tree>"),
+        (["--flagfile=/nonexistent.flags"], "/nonexistent.flags"),
+        (["--roundz=3"], "Unknown command line flag 'roundz'"),
+        (["extra"], "unexpected arguments ['extra']"),
+        # Ranges, with the flag named once.
+        (["--rounds=0"], "--rounds=0: rounds must be >= 1, got 0"),
+        (["--clients_per_round=0"], "--clients_per_round=0: clients_per_round must be >= 1"),
+        (["--batch_size=0"], "--batch_size=0: batch_size must be >= 1"),
+        (["--seed=-1"], "--seed=-1: seed must be >= 0"),
+        (["--noise_multiplier=-1"], "--noise_multiplier=-1.0: noise_multiplier must be >= 0, got -1.0"),
+        (["--target_epsilon=-1", "--dp=tree"], "--target_epsilon=-1.0: target_epsilon must be positive"),
+        (["--delta=2"], "--delta=2.0: delta must be in (0, 1)"),
+        (["--experiment=a/b"], "--experiment=a/b: experiment must be a plain directory name"),
+        # NaN and infinity, everywhere a float goes.
+        (["--noise_multiplier=nan"], "--noise_multiplier=nan: noise_multiplier must be a finite number"),
+        (["--noise_multiplier=inf"], "--noise_multiplier=inf: noise_multiplier must be a finite number"),
+        (["--clip=nan"], "--clip=nan: clip must be a finite number"),
+        (["--clip=inf"], "--clip=inf: clip must be a finite number"),
+        (["--dp=adaptive", "--clip_learning_rate=nan"], "--clip_learning_rate=nan: clip_learning_rate must be"),
+        (["--zeroing_norm=nan"], "--zeroing_norm=nan: zeroing_norm must be a finite number"),
+        (["--client_learning_rate=nan"], "--client_learning_rate=nan: client_learning_rate must be a finite"),
+        (["--client_learning_rate=inf"], "--client_learning_rate=inf: client_learning_rate must be a finite"),
+        (["--server_learning_rate=nan"], "--server_learning_rate=nan: server_learning_rate must be a finite"),
+        (["--adaptive_epsilon=nan"], "--adaptive_epsilon=nan: adaptive_epsilon must be a finite"),
+        (["--label_concentration=nan"], "--label_concentration=nan: label_concentration must be a finite"),
+        (["--quantity_sigma=nan"], "--quantity_sigma=nan: quantity_sigma must be a finite"),
+        (["--device_model", "--deadline_seconds=nan"], "--deadline_seconds=nan: deadline_seconds must be a finite"),
+        (["--device_model", "--start_hour_utc=99"], "--start_hour_utc=99.0: start_hour_utc must be in [0, 24)"),
+        # Combinations, named by the flag to change.
+        (["--deadline_seconds=60"], "--deadline_seconds is a device-model flag: add --device_model"),
+        (["--sampling=device"], "--sampling=device: sampling=device describes the device model"),
+        (["--device_model", "--device_profiles=/nonexistent.csv"], "--device_profiles=/nonexistent.csv: device_pro"),
+        (["--dp=none"], "--noise_multiplier=0.3: noise_multiplier=0.3 has no effect without a DP mechanism"),
+        (["--target_epsilon=2"], "--noise_multiplier=0.3: give noise_multiplier or target_epsilon, not both"),
+        (["--compression"], "--compression: compression is not combined with DP aggregation"),
+        (["--dp=adaptive", "--noise_multiplier=1"], "--clients_per_round=3: adaptive clipping with"),
+        (["--accountant=pld", "--sampling=uniform"], "--accountant=pld: the PLD accountant does not support"),
+        (["--dp=tree", "--device_model"], "--dp=tree: tree aggregation is accounted for clients that take part"),
+        (["--algorithm=fedsgd"], "--algorithm=fedsgd: fedsgd takes only weighted aggregators"),
+        (["--clients_per_round=50"], "--clients_per_round=50: clients_per_round=50 exceeds the 12 clients"),
+        (["--dp=tree", "--rounds=10"], "--rounds=10: tree aggregation is accounted for clients that take part at"),
+        # Model builders.
+        (["--model=resnet"], "--model=resnet: unknown model 'resnet' for the emnist task; choose one of"),
+        (["--model=no_such_pkg:build"], "cannot import module 'no_such_pkg'"),
+        (["--model=tests.models_test:wrong_output"], "outputs shape (63,) per example"),
+        (["--model=tests.models_test:raises"], "failed when called with num_classes=62: RuntimeError: out of ideas"),
+        (["--model=tests.models_test:takes_nothing"], "failed when called with num_classes=62: TypeError"),
+        (["--model=tests.broken_builder_module:build"], "failed: ZeroDivisionError: division by zero"),
+        # Data files.
+        (["--data_dir=/nonexistent/emnist"], "data file not found: /nonexistent/emnist/emnist_all.sqlite"),
+        ([f"--data_dir={_data_dir_with(bad, 'text', cache, b'not a database' * 10)}"], "not an SQLite database"),
+        ([f"--data_dir={short_pixels}"], "has 700 pixel values instead of 784 floats"),
+        ([f"--data_dir={bad_label}"], "has label [99] outside [0, 62)"),
+        # Output directories and checkpoints.
+        ([f"--root_dir={blocker}"], "cannot create the experiment directory"),
+        (["--experiment=base", "--model=linear"], "was run with another configuration (model: 'small_cnn' -> 'linear'"),
+        (["--experiment=corrupt", "--rounds=3"], "checkpoint of round 3"),
     ]
+    other_cases = [
+        ("compute_epsilon", ["--noise_multiplier=nan"], "--noise_multiplier=nan: noise_multiplier must be a finite"),
+        ("compute_epsilon", ["--target_epsilon=nan"], "--target_epsilon=nan: target_epsilon must be a finite"),
+        ("compute_epsilon", ["--num_writers=0"], "--num_writers=0: num_writers must be >= 1, got 0"),
+        ("compute_epsilon", ["--data_dir=/nonexistent"], "data file not found"),
+        ("compute_epsilon", ["--rounds=x"], "--rounds=x: invalid literal for int()"),
+        ("evaluate", [*_eval_flags(cache, runs), f"--model_path={not_a_model}"], "is not a loadable Keras model"),
+        ("evaluate", [*_eval_flags(cache, runs), "--model_path=/nonexistent.keras"], "no Keras model file at"),
+        ("evaluate", [*_eval_flags(cache, runs), "--max_clients=0"], "--max_clients=0: must be positive or -1"),
+        ("data_card", [f"--cache_dir={cache}", f"--png={blocker}/samples.png"], f"--png={blocker}/samples.png"),
+        ("data_card", ["--num_writers=nan"], "--num_writers=nan: invalid literal for int()"),
+        ("tensorboard", ["--root=/nonexistent"], "--root=/nonexistent: no such directory yet"),
+    ]
+    before = {path: tree_digest(path) for path in (runs, cache)}
 
     def attempt(case):
-        # A case's own --root_dir comes later on the command line, and absl keeps the last.
-        return train("--rounds=3", *case[0], cache=cache, root=runs)
+        binary, flags, _ = case
+        if binary == "train":
+            return train("--rounds=3", *flags, cache=cache, root=runs, timeout=180)
+        cmd = [sys.executable, "-m", f"experiments.{binary}", *flags]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
 
+    cases = [("train", flags, message) for flags, message in train_cases] + other_cases
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         results = list(pool.map(attempt, cases))
-    for (flags, first, second), proc in zip(cases, results, strict=True):
-        assert proc.returncode != 0, flags
-        assert first in proc.stderr and second in proc.stderr, (flags, proc.stderr[-2000:])
-        assert "Traceback" not in proc.stderr, (flags, proc.stderr[-2000:])
-    for path, digest in protected.items():
-        assert tree_digest(path) == digest, f"{path} changed"
-    assert len(cases) >= 15
+    failures = []
+    for (binary, flags, message), proc in zip(cases, results, strict=True):
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        if proc.returncode != 2 or message not in proc.stderr or len(lines) != 1 or not lines[0].startswith("error: "):
+            failures.append((binary, flags, proc.returncode, proc.stderr[-800:]))
+    assert not failures, "\n".join(map(str, failures))
+    after = {path: tree_digest(path) for path in (runs, cache)}
+    assert after == before, "a failed run created or changed files"
+    assert os.path.isdir(corrupt)
+
+
+def _eval_flags(cache: str, runs: str) -> list[str]:
+    return [f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS, "--experiment=base"]
+
+
+def test_help_lists_the_flags_by_group_with_their_defaults():
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--helpshort"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    for group in ("task and data:", "model:", "algorithm:", "privacy:", "devices:", "rounds:", "outputs:"):
+        assert f"\n  {group}" in out, group
+    assert "--server_learning_rate (default unset): Server learning rate; unset: per algorithm (fedavg 1," in out
+    assert "fedadam 0.00316" in out and "--tensorboard (default False)" in out
 
 
 def test_evaluate_gives_the_same_accuracy_from_the_exported_model_and_the_checkpoint(workspace, finished_run):
@@ -280,7 +375,7 @@ def test_sigterm_stops_after_saving_and_tensorboard_really_shows_the_scalars(wor
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "SIGTERM received: stopping after this round" in err
+    assert "SIGTERM received: stopping after this step" in err
     table = rows(os.path.join(runs, "signalled", "metrics.csv"))
     last = int(table[-1]["round"])
     assert 3 <= last < 40
@@ -314,6 +409,7 @@ def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace)
         "--experiment=mobile",
         "--device_model",
         "--dp=none",
+        "--noise_multiplier=0",
         "--compression",
         "--deadline_seconds=60",
         cache=cache,
@@ -335,3 +431,60 @@ def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace)
         summary = json.load(f)
     assert set(summary) == {"low", "mid", "high"}
     assert sum(t["reported"] for t in summary.values()) == sum(float(r["system/reported"]) for r in table)
+    # The checkpoint holds the compression aggregator's state: evaluate restores it into the same process.
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS]
+        + ["--experiment=mobile", "--device_model", "--dp=none", "--noise_multiplier=0", "--compression"]
+        + ["--deadline_seconds=60"]
+        + ["--source=checkpoint"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "checkpoint of round 2" in evaluated.stdout and "pooled accuracy" in evaluated.stdout
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def test_sigkill_during_data_generation_leaves_no_process_and_the_next_start_cleans_up(tmp_path):
+    cache = str(tmp_path / "cache")
+    flags = ["--num_writers=150", "--median_examples=40", "--data_seed=11", "--rounds=1", "--clients_per_round=3"]
+    run = start_train(*flags, cache=cache, root=str(tmp_path / "runs"), stderr=subprocess.DEVNULL)
+    helpers: set[int] = set()
+    for line in run.stdout:
+        helpers |= _descendants(run.pid)
+        if line.startswith("data: ["):  # a chunk of writers is done; the others are being rendered
+            break
+    helpers |= _descendants(run.pid)
+    assert helpers, "generation should run in worker processes"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in helpers):
+        time.sleep(0.2)
+    assert not [p for p in helpers if os.path.exists(f"/proc/{p}")], "generation processes outlived the run"
+    (data_dir,) = os.listdir(cache)
+    assert [n for n in os.listdir(os.path.join(cache, data_dir)) if ".tmp-" in n], "the killed run's file is there"
+    from tffpipe import configs
+
+    population = configs.PopulationConfig(num_writers=150, median_examples=40, seed=11)
+    generator.ensure_generated(cache, population, workers=1)
+    assert os.listdir(os.path.join(cache, data_dir)) == ["emnist_all.sqlite"]

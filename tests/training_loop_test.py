@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from tffpipe import training_loop
+from tffpipe import configs, training_loop
 
 
 @dataclasses.dataclass
@@ -75,7 +75,7 @@ def _run(process, checkpointer, releaser, rounds, **kwargs):
         sampler=FakeSampler(),
         checkpointer=checkpointer,
         releaser=releaser,
-        config=training_loop.LoopConfig(total_rounds=rounds, **kwargs),
+        config=configs.LoopConfig(rounds=rounds, **kwargs),
         evaluate=lambda w: {"eval/accuracy": w / 100},
     )
 
@@ -135,7 +135,7 @@ def test_stop_request_saves_and_returns_early():
         sampler=FakeSampler(),
         checkpointer=checkpointer,
         releaser=FakeReleaser(),
-        config=training_loop.LoopConfig(total_rounds=10, checkpoint_every=5),
+        config=configs.LoopConfig(rounds=10, checkpoint_every=5),
         stop_requested=lambda: True,
     )
     assert result.stopped_early and result.last_round == 1 and checkpointer.saved == {1: 2}

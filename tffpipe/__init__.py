@@ -1,9 +1,6 @@
 """tffpipe: TensorFlow Federated pipelines for mobile-style federated learning.
 
-Importing the package checks the environment first, so a wrong interpreter or
-package version stops here with one readable message instead of deep in TF.
+Importing the package has no side effects. `tffpipe.environment.check()` tells
+whether the interpreter and the pinned packages are the ones tffpipe needs; every
+binary runs it before anything heavy is imported (`experiments.cli`).
 """
-
-from tffpipe import environment
-
-environment.check()

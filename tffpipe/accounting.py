@@ -26,39 +26,19 @@ holds whatever the participation pattern, and much larger than the sampled one.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from tffpipe import configs, validation
+
+Mechanism, Sampling, Accountant = configs.Mechanism, configs.Sampling, configs.Accountant
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128, 256, 512])
-_COUNT_STDDEV_PER_CLIENT = 0.05  # TFF's default clipped_count_stddev = 0.05 * clients_per_round
 
 
-class Mechanism(enum.Enum):
-    NONE = "none"
-    FIXED = "fixed"
-    ADAPTIVE = "adaptive"
-    TREE = "tree"
-
-
-class Sampling(enum.Enum):
-    POISSON = "poisson"  # each client independently with q = m / N
-    UNIFORM = "uniform"  # exactly m clients, uniformly without replacement
-    SHUFFLE = "shuffle"  # a seeded permutation: each client at most once (tree aggregation)
-    # Participation decided by device availability, deadlines and dropouts: not uniform,
-    # so no amplification by sampling is claimed; every round counts in full.
-    DEVICE = "device"
-
-
-class Accountant(enum.Enum):
-    RDP = "rdp"
-    PLD = "pld"
-
-
-class AccountingError(ValueError):
-    """The combination asked for has no valid accounting."""
+class AccountingError(validation.ConfigError):
+    """The plan asked for has no valid accounting; `field` names the parameter to change."""
 
 
 def default_delta(population: int) -> float:
@@ -68,7 +48,20 @@ def default_delta(population: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class PrivacyPlan:
-    """Everything epsilon depends on. Validated on construction."""
+    """Everything epsilon depends on, with the noise multiplier resolved: the one privacy plan of a run.
+
+    Built by `create_plan` from the configuration and the population; the aggregators
+    (`aggregation`) and the reported epsilon both read z from here.
+
+    Attributes:
+      mechanism, sampling, accountant: as configured (`configs`).
+      noise_multiplier: z, as given or solved for `target_epsilon`.
+      clients_per_round: m, the expected clients per round.
+      population: N, the clients that can be sampled.
+      delta: as given, or 1 / N^1.1.
+      rounds: the planned rounds (what `target_epsilon` was solved for).
+      target_epsilon: the target the noise was solved for, if any.
+    """
 
     mechanism: Mechanism
     noise_multiplier: float
@@ -77,39 +70,79 @@ class PrivacyPlan:
     sampling: Sampling
     delta: float
     accountant: Accountant = Accountant.RDP
+    rounds: int | None = None
+    target_epsilon: float | None = None
 
     def __post_init__(self):
-        if self.population <= 0:
-            raise ValueError(f"population must be positive, got {self.population}")
+        if not isinstance(self.population, int) or self.population <= 0:
+            raise AccountingError(
+                "population", f"population must be a positive number of clients, got {self.population}"
+            )
         if not 0 < self.clients_per_round <= self.population:
-            raise ValueError(
-                f"clients_per_round must be in [1, population={self.population}], got {self.clients_per_round}"
+            raise AccountingError(
+                "clients_per_round",
+                f"clients_per_round={self.clients_per_round} exceeds the {self.population} clients that can be "
+                "sampled; lower it",
             )
-        if self.noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise AccountingError(
+                "dp.noise_multiplier", f"noise_multiplier must be finite and >= 0, got {self.noise_multiplier}"
+            )
         if not 0 < self.delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
-        if self.mechanism is Mechanism.TREE and self.sampling is not Sampling.SHUFFLE:
+            raise AccountingError("privacy.delta", f"delta must be in (0, 1), got {self.delta}")
+        limit = self.max_rounds()
+        if limit is not None and self.rounds is not None and self.rounds > limit:
             raise AccountingError(
-                "tree aggregation is accounted for clients that take part at most once (sampling=shuffle); "
-                f"got sampling={self.sampling.value}"
-            )
-        if self.mechanism is not Mechanism.TREE and self.sampling is Sampling.SHUFFLE:
-            raise AccountingError("sampling=shuffle is only accounted for the tree mechanism; use poisson or uniform")
-        if self.accountant is Accountant.PLD and self.sampling not in (Sampling.POISSON, Sampling.DEVICE):
-            raise AccountingError(
-                f"the PLD accountant does not support sampling={self.sampling.value}; use --accountant=rdp"
+                "loop.rounds",
+                f"tree aggregation is accounted for clients that take part at most once, which allows at most "
+                f"{limit} rounds of {self.clients_per_round} clients from {self.population}; got rounds={self.rounds}. "
+                "Lower rounds or clients_per_round, or use the fixed or adaptive mechanism",
             )
 
     @property
     def sampling_rate(self) -> float:
         return self.clients_per_round / self.population
 
+    @property
+    def is_private(self) -> bool:
+        return self.mechanism is not Mechanism.NONE
+
     def max_rounds(self) -> int | None:
         """Rounds before a client would have to take part twice (tree), else None."""
         if self.mechanism is Mechanism.TREE:
             return self.population // self.clients_per_round
         return None
+
+    @property
+    def value_noise_multiplier(self) -> float:
+        """The multiplier of the noise on the clipped sum: z, or z_v of the adaptive split."""
+        if self.mechanism is Mechanism.ADAPTIVE:
+            return adaptive_noise_split(self.noise_multiplier, self.clients_per_round)[0]
+        return self.noise_multiplier if self.is_private else 0.0
+
+
+def create_plan(config: configs.ExperimentConfig, population: int) -> PrivacyPlan:
+    """The run's privacy plan: z as given, or solved for `config.privacy.target_epsilon`.
+
+    Raises:
+      AccountingError: the population is too small for the cohort, tree aggregation
+        would reuse clients, or no noise reaches the target.
+    """
+    plan = PrivacyPlan(
+        mechanism=config.dp.mechanism,
+        noise_multiplier=config.dp.given_noise_multiplier,
+        clients_per_round=config.clients_per_round,
+        population=population,
+        sampling=config.sampling,
+        delta=config.privacy.delta or default_delta(population),
+        accountant=config.privacy.accountant,
+        rounds=config.loop.rounds,
+        target_epsilon=config.privacy.target_epsilon,
+    )
+    if plan.target_epsilon is None:
+        return plan
+    z = noise_for_target_epsilon(plan, plan.rounds, plan.target_epsilon)
+    return dataclasses.replace(plan, noise_multiplier=z)
 
 
 def adaptive_noise_split(noise_multiplier: float, clients_per_round: float) -> tuple[float, float]:
@@ -118,17 +151,16 @@ def adaptive_noise_split(noise_multiplier: float, clients_per_round: float) -> t
     Raises AccountingError when z >= 2*s = 0.1*m: the count query would need more
     than all of the privacy budget (TFF raises a bare ValueError deep in the build).
     """
-    count_stddev = _COUNT_STDDEV_PER_CLIENT * clients_per_round
+    count_stddev = configs.ADAPTIVE_COUNT_STDDEV_PER_CLIENT * clients_per_round
     if noise_multiplier == 0:
         return 0.0, 0.0
     if noise_multiplier >= 2 * count_stddev:
-        needed = math.floor(noise_multiplier / (2 * _COUNT_STDDEV_PER_CLIENT)) + 1
+        needed = configs.min_adaptive_clients(noise_multiplier)
         raise AccountingError(
-            f"adaptive clipping with noise_multiplier={noise_multiplier} needs more than "
-            f"{needed - 1} clients per round (TFF noises the clipped count with std 0.05*clients_per_round, "
-            f"which must exceed noise_multiplier/2); got clients_per_round={clients_per_round:g}. "
-            f"Use --clients_per_round>={needed}, a noise_multiplier below {2 * count_stddev:g}, "
-            "or --dp=fixed."
+            "clients_per_round",
+            f"adaptive clipping with noise_multiplier={noise_multiplier:g} needs at least {needed} clients per round "
+            f"(TFF noises the clipped count with std 0.05*clients_per_round, which must exceed noise_multiplier/2); "
+            f"got clients_per_round={clients_per_round:g}",
         )
     value = (noise_multiplier**-2 - (2 * count_stddev) ** -2) ** -0.5
     return value, count_stddev
@@ -147,19 +179,20 @@ def round_event(plan: PrivacyPlan) -> dp_accounting.DpEvent:
         value, count_stddev = adaptive_noise_split(z, plan.clients_per_round)
         joint = (value**-2 + (2 * count_stddev) ** -2) ** -0.5  # equals z up to rounding
         return dp_accounting.GaussianDpEvent(scale * joint)
-    raise AccountingError("the tree mechanism has no per-round event; use event_after_rounds")
+    raise ValueError("the tree mechanism has no per-round event; use event_after_rounds")
 
 
 def event_after_rounds(plan: PrivacyPlan, rounds: int) -> dp_accounting.DpEvent:
     """The DpEvent of `rounds` rounds under the plan's sampling."""
     if rounds < 0:
-        raise ValueError(f"rounds must be >= 0, got {rounds}")
+        raise AccountingError("loop.rounds", f"rounds must be >= 0, got {rounds}")
     if plan.mechanism is Mechanism.TREE:
         limit = plan.max_rounds()
         if rounds > limit:
             raise AccountingError(
+                "loop.rounds",
                 f"tree aggregation over {rounds} rounds x {plan.clients_per_round} clients would reuse clients "
-                f"(population {plan.population}); at most {limit} rounds are covered by the single-epoch bound"
+                f"(population {plan.population}); at most {limit} rounds are covered by the single-epoch bound",
             )
         return dp_accounting.SingleEpochTreeAggregationDpEvent(plan.noise_multiplier, max(rounds, 1))
     inner = round_event(plan)
@@ -249,23 +282,21 @@ def describe(plan: PrivacyPlan) -> str:
 
 def noise_for_target_epsilon(plan: PrivacyPlan, rounds: int, target_epsilon: float) -> float:
     """The smallest noise multiplier that keeps epsilon <= target after `rounds` rounds."""
-    if target_epsilon <= 0:
-        raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
-    if plan.mechanism is Mechanism.NONE:
-        raise AccountingError("a target epsilon needs a DP mechanism (--dp=fixed, adaptive or tree)")
-    lower = 0.0
+    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+        raise AccountingError(
+            "privacy.target_epsilon", f"target_epsilon must be a positive number, got {target_epsilon}"
+        )
+    if not plan.is_private:
+        raise AccountingError("dp.mechanism", "a target epsilon needs a DP mechanism (fixed, adaptive or tree)")
+    bracket = dp_accounting.LowerEndpointAndGuess(0.0, 1.0)
     if plan.mechanism is Mechanism.ADAPTIVE:
-        # Above 0.1*m the adaptive split is undefined; calibrate below it.
-        upper_limit = 2 * _COUNT_STDDEV_PER_CLIENT * plan.clients_per_round * (1 - 1e-9)
-    else:
-        upper_limit = None
+        # At z >= 0.1*m the adaptive split is undefined; calibrate below it.
+        upper = 2 * configs.ADAPTIVE_COUNT_STDDEV_PER_CLIENT * plan.clients_per_round * (1 - 1e-9)
+        bracket = dp_accounting.ExplicitBracketInterval(1e-3, upper)
 
     def make_event(z: float) -> dp_accounting.DpEvent:
         return event_after_rounds(dataclasses.replace(plan, noise_multiplier=z), rounds)
 
-    bracket = dp_accounting.LowerEndpointAndGuess(lower, 1.0)
-    if upper_limit is not None:
-        bracket = dp_accounting.ExplicitBracketInterval(1e-3, upper_limit)
     try:
         return float(
             dp_accounting.calibrate_dp_mechanism(
@@ -274,5 +305,7 @@ def noise_for_target_epsilon(plan: PrivacyPlan, rounds: int, target_epsilon: flo
         )
     except (ValueError, dp_accounting.mechanism_calibration.NoBracketIntervalFoundError) as e:
         raise AccountingError(
-            f"no noise multiplier reaches epsilon={target_epsilon} in {rounds} rounds with {describe(plan)}: {e}"
+            "privacy.target_epsilon",
+            f"no noise multiplier reaches epsilon={target_epsilon:g} in {rounds} rounds with {describe(plan)} "
+            f"({e}); raise target_epsilon or clients_per_round",
         ) from e

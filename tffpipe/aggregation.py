@@ -9,7 +9,8 @@ examples move the average by more than C/m. So DP runs build the unweighted proc
 from __future__ import annotations
 
 import collections
-import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -17,54 +18,9 @@ import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 
-from tffpipe import accounting
+from tffpipe import accounting, configs
 
-Mechanism = accounting.Mechanism
-
-
-@dataclasses.dataclass(frozen=True)
-class DpConfig:
-    """The aggregation mechanism and its parameters.
-
-    Attributes:
-      mechanism: none, fixed (Gaussian, fixed clip), adaptive (Andrew et al. 2021), or
-        tree (DP-FTRL tree aggregation, Kairouz et al. 2021).
-      noise_multiplier: z; the noise std on the clipped sum is z * C.
-      clip: C, the L2 clip (fixed, tree) or the initial clip (adaptive).
-      target_quantile: adaptive: the fraction of updates that should fall under the clip.
-      clip_learning_rate: adaptive: geometric step of the clip towards the quantile.
-      zeroing_norm: if > 0, updates with a larger L-inf norm are zeroed before
-        clipping (robustness to corrupt devices; privacy unchanged).
-      noise_seed: seeds the noise of the fixed and tree mechanisms (kept in their
-        state, so a resumed run adds the same noise). Adaptive clipping uses TF
-        Privacy's unseeded noise: its resumed runs match in distribution only.
-    """
-
-    mechanism: Mechanism = Mechanism.NONE
-    noise_multiplier: float = 0.0
-    clip: float = 1.0
-    target_quantile: float = 0.5
-    clip_learning_rate: float = 0.2
-    zeroing_norm: float = 0.0
-    noise_seed: int = 0
-
-    def __post_init__(self):
-        if self.noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
-        if self.clip <= 0:
-            raise ValueError(f"clip must be positive, got {self.clip}")
-        if not 0 < self.target_quantile < 1:
-            raise ValueError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
-        if self.clip_learning_rate <= 0:
-            raise ValueError(f"clip_learning_rate must be positive, got {self.clip_learning_rate}")
-        if self.zeroing_norm < 0:
-            raise ValueError(f"zeroing_norm must be >= 0 (0: off), got {self.zeroing_norm}")
-        if self.mechanism is Mechanism.NONE and self.noise_multiplier > 0:
-            raise ValueError("noise_multiplier > 0 needs a DP mechanism (fixed, adaptive or tree), got none")
-
-    @property
-    def is_private(self) -> bool:
-        return self.mechanism is not Mechanism.NONE
+Mechanism = configs.Mechanism
 
 
 class SeededGaussianSumQuery(tfp.GaussianSumQuery):
@@ -143,12 +99,6 @@ class TreeFactory(tff.aggregators.UnweightedAggregationFactory):
         return factory.create(value_type)
 
 
-def validate(config: DpConfig, clients_per_round: int) -> None:
-    """Fails early, with the fix, where TFF would fail deep inside the build."""
-    if config.mechanism is Mechanism.ADAPTIVE:
-        accounting.adaptive_noise_split(config.noise_multiplier, clients_per_round)
-
-
 # TFF's compression aggregator: 8-bit uniform quantization of tensors above 20,000 elements.
 COMPRESSION_BITS = 8
 COMPRESSION_THRESHOLD = 20_000
@@ -166,51 +116,68 @@ def upload_bytes(record_specs, compression: bool) -> int:
     return total
 
 
-def build_factory(config: DpConfig, clients_per_round: int, *, compression: bool = False):
-    """Returns the TFF aggregation factory for `config`, or None for TFF's default weighted mean.
+def build_factory(
+    dp: configs.DpConfig, plan: accounting.PrivacyPlan, *, noise_seed: int, compression: bool = False
+) -> tff.aggregators.UnweightedAggregationFactory | tff.aggregators.WeightedAggregationFactory | None:
+    """The TFF aggregation factory of the plan, or None for TFF's default weighted mean.
 
     Args:
-      config: the mechanism.
-      clients_per_round: m, the expected number of clients; the mean divides by it.
+      dp: clip, adaptive-clipping and zeroing parameters.
+      plan: the mechanism, z (as given or solved for a target epsilon) and m, the
+        expected clients per round, which the mean divides by.
+      noise_seed: seeds the noise of the fixed and tree mechanisms; it is kept in their
+        state, so a resumed run adds the same noise. Adaptive clipping uses TF Privacy's
+        unseeded noise: its resumed runs match in distribution only.
       compression: TFF's compression aggregator (weighted mean of 8-bit quantized
-        updates). Not combined with DP: quantizing a clipped update can raise its norm
-        above the clip, which the accounting would not cover.
+        updates). `configs` refuses it with DP: quantizing a clipped update can raise
+        its norm above the clip, which the accounting would not cover.
     """
-    validate(config, clients_per_round)
-    z, m = config.noise_multiplier, float(clients_per_round)
+    z, m = plan.noise_multiplier, float(plan.clients_per_round)
     if compression:
-        if config.is_private:
-            raise ValueError(
-                "compression is not combined with DP aggregation (quantization after clipping can exceed the clip); "
-                "use --dp=none with --compression"
-            )
         return tff.learning.compression_aggregator(zeroing=False, clipping=False, weighted=True)
-    if config.mechanism is Mechanism.NONE:
+    if plan.mechanism is Mechanism.NONE:
         return None
-    if config.mechanism is Mechanism.FIXED:
+    if plan.mechanism is Mechanism.FIXED:
         # As TFF's gaussian_fixed (a normalized Gaussian sum query), with seeded noise.
-        query = tfp.NormalizedQuery(SeededGaussianSumQuery(config.clip, z * config.clip, config.noise_seed), m)
+        query = tfp.NormalizedQuery(SeededGaussianSumQuery(dp.clip, z * dp.clip, noise_seed), m)
         factory = tff.aggregators.DifferentiallyPrivateFactory(query)
-    elif config.mechanism is Mechanism.ADAPTIVE:
+    elif plan.mechanism is Mechanism.ADAPTIVE:
+        accounting.adaptive_noise_split(z, m)  # TFF fails deep inside the build where this says why
         factory = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
             z,
             m,
-            initial_l2_norm_clip=config.clip,
-            target_unclipped_quantile=config.target_quantile,
-            learning_rate=config.clip_learning_rate,
+            initial_l2_norm_clip=dp.clip,
+            target_unclipped_quantile=dp.target_quantile,
+            learning_rate=dp.clip_learning_rate,
         )
     else:
-        factory = TreeFactory(z, m, config.clip, config.noise_seed)
-    if config.zeroing_norm > 0:
-        factory = tff.aggregators.zeroing_factory(config.zeroing_norm, factory)
+        factory = TreeFactory(z, m, dp.clip, noise_seed)
+    if dp.zeroing_norm > 0:
+        factory = tff.aggregators.zeroing_factory(dp.zeroing_norm, factory)
     return factory
 
 
-def noise_stddev_of_mean(config: DpConfig, clients_per_round: int, clip: float) -> float:
-    """Std of the Gaussian noise on each coordinate of the averaged update: z_v * C / m."""
-    if not config.is_private or config.noise_multiplier == 0:
-        return 0.0
-    z = config.noise_multiplier
-    if config.mechanism is Mechanism.ADAPTIVE:
-        z, _ = accounting.adaptive_noise_split(z, clients_per_round)
-    return z * clip / clients_per_round
+def round_metrics(
+    plan: accounting.PrivacyPlan, dp: configs.DpConfig, measurements: Mapping[str, Any], clients: int
+) -> dict[str, float]:
+    """The mechanism's per-round metrics from the aggregator's measurements.
+
+    `privacy/noise_multiplier`, `privacy/clip` (after the round: adaptive clipping
+    moves it), `privacy/noise_stddev` (std of the noise on each coordinate of the
+    averaged update, z_v * C / m) and, with fixed clipping, `diagnostic/clipped_fraction`:
+    a count that is *not* privatized, for the operator only, never part of the release.
+    """
+    if not plan.is_private:
+        return {}
+    if "zeroing" in measurements:  # zeroing_factory nests the inner aggregator's measurements
+        measurements = measurements["zeroing"]
+    query = measurements.get("dp_query_metrics", {})
+    clip = float(query.get("clip", query.get("tree_agg_dpftrl_clip", dp.clip)))
+    metrics = {
+        "privacy/noise_multiplier": plan.noise_multiplier,
+        "privacy/clip": clip,
+        "privacy/noise_stddev": plan.value_noise_multiplier * clip / plan.clients_per_round,
+    }
+    if "clipped_count" in query and clients:
+        metrics["diagnostic/clipped_fraction"] = float(query["clipped_count"]) / clients
+    return metrics

@@ -7,51 +7,15 @@ Server optimizers follow Reddi et al. 2021, "Adaptive Federated Optimization".
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 from collections.abc import Callable
 
 import tensorflow_federated as tff
 
+from tffpipe import accounting, aggregation, configs
+from tffpipe.tasks import base
 
-class Algorithm(enum.Enum):
-    FEDAVG = "fedavg"  # McMahan et al. 2017: client SGD, server SGD at lr 1 (plain averaging)
-    FEDAVGM = "fedavgm"  # server SGD with momentum
-    FEDADAM = "fedadam"
-    FEDYOGI = "fedyogi"
-    FEDADAGRAD = "fedadagrad"
-    FEDPROX = "fedprox"  # Li et al. 2020: client loss + mu/2 ||w - w_server||^2
-    FEDSGD = "fedsgd"  # one gradient per client per round
-
-
-@dataclasses.dataclass(frozen=True)
-class AlgorithmConfig:
-    """Optimizers and their rates.
-
-    Attributes:
-      algorithm: which federated algorithm.
-      client_learning_rate: local SGD step size.
-      server_learning_rate: server step size (1.0 with SGD is plain FedAvg).
-      server_momentum: FedAvgM's momentum.
-      adaptive_epsilon: FedAdam/FedYogi/FedAdagrad's tau (Reddi et al. use 1e-3).
-      proximal_strength: FedProx's mu.
-    """
-
-    algorithm: Algorithm = Algorithm.FEDAVG
-    client_learning_rate: float = 0.1
-    server_learning_rate: float = 1.0
-    server_momentum: float = 0.9
-    adaptive_epsilon: float = 1e-3
-    proximal_strength: float = 0.01
-
-    def __post_init__(self):
-        for name in ("client_learning_rate", "server_learning_rate", "adaptive_epsilon"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.server_momentum < 1:
-            raise ValueError(f"server_momentum must be in [0, 1), got {self.server_momentum}")
-        if self.proximal_strength < 0:
-            raise ValueError(f"proximal_strength must be >= 0, got {self.proximal_strength}")
+Algorithm = configs.Algorithm
+AlgorithmConfig = configs.AlgorithmConfig
 
 
 # How clients iterate over their data. TFF's default, DATASET_REDUCE, runs the local
@@ -96,12 +60,7 @@ def build_training_process(
     client_opt = tff.learning.optimizers.build_sgdm(config.client_learning_rate)
     server_opt = create_server_optimizer(config)
     weighted = not isinstance(aggregator, tff.aggregators.UnweightedAggregationFactory)
-    if config.algorithm is Algorithm.FEDSGD:
-        if not weighted:
-            raise ValueError(
-                "fedsgd takes only weighted aggregators in TFF 0.87, and DP aggregation is unweighted; "
-                "use --algorithm=fedavg with --epochs=1 for DP"
-            )
+    if config.algorithm is Algorithm.FEDSGD:  # weighted only in TFF 0.87 (`configs` refuses it with DP)
         return tff.learning.algorithms.build_fed_sgd(
             model_fn, server_optimizer_fn=server_opt, model_aggregator=aggregator, loop_implementation=LOOP
         )
@@ -123,6 +82,21 @@ def build_training_process(
         tff.learning.algorithms.build_weighted_fed_avg if weighted else tff.learning.algorithms.build_unweighted_fed_avg
     )
     return build(model_fn, **common)
+
+
+def build_learning_process(
+    task: base.Task, config: configs.ExperimentConfig, plan: accounting.PrivacyPlan
+) -> tff.learning.templates.LearningProcess:
+    """The one training process of an experiment: what `train`, `evaluate` and the benchmarks run.
+
+    The algorithm's process over the task's model, with the plan's aggregator, composed
+    with the task's client data so that `next` takes client ids, and fused so each
+    client's dataset is built in its own TensorFlow call
+    (`(<S@SERVER, {str}@CLIENTS> -> <S@SERVER, M@SERVER>)`). A checkpoint holds this
+    process's state, so anything that restores one must build it here.
+    """
+    aggregator = aggregation.build_factory(config.dp, plan, noise_seed=config.seed, compression=config.compression)
+    return task.compose_train(build_training_process(task.learning_model(), config.algorithm, aggregator=aggregator))
 
 
 def build_evaluation_process(

@@ -1,23 +1,127 @@
-"""The validated configuration of one experiment, composed of each module's own config.
+"""The configuration of one experiment: frozen dataclasses and the enums they use.
 
-Each part is the frozen, self-validating config of the module that uses it; this file
-adds the cross-field checks and the flat `hparams` view written to hparams.json and
-TensorBoard.
+Standard library only, so TF-free binaries (`experiments.compute_epsilon`) share the
+training binary's flags and checks. Each config validates its own fields on
+construction with the named validators of `validation`; `ExperimentConfig` adds the
+rules that span sections, all in `_check_combinations`, so they hold before any data
+is generated or loaded. Fields are named like the flags that set them.
+
+Defaults that depend on another choice (the server learning rate on the algorithm,
+the noise multiplier on the mechanism, the model on the task) are given as None and
+resolved on construction, so the config always holds the values a run uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
-from tffpipe import accounting
-from tffpipe.aggregation import DpConfig
-from tffpipe.algorithms import AlgorithmConfig
-from tffpipe.data.generator import PopulationConfig
-from tffpipe.data.preprocessing import PreprocessConfig
-from tffpipe.devices import DeviceConfig
-from tffpipe.training_loop import LoopConfig
+from tffpipe import validation
+
+_RESUMABLE = {"resumable": True}  # may change between runs of one experiment (see `resumable_keys`)
+
+
+class Task(enum.Enum):
+    EMNIST = "emnist"  # handwritten characters per writer (TFF's EMNIST layout)
+
+
+class Mechanism(enum.Enum):
+    NONE = "none"
+    FIXED = "fixed"  # Gaussian noise on updates clipped to a fixed L2 norm
+    ADAPTIVE = "adaptive"  # the clip follows a quantile of update norms (Andrew et al. 2021)
+    TREE = "tree"  # DP-FTRL tree aggregation (Kairouz et al. 2021)
+
+
+class Sampling(enum.Enum):
+    POISSON = "poisson"  # each client independently with q = m / N
+    UNIFORM = "uniform"  # exactly m clients, uniformly without replacement
+    SHUFFLE = "shuffle"  # a seeded permutation: each client at most once (tree aggregation)
+    # Participation decided by device availability, deadlines and dropouts: not uniform,
+    # so no amplification by sampling is claimed; every round counts in full.
+    DEVICE = "device"
+
+
+class Accountant(enum.Enum):
+    RDP = "rdp"
+    PLD = "pld"
+
+
+class Algorithm(enum.Enum):
+    FEDAVG = "fedavg"  # McMahan et al. 2017: client SGD, server SGD at lr 1 (plain averaging)
+    FEDAVGM = "fedavgm"  # server SGD with momentum (Hsu et al. 2019)
+    FEDADAM = "fedadam"  # Reddi et al. 2021
+    FEDYOGI = "fedyogi"
+    FEDADAGRAD = "fedadagrad"
+    FEDPROX = "fedprox"  # Li et al. 2020: client loss + mu/2 ||w - w_server||^2
+    FEDSGD = "fedsgd"  # one gradient per client per round
+
+
+# Server learning rates when none is given. Averaging algorithms apply the mean update
+# as is (1.0). The adaptive ones follow Reddi et al. 2021 ("Adaptive Federated
+# Optimization", best rates on EMNIST character recognition): FedAdam and FedYogi
+# 10^-2.5, FedAdagrad 10^-1; FedAdam at 1.0 barely learns (2.4% after 5 rounds).
+DEFAULT_SERVER_LEARNING_RATE: Mapping[Algorithm, float] = {
+    Algorithm.FEDAVG: 1.0,
+    Algorithm.FEDAVGM: 1.0,
+    Algorithm.FEDPROX: 1.0,
+    Algorithm.FEDSGD: 1.0,
+    Algorithm.FEDADAM: 10**-2.5,
+    Algorithm.FEDYOGI: 10**-2.5,
+    Algorithm.FEDADAGRAD: 10**-1,
+}
+DEFAULT_NOISE_MULTIPLIER = 0.7  # with a DP mechanism; none without
+DEFAULT_MODEL: Mapping[Task, str] = {Task.EMNIST: "small_cnn"}
+# TFF's adaptive clipping noises the clipped count with std 0.05 * clients_per_round.
+ADAPTIVE_COUNT_STDDEV_PER_CLIENT = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationConfig:
+    """Size and skew of the embedded EMNIST-style population (see `tasks.emnist.generator`).
+
+    Attributes:
+      num_writers: clients (writers) in the population.
+      seed: the only source of randomness; the same config gives identical bytes.
+      median_examples: median examples per writer (log-normal quantity skew).
+      quantity_sigma: log-normal sigma of examples per writer; 0 gives equal sizes.
+      label_concentration: Dirichlet concentration per class around the base class
+        frequency; small values give writers few classes, large values near-IID.
+      test_fraction: share of each writer's examples held out into the test split.
+      min_examples: floor of examples per writer (at least one train, one test).
+      style_spread: scales every style and per-example variation; 1.0 is tuned so a
+        CNN lands near real EMNIST-62's accuracy, larger is harder.
+      label_noise: fraction of examples whose stored label is a random class.
+    """
+
+    num_writers: int = 3400
+    seed: int = 0
+    median_examples: int = 60
+    quantity_sigma: float = 0.8
+    label_concentration: float = 2.0
+    test_fraction: float = 0.1
+    min_examples: int = 4
+    style_spread: float = 1.0
+    label_noise: float = 0.0
+
+    def __post_init__(self):
+        validation.integer(1, num_writers=self.num_writers)
+        validation.integer(0, seed=self.seed)
+        validation.integer(1, median_examples=self.median_examples)
+        validation.integer(2, min_examples=self.min_examples)  # one train, one test
+        validation.in_range(0, 5, quantity_sigma=self.quantity_sigma)
+        validation.positive(label_concentration=self.label_concentration)
+        validation.in_range(0, 1, closed="()", test_fraction=self.test_fraction)
+        validation.non_negative(style_spread=self.style_spread)
+        validation.in_range(0, 1, closed="[)", label_noise=self.label_noise)
+
+    def fingerprint(self, generator_version: int) -> str:
+        """Short stable hash of generator version and configuration; names the cache directory."""
+        blob = json.dumps({"version": generator_version, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,16 +129,129 @@ class DataConfig:
     """Where client data comes from.
 
     Attributes:
-      data_dir: directory with a real `emnist_all.sqlite`; None uses the embedded data.
+      data_dir: directory with the task's real files; None uses the embedded data.
       cache_dir: where the embedded data is generated once.
-      only_digits: 10 digit classes instead of all 62.
-      population: the embedded generator's population (ignored with data_dir).
+      only_digits: EMNIST: the 10 digit classes instead of all 62.
+      population: the embedded EMNIST generator's population (ignored with data_dir).
     """
 
     data_dir: str | None = None
-    cache_dir: str = "data_cache"
+    cache_dir: str = dataclasses.field(default="data_cache", metadata=_RESUMABLE)
     only_digits: bool = False
     population: PopulationConfig = PopulationConfig()
+
+    def __post_init__(self):
+        if self.data_dir is not None and not self.data_dir:
+            raise validation.ConfigError("data_dir", "data_dir must name a directory (omit it for the embedded data)")
+        if not self.cache_dir:
+            raise validation.ConfigError("cache_dir", "cache_dir must name a directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """How one client's examples become training batches.
+
+    Attributes:
+      epochs: local passes over the client's data per round.
+      batch_size: examples per local step.
+      shuffle_buffer: shuffle window; 1 disables shuffling.
+      max_examples_per_client: cap on a client's examples per round (-1: all).
+    """
+
+    epochs: int = 5
+    batch_size: int = 20
+    shuffle_buffer: int = 100
+    max_examples_per_client: int = -1
+
+    def __post_init__(self):
+        validation.integer(1, epochs=self.epochs)
+        validation.integer(1, batch_size=self.batch_size)
+        validation.integer(1, shuffle_buffer=self.shuffle_buffer)
+        validation.integer(-1, max_examples_per_client=self.max_examples_per_client)
+        if self.max_examples_per_client == 0:
+            raise validation.ConfigError(
+                "max_examples_per_client", "max_examples_per_client must be positive or -1 (all), got 0"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    """The federated algorithm, its optimizers and their rates.
+
+    Attributes:
+      algorithm: which federated algorithm.
+      client_learning_rate: local SGD step size.
+      server_learning_rate: server step size; None: the algorithm's default
+        (`DEFAULT_SERVER_LEARNING_RATE`).
+      server_momentum: FedAvgM's momentum.
+      adaptive_epsilon: FedAdam/FedYogi/FedAdagrad's tau (Reddi et al. use 1e-3).
+      proximal_strength: FedProx's mu.
+    """
+
+    algorithm: Algorithm = Algorithm.FEDAVG
+    client_learning_rate: float = 0.1
+    server_learning_rate: float | None = None
+    server_momentum: float = 0.9
+    adaptive_epsilon: float = 1e-3
+    proximal_strength: float = 0.01
+
+    def __post_init__(self):
+        if self.server_learning_rate is None:
+            object.__setattr__(self, "server_learning_rate", DEFAULT_SERVER_LEARNING_RATE[self.algorithm])
+        validation.positive(client_learning_rate=self.client_learning_rate)
+        validation.positive(server_learning_rate=self.server_learning_rate)
+        validation.in_range(0, 1, closed="[)", server_momentum=self.server_momentum)
+        validation.positive(adaptive_epsilon=self.adaptive_epsilon)
+        validation.non_negative(proximal_strength=self.proximal_strength)
+
+
+@dataclasses.dataclass(frozen=True)
+class DpConfig:
+    """The aggregation mechanism and its parameters (`aggregation` builds it).
+
+    Attributes:
+      mechanism: none, fixed, adaptive or tree (see `Mechanism`).
+      noise_multiplier: z, the noise std on the clipped sum is z * C; None: 0.7 with
+        a mechanism, 0 without. With a target epsilon it is solved for instead
+        (`accounting.create_plan`) and must stay None.
+      clip: C, the L2 clip (fixed, tree) or the initial clip (adaptive).
+      target_quantile: adaptive: the fraction of updates that should fall under the clip.
+      clip_learning_rate: adaptive: geometric step of the clip towards the quantile.
+      zeroing_norm: if > 0, updates with a larger L-inf norm are zeroed before
+        clipping (robustness to corrupt devices; privacy unchanged).
+    """
+
+    mechanism: Mechanism = Mechanism.FIXED
+    noise_multiplier: float | None = None
+    clip: float = 1.0
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    zeroing_norm: float = 0.0
+
+    def __post_init__(self):
+        if self.noise_multiplier is not None:
+            validation.non_negative(noise_multiplier=self.noise_multiplier)
+            if self.mechanism is Mechanism.NONE and self.noise_multiplier > 0:
+                raise validation.ConfigError(
+                    "noise_multiplier",
+                    f"noise_multiplier={self.noise_multiplier:g} has no effect without a DP mechanism "
+                    "(mechanism none); choose the fixed, adaptive or tree mechanism, or leave noise_multiplier unset",
+                )
+        validation.positive(clip=self.clip)
+        validation.in_range(0, 1, closed="()", target_quantile=self.target_quantile)
+        validation.positive(clip_learning_rate=self.clip_learning_rate)
+        validation.non_negative(zeroing_norm=self.zeroing_norm)
+
+    @property
+    def is_private(self) -> bool:
+        return self.mechanism is not Mechanism.NONE
+
+    @property
+    def given_noise_multiplier(self) -> float:
+        """z as configured (before any target epsilon is solved for)."""
+        if self.noise_multiplier is not None:
+            return self.noise_multiplier
+        return DEFAULT_NOISE_MULTIPLIER if self.is_private else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,86 +260,303 @@ class PrivacyConfig:
 
     Attributes:
       sampling: how clients are picked; None picks what the mechanism is accounted
-        for: uniform without DP, Poisson for fixed/adaptive, shuffle for tree.
+        for (`default_sampling`).
       delta: None gives 1 / population^1.1.
       accountant: RDP or PLD.
-      target_epsilon: if set, the noise multiplier is computed to reach it.
+      target_epsilon: if set, the noise multiplier is solved to reach it over the rounds.
     """
 
-    sampling: accounting.Sampling | None = None
+    sampling: Sampling | None = None
     delta: float | None = None
-    accountant: accounting.Accountant = accounting.Accountant.RDP
+    accountant: Accountant = Accountant.RDP
     target_epsilon: float | None = None
+
+    def __post_init__(self):
+        if self.delta is not None:
+            validation.in_range(0, 1, closed="()", delta=self.delta)
+        if self.target_epsilon is not None:
+            validation.positive(target_epsilon=self.target_epsilon)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+    """How rounds run on simulated mobile devices (`devices`).
+
+    Attributes:
+      overselect: ask k * (1 + overselect) devices, to absorb dropouts and stragglers.
+      deadline_seconds: the round closes at this simulated time (0: wait for k reports).
+      start_hour_utc: simulated clock at round 1, in [0, 24).
+      server_gap_seconds: simulated time between rounds (server work, scheduling).
+      device_profiles: a profile CSV; None derives profiles from the seed.
+    """
+
+    overselect: float = 0.3
+    deadline_seconds: float = 240.0
+    start_hour_utc: float = 4.0
+    server_gap_seconds: float = 30.0
+    device_profiles: str | None = None
+
+    def __post_init__(self):
+        validation.in_range(0, 100, overselect=self.overselect)
+        validation.non_negative(deadline_seconds=self.deadline_seconds)
+        validation.in_range(0, 24, closed="[)", start_hour_utc=self.start_hour_utc)
+        validation.non_negative(server_gap_seconds=self.server_gap_seconds)
+        if self.device_profiles is not None:
+            validation.readable_file(device_profiles=self.device_profiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """Rounds and cadences: all may change when a run is resumed or extended."""
+
+    rounds: int = dataclasses.field(default=50, metadata=_RESUMABLE)
+    eval_every: int = dataclasses.field(default=10, metadata=_RESUMABLE)
+    checkpoint_every: int = dataclasses.field(default=1, metadata=_RESUMABLE)
+
+    def __post_init__(self):
+        validation.integer(1, rounds=self.rounds)
+        validation.integer(1, eval_every=self.eval_every)
+        validation.integer(1, checkpoint_every=self.checkpoint_every)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    model: str = "small_cnn"
+    """One experiment; every section validated, then the rules that span them.
+
+    Attributes:
+      task: what clients hold and the model predicts.
+      model: a registered model name of the task, or `package.module:function`;
+        None: the task's default.
+      clients_per_round: m, expected clients per round.
+      eval_clients: held-out clients per evaluation (0: none).
+      seed: seeds client sampling, shuffling, DP noise and model init.
+      root_dir, experiment: outputs go to <root_dir>/<experiment>.
+      devices: the mobile device model; None: every sampled client reports.
+      compression: TFF's 8-bit compression aggregator (not with DP).
+    """
+
+    task: Task = Task.EMNIST
+    model: str | None = None
     clients_per_round: int = 50
     eval_clients: int = 200
     seed: int = 0
-    root_dir: str = "runs"
-    experiment: str = "default"
+    root_dir: str = dataclasses.field(default="runs", metadata=_RESUMABLE)
+    experiment: str = dataclasses.field(default="default", metadata=_RESUMABLE)
     data: DataConfig = DataConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     dp: DpConfig = DpConfig()
     privacy: PrivacyConfig = PrivacyConfig()
-    loop: LoopConfig = LoopConfig(total_rounds=50)
-    devices: DeviceConfig | None = None  # None: ideal, every sampled client reports
+    loop: LoopConfig = LoopConfig()
+    devices: DeviceConfig | None = None
     compression: bool = False
 
     def __post_init__(self):
-        if self.clients_per_round <= 0:
-            raise ValueError(f"clients_per_round must be positive, got {self.clients_per_round}")
-        if self.eval_clients < 0:
-            raise ValueError(f"eval_clients must be >= 0 (0: no evaluation), got {self.eval_clients}")
-        if not self.experiment or "/" in self.experiment or self.experiment in (".", ".."):
-            raise ValueError(f"experiment must be a plain directory name, got {self.experiment!r}")
-        if self.devices is not None and self.privacy.sampling not in (None, accounting.Sampling.DEVICE):
-            raise ValueError(
-                f"sampling={self.privacy.sampling.value} cannot hold under the device model, which decides "
-                "participation itself; leave sampling unset"
-            )
-        if self.privacy.target_epsilon is not None and not self.dp.is_private:
-            raise ValueError("target_epsilon needs a DP mechanism: set dp to fixed, adaptive or tree")
+        if self.model is None:
+            object.__setattr__(self, "model", DEFAULT_MODEL[self.task])
+        if not self.model:
+            raise validation.ConfigError("model", "model must name a registered model or package.module:function")
+        validation.integer(1, clients_per_round=self.clients_per_round)
+        validation.integer(0, eval_clients=self.eval_clients)
+        validation.integer(0, seed=self.seed)
+        if not self.root_dir:
+            raise validation.ConfigError("root_dir", "root_dir must name a directory")
+        validation.plain_name(experiment=self.experiment)
+        _check_combinations(self)
 
     @property
-    def sampling(self) -> accounting.Sampling:
+    def sampling(self) -> Sampling:
+        """The sampling actually used: the device model's, the configured one, or the mechanism's default."""
         if self.devices is not None:
-            return accounting.Sampling.DEVICE
-        if self.privacy.sampling is not None:
-            return self.privacy.sampling
-        return {
-            accounting.Mechanism.NONE: accounting.Sampling.UNIFORM,
-            accounting.Mechanism.FIXED: accounting.Sampling.POISSON,
-            accounting.Mechanism.ADAPTIVE: accounting.Sampling.POISSON,
-            accounting.Mechanism.TREE: accounting.Sampling.SHUFFLE,
-        }[self.dp.mechanism]
+            return Sampling.DEVICE
+        return self.privacy.sampling or default_sampling(self.dp.mechanism)
 
     def hparams(self) -> dict[str, Any]:
         """Flat, JSON-friendly view: `section.field` keys, enums as their values."""
-        flat: dict[str, Any] = {}
-
-        def visit(prefix: str, value: Any) -> None:
-            if dataclasses.is_dataclass(value):
-                for field in dataclasses.fields(value):
-                    visit(
-                        f"{prefix}{field.name}."
-                        if dataclasses.is_dataclass(getattr(value, field.name))
-                        else f"{prefix}{field.name}",
-                        getattr(value, field.name),
-                    )
-            else:
-                flat[prefix] = value.value if isinstance(value, enum.Enum) else value
-
-        visit("", self)
+        flat = _flatten(self)
         flat["privacy.sampling"] = self.sampling.value
-        # Loop cadences may change on resume; outputs.RESUMABLE_KEYS lists them unprefixed.
-        for old, new in (
-            ("loop.total_rounds", "rounds"),
-            ("loop.eval_every", "eval_every"),
-            ("loop.checkpoint_every", "checkpoint_every"),
-        ):
-            flat[new] = flat.pop(old)
         return flat
+
+
+def default_sampling(mechanism: Mechanism) -> Sampling:
+    """The sampling each mechanism is accounted for when none is asked for."""
+    return {
+        Mechanism.NONE: Sampling.UNIFORM,
+        Mechanism.FIXED: Sampling.POISSON,
+        Mechanism.ADAPTIVE: Sampling.POISSON,
+        Mechanism.TREE: Sampling.SHUFFLE,
+    }[mechanism]
+
+
+def min_adaptive_clients(noise_multiplier: float) -> int:
+    """Fewest clients per round for adaptive clipping at this z (z < 2 * 0.05 * m)."""
+    return int(noise_multiplier / (2 * ADAPTIVE_COUNT_STDDEV_PER_CLIENT)) + 1
+
+
+def _check_combinations(config: ExperimentConfig) -> None:
+    """Rules that span sections; each error names the parameter to change."""
+    dp, privacy = config.dp, config.privacy
+    error = validation.ConfigError
+    if config.compression and dp.is_private:
+        raise error(
+            "compression",
+            f"compression is not combined with DP aggregation (mechanism {dp.mechanism.value}): quantizing a "
+            "clipped update can push it past the clip, which the accounting does not cover; "
+            "use mechanism none with compression",
+        )
+    if privacy.sampling is Sampling.DEVICE and config.devices is None:
+        raise error(
+            "privacy.sampling",
+            "sampling=device describes the device model; enable the device model or leave sampling unset",
+        )
+    if config.devices is not None and privacy.sampling not in (None, Sampling.DEVICE):
+        raise error(
+            "privacy.sampling",
+            f"sampling={privacy.sampling.value} cannot hold under the device model, which decides participation "
+            "itself; leave sampling unset",
+        )
+    if dp.mechanism is Mechanism.TREE and config.devices is not None:
+        raise error(
+            "dp.mechanism",
+            "tree aggregation is accounted for clients that take part at most once, which the device model cannot "
+            "promise; use the fixed or adaptive mechanism with the device model",
+        )
+    sampling = config.sampling
+    if dp.mechanism is Mechanism.TREE and sampling is not Sampling.SHUFFLE:
+        raise error(
+            "privacy.sampling",
+            "tree aggregation is accounted for clients that take part at most once (sampling=shuffle); "
+            f"got sampling={sampling.value}",
+        )
+    if dp.mechanism is not Mechanism.TREE and sampling is Sampling.SHUFFLE:
+        raise error(
+            "privacy.sampling", "sampling=shuffle is only accounted for the tree mechanism; use poisson or uniform"
+        )
+    if privacy.accountant is Accountant.PLD and sampling not in (Sampling.POISSON, Sampling.DEVICE):
+        raise error(
+            "privacy.accountant",
+            f"the PLD accountant does not support sampling={sampling.value}; use the RDP accountant",
+        )
+    if privacy.target_epsilon is not None:
+        if not dp.is_private:
+            raise error(
+                "privacy.target_epsilon",
+                "target_epsilon needs a DP mechanism: set the mechanism to fixed, adaptive or tree",
+            )
+        if dp.noise_multiplier is not None:
+            raise error(
+                "dp.noise_multiplier",
+                "give noise_multiplier or target_epsilon, not both (the noise is solved for the target)",
+            )
+    if dp.mechanism is Mechanism.ADAPTIVE and privacy.target_epsilon is None:
+        z, m = dp.given_noise_multiplier, config.clients_per_round
+        if z > 0 and m < min_adaptive_clients(z):
+            raise error(
+                "clients_per_round",
+                f"adaptive clipping with noise_multiplier={z:g} needs at least {min_adaptive_clients(z)} clients per "
+                f"round (TFF noises the clipped count with std 0.05*clients_per_round, which must exceed "
+                f"noise_multiplier/2); got clients_per_round={m}. Raise clients_per_round, lower noise_multiplier "
+                f"below {2 * ADAPTIVE_COUNT_STDDEV_PER_CLIENT * m:g}, or use the fixed mechanism",
+            )
+    if config.algorithm.algorithm is Algorithm.FEDSGD and dp.is_private:
+        raise error(
+            "algorithm.algorithm",
+            "fedsgd takes only weighted aggregators in TFF 0.87, and DP aggregation is unweighted; "
+            "use algorithm=fedavg with epochs=1 for DP",
+        )
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(_flatten(value, f"{prefix}{field.name}."))
+        else:
+            flat[f"{prefix}{field.name}"] = value.value if isinstance(value, enum.Enum) else value
+    return flat
+
+
+def resumable_keys() -> frozenset[str]:
+    """hparams keys that may change between runs of one experiment (rounds, cadences, paths)."""
+    keys = set()
+
+    def visit(cls: type, prefix: str) -> None:
+        for field in dataclasses.fields(cls):
+            if field.metadata.get("resumable"):
+                keys.add(f"{prefix}{field.name}")
+            default = field.default if field.default is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(default):
+                visit(type(default), f"{prefix}{field.name}.")
+
+    visit(ExperimentConfig, "")
+    return frozenset(keys)
+
+
+# Sections of ExperimentConfig that `build` assembles from dotted paths.
+_SECTIONS: Mapping[str, type] = {
+    "data.population": PopulationConfig,
+    "data": DataConfig,
+    "preprocess": PreprocessConfig,
+    "algorithm": AlgorithmConfig,
+    "dp": DpConfig,
+    "privacy": PrivacyConfig,
+    "loop": LoopConfig,
+    "devices": DeviceConfig,
+}
+
+
+def build(values: Mapping[str, Any], *, devices: bool = False) -> ExperimentConfig:
+    """An `ExperimentConfig` from `{dotted path: value}`; unnamed fields keep their defaults.
+
+    Raises:
+      validation.ConfigError: whose `field` is the dotted path of the value at fault.
+    """
+    unknown = sorted(set(values) - set(field_paths()))
+    if unknown:
+        raise KeyError(f"not configuration fields: {unknown}")
+    built: dict[str, Any] = {}
+    # Innermost sections first, so a section finds its sub-sections built.
+    for path in sorted(_SECTIONS, key=lambda p: -p.count(".")):
+        if path == "devices" and not devices:
+            continue
+        prefix = f"{path}."
+        kwargs = {
+            k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix) and "." not in k[len(prefix) :]
+        }
+        kwargs.update({k[len(prefix) :]: v for k, v in built.items() if k.startswith(prefix)})
+        try:
+            built[path] = _SECTIONS[path](**kwargs)
+        except validation.ConfigError as e:
+            raise e.prefixed(prefix) from None
+    top = {k: v for k, v in values.items() if "." not in k}
+    top.update({k: v for k, v in built.items() if "." not in k})
+    if not devices:
+        top["devices"] = None
+    return ExperimentConfig(**top)
+
+
+def field_paths() -> list[str]:
+    """Every settable leaf field of ExperimentConfig, as a dotted path."""
+    paths = []
+
+    def visit(cls: type, prefix: str) -> None:
+        for field in dataclasses.fields(cls):
+            path = f"{prefix}{field.name}"
+            if path in _SECTIONS:
+                visit(_SECTIONS[path], f"{path}.")
+            else:
+                paths.append(path)
+
+    visit(ExperimentConfig, "")
+    return paths
+
+
+def default(path: str) -> Any:
+    """The default of a leaf field, as `build` would use it (None where resolved later)."""
+    section, _, name = path.rpartition(".")
+    cls = _SECTIONS[section] if section else ExperimentConfig
+    field = {f.name: f for f in dataclasses.fields(cls)}[name]
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()

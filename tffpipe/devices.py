@@ -32,11 +32,20 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from tffpipe import configs, validation
+
 SECONDS_PER_HOUR = 3600.0
 # Compute tiers: share of devices, and the log-uniform range of on-device training speed
 # in examples/s (a small CNN on phone CPUs, framework overhead included); the tiers'
 # medians are about 4x apart, low to high about 15x.
 TIERS = {"low": (0.3, (2.0, 8.0)), "mid": (0.5, (8.0, 30.0)), "high": (0.2, (30.0, 120.0))}
+
+
+class ProfileError(validation.ConfigError):
+    """A device profile (or profile file) that cannot be used."""
+
+    def __init__(self, message: str):
+        super().__init__("devices.device_profiles", message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +61,16 @@ class DeviceProfile:
     dropout_probability: float
 
     def __post_init__(self):
-        for name in ("examples_per_second", "upload_bytes_per_second", "download_bytes_per_second"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"device {self.client_id}: {name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.window_hours <= 24:
-            raise ValueError(f"device {self.client_id}: window_hours must be in [0, 24], got {self.window_hours}")
-        if not 0 <= self.dropout_probability <= 1:
-            raise ValueError(
-                f"device {self.client_id}: dropout_probability must be in [0, 1], got {self.dropout_probability}"
-            )
+        try:
+            validation.positive(examples_per_second=self.examples_per_second)
+            validation.positive(upload_bytes_per_second=self.upload_bytes_per_second)
+            validation.positive(download_bytes_per_second=self.download_bytes_per_second)
+            validation.in_range(-24, 24, utc_offset_hours=self.utc_offset_hours)
+            validation.in_range(0, 24, closed="[)", window_start_hour=self.window_start_hour)
+            validation.in_range(0, 24, window_hours=self.window_hours)
+            validation.in_range(0, 1, dropout_probability=self.dropout_probability)
+        except validation.ConfigError as e:
+            raise ProfileError(f"device {self.client_id}: {e}") from None
 
     def available_at(self, utc_seconds: float) -> bool:
         """Inside the daily window (charging, idle, unmetered) at this UTC time."""
@@ -104,51 +114,36 @@ def save_profiles(profiles: Mapping[str, DeviceProfile], path: str) -> None:
 
 
 def load_profiles(path: str, client_ids: Sequence[str]) -> dict[str, DeviceProfile]:
-    """Reads profiles (schema in the module doc); every client id must have one."""
+    """Reads profiles (schema in the module doc); every client id must have one.
+
+    Raises:
+      ProfileError: naming the file, and the line and column at fault.
+    """
     fields = [f.name for f in dataclasses.fields(DeviceProfile)]
+    profiles = {}
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
             missing = set(fields) - set(reader.fieldnames or [])
             if missing:
-                raise ValueError(f"device profile file {path} lacks the columns {sorted(missing)}")
-            profiles = {}
-            for row in reader:
-                values = {k: row[k] if k in ("client_id", "tier") else float(row[k]) for k in fields}
-                profiles[row["client_id"]] = DeviceProfile(**values)
-    except OSError as e:
-        raise ValueError(f"cannot read device profile file {path}: {e}") from e
+                raise ProfileError(f"device profile file {path} lacks the columns {sorted(missing)}")
+            for line, row in enumerate(reader, start=2):
+                values = {}
+                for k in fields:
+                    try:
+                        values[k] = row[k] if k in ("client_id", "tier") else float(row[k])
+                    except (TypeError, ValueError):
+                        raise ProfileError(f"{path} line {line}: {k} is {row[k]!r}, not a number") from None
+                try:
+                    profiles[row["client_id"]] = DeviceProfile(**values)
+                except ProfileError as e:
+                    raise ProfileError(f"{path} line {line}: {e}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ProfileError(f"cannot read device profile file {path}: {e}") from e
     lacking = [cid for cid in client_ids if cid not in profiles]
     if lacking:
-        raise ValueError(f"device profile file {path} has no row for {len(lacking)} clients, e.g. {lacking[:3]}")
+        raise ProfileError(f"device profile file {path} has no row for {len(lacking)} clients, e.g. {lacking[:3]}")
     return profiles
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceConfig:
-    """How rounds run on devices.
-
-    Attributes:
-      overselect: ask k * (1 + overselect) devices, to absorb dropouts and stragglers.
-      deadline_seconds: the round closes at this simulated time (0: wait for k reports).
-      start_hour_utc: simulated clock at round 1.
-      server_gap_seconds: simulated time between rounds (server work, scheduling).
-      profiles_path: a profile CSV; None derives profiles from the seed.
-    """
-
-    overselect: float = 0.3
-    deadline_seconds: float = 240.0
-    start_hour_utc: float = 4.0
-    server_gap_seconds: float = 30.0
-    profiles_path: str | None = None
-
-    def __post_init__(self):
-        if self.overselect < 0:
-            raise ValueError(f"overselect must be >= 0, got {self.overselect}")
-        if self.deadline_seconds < 0:
-            raise ValueError(f"deadline_seconds must be >= 0 (0: none), got {self.deadline_seconds}")
-        if self.server_gap_seconds < 0:
-            raise ValueError(f"server_gap_seconds must be >= 0, got {self.server_gap_seconds}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +191,7 @@ class DeviceRounds:
         epochs: int,
         model_bytes: int,
         update_bytes: int,
-        config: DeviceConfig,
+        config: configs.DeviceConfig,
         seed: int,
     ):
         if clients_per_round <= 0:

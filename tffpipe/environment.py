@@ -73,10 +73,18 @@ def format_problems(problems: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def check() -> None:
-    """Raises EnvironmentMismatchError naming every problem, unless skipped by variable."""
+def problems_unless_skipped() -> list[str]:
+    """The problems of this environment, or none when SKIP_VARIABLE=1."""
     if os.environ.get(SKIP_VARIABLE) == "1":
-        return
-    problems = find_problems(sys.version_info)
+        return []
+    return find_problems(sys.version_info)
+
+
+def check() -> None:
+    """Raises EnvironmentMismatchError naming every problem, unless skipped by variable.
+
+    The binaries run this first; a library user may call it before importing the rest.
+    """
+    problems = problems_unless_skipped()
     if problems:
         raise EnvironmentMismatchError(format_problems(problems))

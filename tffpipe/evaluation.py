@@ -34,6 +34,15 @@ class Distribution:
         ]
 
 
+def load_keras_model(path: str) -> tf.keras.Model:
+    """A saved Keras model, or a ValueError saying why the file is not one."""
+    try:
+        return tf.keras.models.load_model(path)
+    except Exception as e:  # noqa: BLE001  (Keras raises many types on a file that is not a model)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not a loadable Keras model ({type(e).__name__}: {first})") from e
+
+
 def per_client_accuracy(model: tf.keras.Model, client_data, client_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(accuracy, examples) per client; `client_data` yields batches of {x, y}."""
     predict = tf.function(

@@ -1,7 +1,7 @@
 """One output layout for every experiment, written through TFF's program managers.
 
 <root>/<experiment>/
-  hparams.json        the configuration; a rerun must match it to resume
+  hparams.json        the configuration; a rerun must match it to resume (once a round completed)
   checkpoints/        tff.program.FileProgramStateManager, one version per round
   metrics.csv         tff.program.CSVFileReleaseManager, keyed by `round`
   tensorboard/        scalars (TensorBoardReleaseManager), hparams, sample images
@@ -15,27 +15,41 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import re
+import shutil
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-# Keys that may change between runs of one experiment without invalidating its checkpoints.
-RESUMABLE_KEYS = frozenset({"rounds", "eval_every", "checkpoint_every", "root_dir", "experiment", "data.cache_dir"})
+from tffpipe import configs, errors
+
 _TB_COMMITTED = ".tensorboard_round"
+_LOCK = ".lock"
+_CHECKPOINT_PREFIX = "program_state_"
+_CHECKPOINT_TEMP = re.compile(rf"^{_CHECKPOINT_PREFIX}\d+_temp\d+$")  # TFF's half-written checkpoint
 
 
 class OutputError(ValueError):
     """The experiment directory cannot be used as asked; nothing in it was changed."""
 
+    field = "experiment"
+
+
+class WriteFault(errors.Fault):
+    """Writing an output failed mid-run (disk full, permissions); earlier outputs are intact."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentDirs:
+    """The paths of one experiment's outputs (see the module doc)."""
+
     root: str
     name: str
 
@@ -43,61 +57,153 @@ class ExperimentDirs:
     def path(self) -> str:
         return os.path.join(self.root, self.name)
 
-    def __getattr__(self, item: str) -> str:
-        files = {
-            "hparams": "hparams.json",
-            "checkpoints": "checkpoints",
-            "metrics_csv": "metrics.csv",
-            "tensorboard": "tensorboard",
-            "model": "model.keras",
-            "summary_png": "summary.png",
-            "worker_log": "worker.log",
-            "device_participation": "device_participation.json",
-        }
-        if item not in files:
-            raise AttributeError(item)
-        return os.path.join(self.path, files[item])
+    def _file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def hparams(self) -> str:
+        return self._file("hparams.json")
+
+    @property
+    def checkpoints(self) -> str:
+        return self._file("checkpoints")
+
+    @property
+    def metrics_csv(self) -> str:
+        return self._file("metrics.csv")
+
+    @property
+    def tensorboard(self) -> str:
+        return self._file("tensorboard")
+
+    @property
+    def model(self) -> str:
+        return self._file("model.keras")
+
+    @property
+    def summary_png(self) -> str:
+        return self._file("summary.png")
+
+    @property
+    def worker_log(self) -> str:
+        return self._file("worker.log")
+
+    @property
+    def device_participation(self) -> str:
+        return self._file("device_participation.json")
+
+
+def has_completed_round(dirs: ExperimentDirs) -> bool:
+    """Whether a checkpoint exists: only then does the directory hold a configuration."""
+    if not os.path.isdir(dirs.checkpoints):
+        return False
+    return any(
+        name.startswith(_CHECKPOINT_PREFIX) and name[len(_CHECKPOINT_PREFIX) :].isdigit()
+        for name in os.listdir(dirs.checkpoints)
+    )
+
+
+def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """hparams keys whose values differ, ignoring what may change on resume.
+
+    Keys one side lacks are tolerated where that is a version change, not a new
+    configuration: a key this version no longer has, or a new key at its default.
+    """
+    defaults = configs.ExperimentConfig().hparams()
+    resumable = configs.resumable_keys()
+    changed = []
+    for key in sorted(set(saved) | set(current)):
+        if key in resumable or key not in current:
+            continue
+        if key not in saved and key in defaults and current[key] == defaults[key]:
+            continue
+        if saved.get(key) != current[key]:
+            changed.append(key)
+    return changed
 
 
 def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
-    """Creates the directory or checks a rerun matches it; returns True when resuming.
+    """Creates the directory, or checks a rerun matches it; returns True when resuming.
 
-    Raises OutputError when the directory holds another configuration (it is never
-    overwritten), holds files that are not an experiment, or cannot be written.
+    A directory whose run never completed a round holds no configuration: it is
+    started afresh (its uncommitted metrics and TensorBoard files go). Holds the
+    experiment's lock from here to the end of the process.
+
+    Raises:
+      OutputError: the directory holds another configuration (it is never
+        overwritten), files that are not an experiment, is used by another run, or
+        cannot be written.
     """
     try:
         os.makedirs(dirs.path, exist_ok=True)
     except OSError as e:
         raise OutputError(
-            f"cannot create the experiment directory {dirs.path}: {e}. Choose a writable --root_dir."
+            f"cannot create the experiment directory {dirs.path}: {e.strerror or e}. Choose a writable root_dir."
         ) from e
     if not os.access(dirs.path, os.W_OK):
-        raise OutputError(f"experiment directory {dirs.path} is not writable. Choose a writable --root_dir.")
-    if os.path.exists(dirs.hparams):
+        raise OutputError(f"experiment directory {dirs.path} is not writable. Choose a writable root_dir.")
+    entries = set(os.listdir(dirs.path)) - {_LOCK}
+    if entries and not os.path.exists(dirs.hparams):
+        raise OutputError(
+            f"{dirs.path} already holds files but no hparams.json: not a tffpipe experiment. "
+            "It is left as is; pick another experiment name or root_dir."
+        )
+    _lock(dirs)
+    if os.path.exists(dirs.hparams) and has_completed_round(dirs):
         try:
             with open(dirs.hparams) as f:
                 saved = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise OutputError(
-                f"{dirs.hparams} is unreadable ({e}); move the directory away or pick another --experiment"
+                f"{dirs.hparams} is unreadable ({e}); move the directory away or pick another experiment name"
             ) from e
-        changed = sorted(
-            k for k in set(saved) | set(hparams) if k not in RESUMABLE_KEYS and saved.get(k) != hparams.get(k)
-        )
+        changed = changed_keys(saved, hparams)
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {hparams.get(k)!r}" for k in changed)
             raise OutputError(
                 f"experiment {dirs.path} was run with another configuration ({details}). Its checkpoints "
-                "are kept untouched: pick a new --experiment name, or rerun with the original flags to resume."
+                "are kept untouched: pick a new experiment name, or rerun with the original settings to resume."
             )
+        remove_stale_checkpoint_files(dirs)
         return True
-    if os.listdir(dirs.path):
-        raise OutputError(
-            f"{dirs.path} already holds files but no hparams.json: not a tffpipe experiment. "
-            "It is left as is; pick another --experiment or --root_dir."
-        )
+    for stale in (dirs.metrics_csv, dirs.tensorboard, dirs.checkpoints):  # a run that never completed a round
+        if os.path.isdir(stale):
+            shutil.rmtree(stale)
+        elif os.path.exists(stale):
+            os.remove(stale)
     write_json(dirs.hparams, hparams)
     return False
+
+
+_held_locks: dict[str, IO[str]] = {}
+
+
+def _lock(dirs: ExperimentDirs) -> None:
+    """An exclusive lock on the experiment for this process's lifetime (released by the kernel on exit)."""
+    path = os.path.abspath(os.path.join(dirs.path, _LOCK))
+    if path in _held_locks:
+        return
+    handle = open(path, "a")  # noqa: SIM115  (held until the process exits)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        handle.close()
+        raise OutputError(
+            f"experiment {dirs.path} is in use by another running tffpipe process; wait for it to finish, "
+            "or pick another experiment name"
+        ) from e
+    _held_locks[path] = handle
+
+
+def remove_stale_checkpoint_files(dirs: ExperimentDirs) -> list[str]:
+    """Removes half-written checkpoints (`program_state_<n>_temp<k>`) a killed run left behind."""
+    removed = []
+    if os.path.isdir(dirs.checkpoints):
+        for name in os.listdir(dirs.checkpoints):
+            if _CHECKPOINT_TEMP.match(name):
+                shutil.rmtree(os.path.join(dirs.checkpoints, name), ignore_errors=True)
+                removed.append(name)
+    return removed
 
 
 def record_hparams(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> None:
@@ -137,7 +243,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"{where} holds a process state of another structure than this run builds (written by another "
                 "tffpipe version, or with settings that change the learning process). Nothing was changed. "
-                "Resume it with the code that wrote it, or start a new --experiment."
+                "Resume it with the code that wrote it, or start a new experiment."
             ) from e
         except Exception as e:  # noqa: BLE001  (SavedModel raises many types on damaged files)
             raise CheckpointError(_unreadable(where, latest, e)) from e
@@ -145,14 +251,28 @@ class Checkpointer:
         return state, latest
 
     def save(self, state: Any, round_num: int) -> None:
-        asyncio.run(self._manager.save(state, round_num))
+        try:
+            asyncio.run(self._manager.save(state, round_num))
+        except (OSError, tf.errors.OpError) as e:
+            reason = "the disk is full" if _disk_full(e) else f"{type(e).__name__}: {_first_line(e)}"
+            raise WriteFault(
+                f"could not write the checkpoint of round {round_num} in {self._directory}: {reason}. "
+                "Earlier checkpoints are intact; free space (or fix the directory) and rerun to resume."
+            ) from e
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+def _disk_full(error: Exception) -> bool:
+    return getattr(error, "errno", None) == 28 or isinstance(error, tf.errors.ResourceExhaustedError)
 
 
 def _unreadable(where: str, latest: int, error: Exception) -> str:
-    first_line = (str(error).strip().splitlines() or [""])[0][:300]
     return (
-        f"{where} is unreadable ({type(error).__name__}: {first_line}). Nothing was changed. "
-        f"Delete program_state_{latest} there to resume from the one before, or start a new --experiment."
+        f"{where} is unreadable ({type(error).__name__}: {_first_line(error)}). Nothing was changed. "
+        f"Delete program_state_{latest} there to resume from the one before, or start a new experiment."
     )
 
 
@@ -165,7 +285,7 @@ def _check_same_shapes(expected: Any, loaded: Any, what: str) -> None:
     if want != have:
         raise CheckpointError(
             f"{what} was written for another model (its tensors have other shapes). It is kept untouched; "
-            "pick a new --experiment name or rerun with the original --model."
+            "pick a new experiment name or rerun with the original model."
         )
 
 
@@ -256,12 +376,15 @@ def write_hparams_summary(dirs: ExperimentDirs, hparams: Mapping[str, Any], metr
     writer.flush()
 
 
-def write_sample_images(dirs: ExperimentDirs, images_by_client: Mapping[str, np.ndarray]) -> None:
-    """A few clients' example images (ink dark on light, as EMNIST stores them) for TensorBoard."""
+def write_samples(dirs: ExperimentDirs, samples_by_client: Mapping[str, np.ndarray]) -> None:
+    """A few clients' examples for TensorBoard: images ([n, h, w, c]) or texts (strings)."""
     writer = tf.summary.create_file_writer(dirs.tensorboard)
     with writer.as_default():
-        for client_id, images in images_by_client.items():
-            tf.summary.image(f"clients/{client_id}", images[..., np.newaxis], step=0, max_outputs=len(images))
+        for client_id, samples in samples_by_client.items():
+            if np.asarray(samples).dtype.kind in "US":
+                tf.summary.text(f"clients/{client_id}", tf.constant(np.asarray(samples)), step=0)
+            else:
+                tf.summary.image(f"clients/{client_id}", samples, step=0, max_outputs=len(samples))
     writer.flush()
 
 

@@ -13,9 +13,7 @@ binds to loopback (`_native/loopback_bind.c`).
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
-import signal
 import subprocess
 import time
 from typing import IO
@@ -32,16 +30,11 @@ from tensorflow_federated.python.core.impl.executor_stacks import python_executo
 from tensorflow_federated.python.core.impl.executors import remote_executor, remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.types import placements
 
+from tffpipe import processes
+
 _WORKER_BINARY = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
 LOOPBACK_SHIM = os.path.join(os.path.dirname(__file__), "_native", "libloopback_bind.so")
-_PR_SET_PDEATHSIG = 1
 _GRPC_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-
-
-def die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the Python parent exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class LocalWorker:
@@ -92,7 +85,7 @@ class LocalWorker:
             stdout=out,
             stderr=out,
             env=env,
-            preexec_fn=die_with_parent,
+            preexec_fn=processes.die_with_parent,
         )
         channel = grpc.insecure_channel(f"localhost:{port}", _GRPC_OPTIONS)
         self._stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)

@@ -1,6 +1,6 @@
 """The round loop: select -> next -> evaluate -> release -> checkpoint.
 
-It knows nothing of Keras, EMNIST, DP or flags: every collaborator is passed in, so
+It knows nothing of Keras, tasks, DP or flags: every collaborator is passed in, so
 tests drive it with small fakes. Its one job is ordering, which is what makes runs
 resumable without gaps or duplicates:
 
@@ -20,11 +20,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from tffpipe import configs, errors
+
 Metrics = Mapping[str, float]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.Fault):
     """A round produced a NaN or infinite loss; nothing of that round was saved."""
+
+    exit_code = 3
 
 
 class Sampler(Protocol):
@@ -43,18 +47,6 @@ class Releaser(Protocol):
     def release(self, round_num: int, metrics: Metrics) -> None: ...
 
     def commit(self, round_num: int) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    total_rounds: int
-    eval_every: int = 10
-    checkpoint_every: int = 1
-
-    def __post_init__(self):
-        for name in ("total_rounds", "eval_every", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -76,13 +68,13 @@ def run(
     sampler: Sampler,
     checkpointer: Checkpointer,
     releaser: Releaser,
-    config: LoopConfig,
+    config: configs.LoopConfig,
     evaluate: Callable[[Any], Metrics] | None = None,
     round_metrics: Callable[[int, Any, Sequence[str]], Metrics] | None = None,
     progress: Callable[[int, Metrics], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> LoopResult:
-    """Runs rounds (latest checkpoint + 1) .. total_rounds.
+    """Runs rounds (latest checkpoint + 1) .. rounds.
 
     Args:
       process: a `tff.learning.templates.LearningProcess` whose `next` takes client ids.
@@ -105,7 +97,7 @@ def run(
     releaser.resume(start)
     last_saved = start
     round_num = start
-    for round_num in range(start + 1, config.total_rounds + 1):
+    for round_num in range(start + 1, config.rounds + 1):
         clients = list(sampler.sample(round_num))
         began = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -121,7 +113,7 @@ def run(
                 raise NonFiniteLossError(
                     f"round {round_num} produced a non-finite training loss ({loss}); "
                     f"the last good checkpoint (round {last_saved}) is kept. Lower the client learning rate, "
-                    "or bound updates with --dp=fixed/adaptive (clipping) or --zeroing_norm."
+                    "or bound the updates (DP clipping, or a zeroing norm)."
                 )
             state = output.state
             if round_metrics is not None:
@@ -133,17 +125,15 @@ def run(
         metrics["system/clients"] = float(len(clients))
         metrics["system/client_examples_per_second"] = metrics.get("train/num_examples", 0.0) / max(seconds, 1e-9)
         stopping = stop_requested()
-        if evaluate is not None and (
-            round_num % config.eval_every == 0 or round_num == config.total_rounds or stopping
-        ):
+        if evaluate is not None and (round_num % config.eval_every == 0 or round_num == config.rounds or stopping):
             metrics.update(evaluate(process.get_model_weights(state)))
         releaser.release(round_num, metrics)
         if progress is not None:
             progress(round_num, metrics)
-        if round_num % config.checkpoint_every == 0 or round_num == config.total_rounds or stopping:
+        if round_num % config.checkpoint_every == 0 or round_num == config.rounds or stopping:
             checkpointer.save(state, round_num)
             releaser.commit(round_num)
             last_saved = round_num
         if stopping:
-            return LoopResult(state, round_num, start, stopped_early=round_num < config.total_rounds)
+            return LoopResult(state, round_num, start, stopped_early=round_num < config.rounds)
     return LoopResult(state, round_num, start, stopped_early=False)

@@ -1,83 +1,52 @@
-"""Client dataset pipelines: EMNIST elements to model batches, seeded, without tf.data functions."""
+"""Client dataset pipelines shared by every task: seeded, and without tf.data functions.
+
+A task supplies `to_model_batch`, which turns a batch of a client's raw rows (or of
+parsed elements) into the model's input {x, y}; the pipelines here read a client's
+rows at once, convert them with ops of the computation's own graph, then shuffle,
+repeat and batch.
+"""
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import tensorflow as tf
 
-from tffpipe.data import emnist_files
+from tffpipe import configs
+
+ToModelBatch = Callable[[object], dict]
 
 
-@dataclasses.dataclass(frozen=True)
-class PreprocessConfig:
-    """How one client's examples become training batches.
+def create_train_fn(
+    config: configs.PreprocessConfig, to_model_batch: ToModelBatch, *, seed: int
+) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
+    """A serializable dataset transform for training clients: rows or elements to batches.
 
-    Attributes:
-      epochs: local passes over the client's data per round.
-      batch_size: examples per local step.
-      shuffle_buffer: shuffle window; 1 disables shuffling.
-      max_examples: cap on a client's examples per round (-1: all), as devices cap work.
-      seed: shuffle seed; the same seed gives the same order on every run, so a
-        resumed run replays exactly what an uninterrupted one computes.
+    `seed` fixes the shuffle order, so a resumed run replays exactly what an
+    uninterrupted one computes.
     """
-
-    epochs: int = 1
-    batch_size: int = 20
-    shuffle_buffer: int = 100
-    max_examples: int = -1
-    seed: int = 0
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "shuffle_buffer"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.max_examples == 0 or self.max_examples < -1:
-            raise ValueError(f"max_examples must be positive or -1 (all), got {self.max_examples}")
-
-
-def to_model_batch(batch) -> collections.OrderedDict:
-    """A batch of EMNIST elements, or of serialized rows, to the model's input.
-
-    x = ink in [0, 1] as [B, 28, 28, 1] (EMNIST pixels have 1.0 = background), y = the
-    label as [B, 1]. Takes parsed elements (TFF's loader, `emnist_files.load_client_data`)
-    or serialized tf.train.Example rows (`emnist_files.load_client_rows`), which it
-    parses as one batch.
-    """
-    if not isinstance(batch, Mapping):
-        batch = emnist_files.parse(batch)
-    return collections.OrderedDict(
-        x=tf.expand_dims(1.0 - batch["pixels"], -1),
-        y=tf.reshape(batch["label"], [-1, 1]),
-    )
-
-
-def create_train_fn(config: PreprocessConfig) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
-    """A serializable dataset transform for training clients: rows or elements to batches."""
 
     def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
-        if config.max_examples > 0:
-            dataset = dataset.take(config.max_examples)
-        examples = _examples(dataset)
+        if config.max_examples_per_client > 0:
+            dataset = dataset.take(config.max_examples_per_client)
+        examples = _examples(dataset, to_model_batch)
         if config.shuffle_buffer > 1:
-            examples = examples.shuffle(config.shuffle_buffer, seed=config.seed)
+            examples = examples.shuffle(config.shuffle_buffer, seed=seed)
         return _lean(examples.repeat(config.epochs).batch(config.batch_size))
 
     return preprocess
 
 
-def create_eval_fn(batch_size: int = 100) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
+def create_eval_fn(to_model_batch: ToModelBatch, batch_size: int = 100) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
     """A deterministic transform for evaluation: every example once, large batches."""
 
     def preprocess(dataset: tf.data.Dataset) -> tf.data.Dataset:
-        return _lean(_examples(dataset).batch(batch_size))
+        return _lean(_examples(dataset, to_model_batch).batch(batch_size))
 
     return preprocess
 
 
-def _examples(dataset: tf.data.Dataset) -> tf.data.Dataset:
+def _examples(dataset: tf.data.Dataset, to_model_batch: ToModelBatch) -> tf.data.Dataset:
     """One client's examples, read and parsed at once, then sliced into single examples.
 
     A client holds at most a few hundred examples, so they are read in one batch and

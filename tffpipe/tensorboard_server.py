@@ -9,7 +9,7 @@ import urllib.request
 
 import portpicker
 
-from tffpipe import runtime
+from tffpipe import processes
 
 
 def start(logdir: str, port: int | None = None, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
@@ -20,7 +20,7 @@ def start(logdir: str, port: int | None = None, timeout_s: float = 60.0) -> tupl
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        preexec_fn=runtime.die_with_parent,
+        preexec_fn=processes.die_with_parent,
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout_s

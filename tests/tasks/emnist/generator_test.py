@@ -1,6 +1,7 @@
 import hashlib
 import os
 import sqlite3
+import subprocess
 
 import numpy as np
 import pytest
@@ -9,7 +10,9 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.simulation.datasets import emnist as tff_emnist
 
 from tests import conftest
-from tffpipe.data import emnist_files, generator, glyphs
+from tffpipe import processes
+from tffpipe.tasks.emnist import files as emnist_files
+from tffpipe.tasks.emnist import generator, glyphs
 
 
 def _db(data_dir: str) -> str:
@@ -40,6 +43,12 @@ def test_generated_file_round_trips_through_tffs_own_sql_client_data(tiny_data_d
     assert np.median(pixels) > 0.9 and pixels.min() < 0.2
 
 
+def test_population_size_is_known_before_generating(tiny_data_dir):
+    counts = emnist_files.check_database(_db(tiny_data_dir), only_digits=True)
+    assert generator.train_clients(conftest.TINY, only_digits=True) == counts["digits_only_train"]
+    assert generator.train_clients(conftest.TINY, only_digits=False) == conftest.TINY.num_writers
+
+
 def test_hand_encoded_example_equals_tf_train_example():
     pixels = np.random.default_rng(0).random((28, 28), dtype=np.float32)
     ours = generator.serialize_example(pixels, 37)
@@ -63,7 +72,7 @@ def test_digits_only_splits_hold_exactly_the_digit_examples(tiny_data_dir):
 def test_same_seed_gives_identical_data_and_another_seed_does_not(tmp_path):
     config = generator.PopulationConfig(num_writers=3, median_examples=8, seed=1)
     generator.generate(config, str(tmp_path / "a.sqlite"), workers=1)
-    generator.generate(config, str(tmp_path / "b.sqlite"), workers=1)
+    generator.generate(config, str(tmp_path / "b.sqlite"), workers=2)  # worker processes give the same bytes
     other = generator.PopulationConfig(num_writers=3, median_examples=8, seed=2)
     generator.generate(other, str(tmp_path / "c.sqlite"), workers=1)
     assert _digest(str(tmp_path / "a.sqlite")) == _digest(str(tmp_path / "b.sqlite"))
@@ -139,8 +148,8 @@ def test_interrupted_generation_leaves_nothing_that_loads(tmp_path, monkeypatch)
     monkeypatch.setattr(generator, "_writer_examples", crash)
     with pytest.raises(KeyboardInterrupt):
         generator.ensure_generated(str(tmp_path), config, workers=1)
-    data_dir = os.path.join(str(tmp_path), f"embedded-{config.fingerprint()}")
-    assert not os.path.exists(_db(data_dir))
+    data_dir = generator.cached_data_dir(str(tmp_path), config)
+    assert not os.path.exists(_db(data_dir)) and os.listdir(data_dir) == []
     with pytest.raises(emnist_files.DataFileError, match="not found"):
         emnist_files.load_client_data(data_dir)
 
@@ -158,8 +167,27 @@ def test_different_config_gets_its_own_file_and_a_mismatched_file_is_regenerated
     assert generator.read_config(_db(dir_a)) == a
 
 
-def test_population_config_rejects_bad_values_by_name():
-    with pytest.raises(ValueError, match="num_writers must be positive, got 0"):
-        generator.PopulationConfig(num_writers=0)
-    with pytest.raises(ValueError, match="test_fraction must be in"):
-        generator.PopulationConfig(test_fraction=1.5)
+def test_a_crashed_generations_temporary_file_is_removed_on_the_next_start(tmp_path):
+    config = generator.PopulationConfig(num_writers=2, median_examples=6, seed=1)
+    data_dir = generator.cached_data_dir(str(tmp_path), config)
+    os.makedirs(data_dir)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = os.path.join(data_dir, f"{emnist_files.FILE_NAME}.tmp-{dead.pid}")
+    open(leftover, "wb").close()
+    generator.ensure_generated(str(tmp_path), config, workers=1)
+    assert sorted(os.listdir(data_dir)) == [emnist_files.FILE_NAME]
+
+
+def test_progress_counts_every_writer(tmp_path):
+    config = generator.PopulationConfig(num_writers=60, median_examples=2, min_examples=2, seed=1)
+    calls = []
+    generator.generate(config, str(tmp_path / "p.sqlite"), workers=1, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(50, 60), (60, 60)]  # chunks of 50 writers
+
+
+def test_a_stop_request_abandons_the_file(tmp_path):
+    config = generator.PopulationConfig(num_writers=120, median_examples=2, min_examples=2, seed=1)
+    with pytest.raises(processes.Interrupted):
+        generator.generate(config, str(tmp_path / "s.sqlite"), workers=2, stop_requested=lambda: True)
+    assert os.listdir(tmp_path) == []

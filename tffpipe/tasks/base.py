@@ -1,47 +1,70 @@
-"""Data meets model: the one place that checks the model fits the client data.
+"""The learning side of every task: client data meets a Keras model, as TFF needs it.
 
-A `Task` holds the preprocessed train/test `ClientData`, the Keras builder and the
-`model_fn` TFF needs, and composes learning processes with
-`ClientData.dataset_computation`, so client datasets are built inside the TFF
-computation from client ids: a round touches only its own clients' rows, and
-nothing is serialized from Python per round. `fusion` then moves each client's
-dataset into the same TensorFlow call as its training.
+A `Task` holds the preprocessed train/test `ClientData`, the Keras builder, the loss
+and metrics, and composes learning processes with `ClientData.dataset_computation`,
+so client datasets are built inside the TFF computation from client ids: a round
+touches only its own clients' rows, and nothing is serialized from Python per round.
+`fusion` then moves each client's dataset into the same TensorFlow call as its
+training. What differs between tasks (data, preprocessing, models, metrics, samples)
+comes in as arguments from the task's own module.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable, Mapping
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tffpipe import fusion, models
-from tffpipe.data import preprocessing
+from tffpipe import configs, fusion, models
+
+MetricsFn = Callable[[], "collections.OrderedDict[str, tf.keras.metrics.Metric]"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+    """One task's data and model, ready for TFF.
+
+    Attributes:
+      kind: which task.
+      train_data, test_data: preprocessed `ClientData` yielding batches {x, y}.
+      model_name: the builder's registered name or import path.
+      model_info: parameters and upload bytes of the model.
+      num_classes: outputs per prediction (classes, or vocabulary entries).
+      loss_fn: a fresh Keras loss on (y, logits).
+      metrics_fn: fresh Keras metrics by name, `loss` first (the loss as a metric, which
+        functional models need and Keras-wrapped ones get from TFF); `num_examples`
+        is added for functional models as TFF adds it for Keras-wrapped ones.
+      sample_fn: (seed) -> {client id: samples} for TensorBoard (images or texts).
+    """
+
+    kind: configs.Task
     train_data: tff.simulation.datasets.ClientData
     test_data: tff.simulation.datasets.ClientData
-    num_classes: int
     model_name: str
     model_info: models.ModelInfo
+    num_classes: int
+    loss_fn: Callable[[], tf.keras.losses.Loss]
+    metrics_fn: MetricsFn
+    sample_fn: Callable[[int], Mapping[str, np.ndarray]]
 
     @property
     def input_spec(self):
         return self.train_data.element_type_structure
 
     def create_keras_model(self) -> tf.keras.Model:
-        return models.create_model(self.model_name, self.num_classes)
+        return models.create_model(self.model_name, self.kind, self.num_classes)
 
     def model_fn(self) -> tff.learning.models.VariableModel:
         """A fresh Keras-wrapped TFF model (TFF calls this inside its own graphs)."""
         return tff.learning.models.from_keras_model(
             self.create_keras_model(),
-            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            loss=self.loss_fn(),
             input_spec=self.input_spec,
-            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            metrics=[m for name, m in self.metrics_fn().items() if name != "loss"],
         )
 
     def learning_model(self):
@@ -65,14 +88,21 @@ class Task:
             tf.keras.layers.Conv1D,
             tf.keras.layers.Conv2D,
             tf.keras.layers.Conv3D,
+            tf.keras.layers.RNN,
+            tf.keras.layers.LSTM,
+            tf.keras.layers.GRU,
         )
         if keras_model.non_trainable_weights or any(isinstance(m, keras_wrapped) for m in keras_model.submodules):
             return self.model_fn
+        metrics_fn = self.metrics_fn
+
+        def metrics_constructor() -> collections.OrderedDict:
+            metrics = metrics_fn()
+            metrics["num_examples"] = ExampleCount()
+            return metrics
+
         return tff.learning.models.functional_model_from_keras(
-            keras_model,
-            tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            self.input_spec,
-            metrics_constructor=_functional_metrics,
+            keras_model, self.loss_fn(), self.input_spec, metrics_constructor=metrics_constructor
         )
 
     def record_specs(self) -> list[tf.TensorSpec]:
@@ -99,37 +129,3 @@ class ExampleCount(tf.keras.metrics.Sum):
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         return super().update_state(tf.cast(tf.shape(y_true)[0], tf.float32))
-
-
-def _functional_metrics() -> collections.OrderedDict:
-    """The Keras-wrapped model's metrics (loss, accuracy, num_examples) for functional models."""
-    return collections.OrderedDict(
-        loss=tf.keras.metrics.SparseCategoricalCrossentropy(from_logits=True),
-        accuracy=tf.keras.metrics.SparseCategoricalAccuracy(),
-        num_examples=ExampleCount(),
-    )
-
-
-def create_task(
-    train: tff.simulation.datasets.ClientData,
-    test: tff.simulation.datasets.ClientData,
-    *,
-    num_classes: int,
-    model_name: str,
-    preprocess: preprocessing.PreprocessConfig,
-    eval_batch_size: int = 100,
-) -> Task:
-    """Builds the task from raw EMNIST `ClientData`; checks model and data agree."""
-    train_data = train.preprocess(preprocessing.create_train_fn(preprocess))
-    test_data = test.preprocess(preprocessing.create_eval_fn(eval_batch_size))
-    model = models.create_model(model_name, num_classes)  # raises ModelBuilderError with the reason
-    spec = train_data.element_type_structure
-    if tuple(spec["x"].shape[1:]) != models.INPUT_SHAPE:
-        raise ValueError(f"client data gives x of shape {spec['x'].shape}, the models take {models.INPUT_SHAPE}")
-    return Task(
-        train_data=train_data,
-        test_data=test_data,
-        num_classes=num_classes,
-        model_name=model_name,
-        model_info=models.describe(model_name, model),
-    )

@@ -12,8 +12,9 @@ import time
 
 import tensorflow as tf
 
-from tffpipe import models
-from tffpipe.data import emnist_files, preprocessing
+from tffpipe import configs, models
+from tffpipe.tasks.emnist import files as emnist_files
+from tffpipe.tasks.emnist import task as emnist_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +40,11 @@ def train(
 
     def pooled(train: bool) -> tf.data.Dataset:
         rows = emnist_files.load_pooled_rows(data_dir, only_digits, train)
-        return rows.batch(1024).map(preprocessing.to_model_batch).unbatch().map(lambda e: (e["x"], e["y"]))
+        return rows.batch(1024).map(emnist_task.to_model_batch).unbatch().map(lambda e: (e["x"], e["y"]))
 
     train_ds = pooled(True).cache()
     n = sum(1 for _ in train_ds)  # fills the cache, so epochs time the model, not SQLite
-    model = models.create_model(model_name, emnist_files.NUM_CLASSES[only_digits])
+    model = models.create_model(model_name, configs.Task.EMNIST, emnist_files.NUM_CLASSES[only_digits])
     model.compile(
         tf.keras.optimizers.Adam(learning_rate),
         tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -54,3 +55,26 @@ def train(
     seconds = time.perf_counter() - began
     _, accuracy = model.evaluate(pooled(False).batch(512), verbose=0)
     return CentralizedResult(float(accuracy), n, epochs, n * epochs / seconds)
+
+
+def main(argv) -> None:
+    del argv
+    from tffpipe.tasks.emnist import generator
+
+    data_dir = FLAGS.data_dir or generator.ensure_generated(FLAGS.cache_dir, configs.PopulationConfig())
+    result = train(data_dir, model_name=FLAGS.model, epochs=FLAGS.epochs)
+    print(
+        f"{FLAGS.model}: test accuracy {result.test_accuracy:.4f} after {result.epochs} epochs on "
+        f"{result.train_examples:,} examples ({result.examples_per_second:,.0f} examples/s)"
+    )
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("model", "small_cnn", "Registered EMNIST model.")
+    flags.DEFINE_integer("epochs", 3, "Epochs over the pooled training split.")
+    flags.DEFINE_string("data_dir", None, "A real emnist_all.sqlite directory; unset: the embedded default data.")
+    flags.DEFINE_string("cache_dir", "data_cache", "Where the embedded data is generated.")
+    FLAGS = flags.FLAGS
+    app.run(main)

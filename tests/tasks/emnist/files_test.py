@@ -2,16 +2,18 @@ import lzma
 import os
 import sqlite3
 
+import numpy as np
 import pytest
 
-from tffpipe.data import emnist_files
+from tffpipe.data import example_proto
+from tffpipe.tasks.emnist import files as emnist_files
 
 
 def test_missing_file_names_the_file_and_how_to_get_it(tmp_path):
     with pytest.raises(emnist_files.DataFileError) as e:
         emnist_files.load_client_data(str(tmp_path))
     assert str(tmp_path / "emnist_all.sqlite") in str(e.value)
-    assert "emnist_all.sqlite.lzma" in str(e.value) and "--data_dir" in str(e.value)
+    assert "emnist_all.sqlite.lzma" in str(e.value) and "data directory" in str(e.value)
 
 
 def test_still_compressed_file_is_recognised(tmp_path):
@@ -63,3 +65,46 @@ def test_loader_yields_tff_emnist_elements_for_both_class_sets(tiny_data_dir):
         labels = [int(e["label"]) for cid in train.client_ids[:3] for e in train.create_tf_dataset_for_client(cid)]
         assert max(labels) <= max_label
         assert test.client_ids
+
+
+def _with_one_example(tiny_data_dir: str, tmp_path, blob: bytes) -> str:
+    """A copy of the tiny file whose every train example is `blob`."""
+    path = str(tmp_path / "emnist_all.sqlite")
+    with open(os.path.join(tiny_data_dir, "emnist_all.sqlite"), "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())
+    con = sqlite3.connect(path)
+    con.execute("UPDATE examples SET serialized_example_proto = ? WHERE split_name = 'all_train'", (blob,))
+    con.commit()
+    con.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "features, message",
+    [
+        ({"label": [3], "pixels": np.zeros(27 * 28, np.float32)}, "has 756 pixel values instead of 784 floats"),
+        ({"label": [62], "pixels": np.zeros(784, np.float32)}, r"has label \[62\] outside \[0, 62\)"),
+        ({"label": [-1], "pixels": np.zeros(784, np.float32)}, r"has label \[-1\] outside"),
+        ({"label": [3], "pixels": np.full(784, 2.0, np.float32)}, r"pixel values outside \[0, 1\]"),
+        ({"pixels": np.zeros(784, np.float32)}, "lacks label"),
+    ],
+)
+def test_examples_of_the_wrong_shape_or_labels_are_named_before_training(tiny_data_dir, tmp_path, features, message):
+    path = _with_one_example(tiny_data_dir, tmp_path, example_proto.encode_example(features))
+    with pytest.raises(emnist_files.DataFileError, match=message) as e:
+        emnist_files.check_database(path, only_digits=False)
+    assert "split 'all_train'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_digit_labels_are_checked_against_ten_classes(tiny_data_dir, tmp_path):
+    path = str(tmp_path / "emnist_all.sqlite")
+    with open(os.path.join(tiny_data_dir, "emnist_all.sqlite"), "rb") as src, open(path, "wb") as dst:
+        dst.write(src.read())
+    con = sqlite3.connect(path)
+    blob = example_proto.encode_example({"label": [12], "pixels": np.zeros(784, np.float32)})
+    con.execute("UPDATE examples SET serialized_example_proto = ? WHERE split_name = 'digits_only_train'", (blob,))
+    con.commit()
+    con.close()
+    assert emnist_files.check_database(path, only_digits=False)  # 12 is a letter: fine for all 62 classes
+    with pytest.raises(emnist_files.DataFileError, match=r"label \[12\] outside \[0, 10\)"):
+        emnist_files.check_database(path, only_digits=True)

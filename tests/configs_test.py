@@ -1,0 +1,118 @@
+"""The configuration: defaults resolved once, every rule in one place, and no TensorFlow."""
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tffpipe import configs, validation
+
+M, S = configs.Mechanism, configs.Sampling
+
+
+def test_importing_configs_loads_no_tensorflow_or_numpy():
+    code = "import sys, tffpipe.configs; print(sorted(m for m in ('tensorflow', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_defaults_that_depend_on_another_choice_are_resolved():
+    assert configs.AlgorithmConfig().server_learning_rate == 1.0
+    # Reddi et al. 2021's best server rate for FedAdam on EMNIST: 10^-2.5.
+    assert configs.AlgorithmConfig(configs.Algorithm.FEDADAM).server_learning_rate == pytest.approx(0.0031623, rel=1e-4)
+    assert configs.AlgorithmConfig(configs.Algorithm.FEDADAM, server_learning_rate=0.1).server_learning_rate == 0.1
+    assert configs.DpConfig().given_noise_multiplier == 0.7
+    assert configs.DpConfig(M.NONE).given_noise_multiplier == 0.0
+    assert configs.ExperimentConfig().model == "small_cnn"
+
+
+@pytest.mark.parametrize(
+    "build, field, message",
+    [
+        (lambda: configs.ExperimentConfig(compression=True), "compression", "not combined with DP aggregation"),
+        (
+            lambda: configs.ExperimentConfig(privacy=configs.PrivacyConfig(sampling=S.DEVICE)),
+            "privacy.sampling",
+            "sampling=device describes the device model",
+        ),
+        (
+            lambda: configs.ExperimentConfig(devices=configs.DeviceConfig(), dp=configs.DpConfig(M.TREE)),
+            "dp.mechanism",
+            "device model cannot promise",
+        ),
+        (
+            lambda: configs.ExperimentConfig(dp=configs.DpConfig(M.TREE), privacy=configs.PrivacyConfig(S.POISSON)),
+            "privacy.sampling",
+            r"take part at most once \(sampling=shuffle\); got sampling=poisson",
+        ),
+        (
+            lambda: configs.ExperimentConfig(
+                privacy=configs.PrivacyConfig(S.UNIFORM, accountant=configs.Accountant.PLD)
+            ),
+            "privacy.accountant",
+            "PLD accountant does not support sampling=uniform",
+        ),
+        (
+            lambda: configs.ExperimentConfig(
+                dp=configs.DpConfig(M.NONE), privacy=configs.PrivacyConfig(target_epsilon=1)
+            ),
+            "privacy.target_epsilon",
+            "target_epsilon needs a DP mechanism",
+        ),
+        (
+            lambda: configs.ExperimentConfig(
+                dp=configs.DpConfig(noise_multiplier=1.0), privacy=configs.PrivacyConfig(target_epsilon=1)
+            ),
+            "dp.noise_multiplier",
+            "give noise_multiplier or target_epsilon, not both",
+        ),
+        (
+            lambda: configs.ExperimentConfig(dp=configs.DpConfig(M.ADAPTIVE, 1.0), clients_per_round=10),
+            "clients_per_round",
+            "needs at least 11 clients per round",
+        ),
+        (
+            lambda: configs.ExperimentConfig(algorithm=configs.AlgorithmConfig(configs.Algorithm.FEDSGD)),
+            "algorithm.algorithm",
+            "fedsgd takes only weighted aggregators",
+        ),
+        (lambda: configs.DpConfig(M.NONE, noise_multiplier=1.0), "noise_multiplier", "has no effect without a DP"),
+    ],
+)
+def test_rules_that_span_sections_name_the_parameter_to_change(build, field, message):
+    with pytest.raises(validation.ConfigError, match=message) as e:
+        build()
+    assert e.value.field == field
+
+
+def test_build_assembles_sections_from_paths_and_names_the_path_at_fault():
+    config = configs.build({"dp.clip": 2.0, "data.population.num_writers": 40, "loop.rounds": 7})
+    assert config.dp.clip == 2.0 and config.data.population.num_writers == 40 and config.loop.rounds == 7
+    assert config.devices is None
+    with pytest.raises(validation.ConfigError) as e:
+        configs.build({"data.population.quantity_sigma": math.nan})
+    assert e.value.field == "data.population.quantity_sigma"
+    with pytest.raises(validation.ConfigError) as e:
+        configs.build({"devices.start_hour_utc": 99.0}, devices=True)
+    assert e.value.field == "devices.start_hour_utc" and "[0, 24)" in str(e.value)
+
+
+def test_every_field_has_a_path_and_a_default():
+    paths = configs.field_paths()
+    assert "dp.clip" in paths and "data.population.seed" in paths and "devices.deadline_seconds" in paths
+    assert all(configs.default(p) is not dataclasses.MISSING for p in paths)
+
+
+def test_hparams_are_flat_and_the_resumable_keys_come_from_the_fields():
+    flat = configs.ExperimentConfig().hparams()
+    assert flat["dp.mechanism"] == "fixed" and flat["privacy.sampling"] == "poisson" and flat["loop.rounds"] == 50
+    assert configs.resumable_keys() == {
+        "loop.rounds",
+        "loop.eval_every",
+        "loop.checkpoint_every",
+        "root_dir",
+        "experiment",
+        "data.cache_dir",
+    }

@@ -1,0 +1,43 @@
+import os
+import shutil
+import sqlite3
+import subprocess
+
+import pytest
+
+from tffpipe.data import sql_files
+from tffpipe.tasks.emnist import files
+
+
+def test_statistics_are_the_per_client_counts(tiny_data_dir):
+    path = files.database_path(tiny_data_dir)
+    counts = sorted(sql_files.client_counts(path, "all_train").values())
+    stats = sql_files.split_statistics(path, ["all_train"])["all_train"]
+    assert stats["clients"] == 12 and stats["examples"] == sum(counts)
+    assert (stats["min"], stats["max"]) == (counts[0], counts[-1])
+    # 12 values: the median interpolates the 6th and 7th, p90 is 0.9 of the way from the 10th to the 11th.
+    assert stats["median"] == (counts[5] + counts[6]) / 2
+    assert stats["p90"] == pytest.approx(counts[9] + 0.9 * (counts[10] - counts[9]))
+
+
+def test_fingerprint_tells_files_apart_and_ignores_where_they_are(tiny_data_dir, tmp_path):
+    path = files.database_path(tiny_data_dir)
+    copy = str(tmp_path / "copy.sqlite")
+    shutil.copy(path, copy)
+    assert sql_files.fingerprint(copy) == sql_files.fingerprint(path)
+    con = sqlite3.connect(copy)
+    con.execute("UPDATE client_metadata SET num_examples = num_examples + 1 WHERE rowid = 1")
+    con.commit()
+    con.close()
+    assert sql_files.fingerprint(copy) != sql_files.fingerprint(path)
+
+
+def test_only_temporary_files_of_dead_writers_are_removed(tmp_path):
+    path = str(tmp_path / "data.sqlite")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = f"{path}.tmp-{dead.pid}", f"{path}.tmp-{os.getpid()}"
+    for name in (stale, live):
+        open(name, "wb").close()
+    assert sql_files.remove_stale_temporaries(path) == [stale]
+    assert os.path.exists(live)

@@ -1,0 +1,53 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tffpipe import processes
+
+
+def _square(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()
+
+
+def test_results_come_in_order_from_worker_processes():
+    results = list(processes.map_in_processes(_square, [(i,) for i in range(6)], processes=2))
+    assert [r for r, _ in results] == [0, 1, 4, 9, 16, 25]
+    assert os.getpid() not in {pid for _, pid in results}
+    assert list(processes.map_in_processes(_square, [(3,)], processes=1)) == [(9, os.getpid())]
+
+
+def test_a_stop_request_raises_interrupted_and_leaves_no_worker():
+    with pytest.raises(processes.Interrupted):
+        for _ in processes.map_in_processes(time.sleep, [(0.5,)] * 6, processes=2, stop_requested=lambda: True):
+            pass
+
+
+def test_pool_workers_die_with_a_sigkilled_parent(tmp_path):
+    script = textwrap.dedent(
+        """
+        import os, time
+        from tffpipe import processes
+        def spin(x):
+            print(os.getpid(), flush=True)
+            time.sleep(120)
+        if __name__ == "__main__":
+            for _ in processes.map_in_processes(spin, [(1,), (2,)], processes=2):
+                pass
+        """
+    )
+    (tmp_path / "spin.py").write_text(script)  # spawn imports the main module by its file
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": repo}
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "spin.py")], stdout=subprocess.PIPE, text=True, env=env)
+    workers = {int(parent.stdout.readline()), int(parent.stdout.readline())}
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
+        time.sleep(0.1)
+    assert not [p for p in workers if os.path.exists(f"/proc/{p}")]

@@ -1,0 +1,35 @@
+import io
+
+from tffpipe import progress
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_file_gets_whole_lines_at_most_every_tenth():
+    out = io.StringIO()
+    counter = progress.Progress(out).counter("data", "clients")
+    for done in range(0, 101):
+        counter(done, 100)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and 10 <= len(lines) <= 12
+    assert lines[-1].startswith("data: [########################] 100/100 clients")
+
+
+def test_a_terminal_gets_one_redrawn_line():
+    out = Terminal()
+    counter = progress.Progress(out).counter("data", "clients")
+    counter(1, 4)
+    counter(4, 4)
+    assert out.getvalue().count("\n") == 1 and out.getvalue().count("\r") == 2
+
+
+def test_quick_phases_stay_quiet_in_a_log_and_disabled_progress_prints_nothing():
+    out = io.StringIO()
+    with progress.Progress(out).phase("loading"):
+        pass
+    off = io.StringIO()
+    progress.Progress(off, enabled=False).counter("data", "clients")(1, 1)
+    assert out.getvalue() == "" and off.getvalue() == ""

@@ -1,0 +1,194 @@
+"""TFF's SQLite client-data layout, shared by every task: checks, statistics, writing.
+
+TFF ships its federated datasets (EMNIST, Stack Overflow, ...) as one SQLite file with
+`examples(split_name, client_id, serialized_example_proto)` and
+`client_metadata(client_id, split_name, num_examples)`, read by
+`tff.simulation.datasets.SqlClientData`. tffpipe reads real files of that layout and
+writes its embedded data in it, so one loader serves both. Everything here is the
+standard library: the checks run before TensorFlow is imported, and a bad file fails
+with a message that says how to get a good one, not inside a dataset op mid-round.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+TEMP_INFIX = ".tmp-"  # `<file>.tmp-<pid>`: a file being written by process <pid>
+
+
+class DataFileError(ValueError):
+    """A data file that is missing, not SQLite, or lacks the expected tables, splits or content."""
+
+    field = "data.data_dir"
+
+
+@contextlib.contextmanager
+def connect(path: str) -> Iterator[sqlite3.Connection]:
+    """A read-only connection that is always closed."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
+def check_database(path: str, splits: Sequence[str], how_to_get: str) -> dict[str, int]:
+    """Checks header, tables and splits; returns the clients with examples per split.
+
+    Raises:
+      DataFileError: naming the file and `how_to_get` a good one.
+    """
+    if not os.path.isfile(path):
+        raise DataFileError(f"data file not found: {path}. {how_to_get}")
+    try:
+        with open(path, "rb") as f:
+            header = f.read(16)
+    except OSError as e:
+        raise DataFileError(f"cannot read {path}: {e}. {how_to_get}") from e
+    if header != _SQLITE_MAGIC:
+        raise DataFileError(f"{path} is not an SQLite database (bad header): is it still LZMA-compressed? {how_to_get}")
+    try:
+        with connect(path) as con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            missing = {"examples", "client_metadata"} - tables
+            if missing:
+                raise DataFileError(f"{path} lacks the tables {sorted(missing)} of TFF's layout. {how_to_get}")
+            counts = {}
+            for split in splits:
+                clients = con.execute(
+                    "SELECT COUNT(*) FROM client_metadata WHERE split_name = ? AND num_examples > 0", (split,)
+                ).fetchone()[0]
+                has_rows = con.execute("SELECT 1 FROM examples WHERE split_name = ? LIMIT 1", (split,)).fetchone()
+                if not clients or not has_rows:
+                    raise DataFileError(f"{path} has no clients or examples in split {split!r}. {how_to_get}")
+                counts[split] = clients
+    except sqlite3.DatabaseError as e:
+        raise DataFileError(f"{path} is a damaged SQLite database ({e}). {how_to_get}") from e
+    return counts
+
+
+def client_counts(path: str, split: str) -> dict[str, int]:
+    """Examples per client of one split, from `client_metadata` (no example is read)."""
+    with connect(path) as con:
+        rows = con.execute("SELECT client_id, num_examples FROM client_metadata WHERE split_name = ?", (split,))
+        return {cid: int(n) for cid, n in rows}
+
+
+def sample_rows(path: str, split: str, count: int) -> list[tuple[str, bytes]]:
+    """(client id, serialized example) of up to `count` rows spread over the split, deterministically."""
+    query = "SELECT client_id, serialized_example_proto FROM examples WHERE split_name = ?"
+    with connect(path) as con:
+        total = con.execute("SELECT MAX(rowid) FROM examples").fetchone()[0] or 0
+        step = max(1, total // max(count, 1))
+        rows = con.execute(f"{query} AND rowid % ? = 0 LIMIT ?", (split, step, count)).fetchall()
+        return rows or con.execute(f"{query} LIMIT ?", (split, count)).fetchall()
+
+
+def split_statistics(path: str, splits: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per split: clients, examples, and per-client example counts (min, median, mean, p90, max)."""
+    stats = {}
+    for split in splits:
+        n = sorted(client_counts(path, split).values())
+        if not n:
+            continue
+        total = sum(n)
+        stats[split] = {
+            "clients": len(n),
+            "examples": total,
+            "min": n[0],
+            "median": _percentile(n, 50),
+            "mean": total / len(n),
+            "p90": _percentile(n, 90),
+            "max": n[-1],
+        }
+    return stats
+
+
+def _percentile(ordered: Sequence[int], q: float) -> float:
+    """Linear interpolation between closest ranks, as numpy.percentile's default."""
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def statistics_markdown(stats: dict[str, dict[str, float]], client_noun: str = "clients") -> str:
+    lines = [
+        f"| split | {client_noun} | examples | per client: min | median | mean | p90 | max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for split, s in stats.items():
+        lines.append(
+            f"| {split} | {s['clients']:,} | {s['examples']:,} | {s['min']} | {s['median']:g} | {s['mean']:.1f} | "
+            f"{s['p90']:g} | {s['max']} |"
+        )
+    return "\n".join(lines)
+
+
+def fingerprint(path: str) -> str:
+    """A short hash that differs between files a run could tell apart, without reading every example.
+
+    Covers the file size, every client's example counts and a spread sample of the
+    serialized examples: two machines holding the same file get the same value.
+    """
+    h = hashlib.sha256(str(os.path.getsize(path)).encode())
+    with connect(path) as con:
+        for row in con.execute("SELECT client_id, split_name, num_examples FROM client_metadata ORDER BY 1, 2"):
+            h.update(repr(row).encode())
+        total = con.execute("SELECT MAX(rowid) FROM examples").fetchone()[0] or 0
+        for (blob,) in con.execute(
+            "SELECT serialized_example_proto FROM examples WHERE rowid % ? = 1", (max(1, total // 64),)
+        ):
+            h.update(blob)
+    return h.hexdigest()[:16]
+
+
+def create_layout(con: sqlite3.Connection) -> None:
+    """TFF's tables in a new database being written."""
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
+    con.execute(
+        "CREATE TABLE examples (split_name TEXT NOT NULL, client_id TEXT NOT NULL,"
+        " serialized_example_proto BLOB NOT NULL)"
+    )
+    con.execute(
+        "CREATE TABLE client_metadata (client_id TEXT NOT NULL, split_name TEXT NOT NULL,"
+        " num_examples INTEGER NOT NULL)"
+    )
+
+
+def index_layout(con: sqlite3.Connection) -> None:
+    """TFF queries one client at a time; without this index each query scans the table."""
+    con.execute("CREATE INDEX examples_by_client ON examples (client_id, split_name)")
+
+
+def temporary_path(path: str) -> str:
+    return f"{path}{TEMP_INFIX}{os.getpid()}"
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Deletes `<path>.tmp-<pid>` files of processes that no longer run (a crashed writer's)."""
+    removed = []
+    for candidate in glob.glob(f"{glob.escape(path)}{TEMP_INFIX}*"):
+        pid = candidate.rsplit(TEMP_INFIX, 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(candidate)
+                removed.append(candidate)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,90 @@
+"""Child processes that cannot outlive the process that started them (standard library only).
+
+A run killed with SIGKILL cannot clean up after itself, so every child it starts (TFF
+workers, TensorBoard, data-generation workers) asks the kernel to kill it when its
+parent dies (`PR_SET_PDEATHSIG`). Pool workers are started with `spawn`, so their
+parent is the run itself (a `forkserver` would be their parent, and it survived a
+SIGKILLed run with 1.2 GB of workers), and they ignore SIGINT: Ctrl-C reaches the
+whole process group, and only the run decides what to do with it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import multiprocessing
+import os
+import signal
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Interrupted(Exception):  # noqa: N818  (a stop the user asked for, not an error)
+    """Work stopped because the user asked it to (SIGINT/SIGTERM); nothing partial was kept."""
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """In a child: SIGKILL me when my parent exits; exits at once if it already has.
+
+    Runs before exec (as `preexec_fn`) or as a pool initializer. Without `parent_pid`,
+    the parent is whoever it is now (a `preexec_fn` runs while the parent surely lives).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before prctl took effect
+
+
+def _init_pool_worker(parent_pid: int) -> None:
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def map_in_processes(
+    fn: Callable[..., Any],
+    args: Sequence[tuple],
+    *,
+    processes: int | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> Iterator[Any]:
+    """Yields `fn(*a)` for each `a` in `args`, in order, computed on worker processes.
+
+    Args:
+      fn: a module-level function (pickled by reference).
+      args: argument tuples, one task each.
+      processes: worker processes; None: one per core; 1 runs in this process.
+      stop_requested: polled before each result is yielded; True cancels what is
+        left, stops the workers and raises `Interrupted`.
+    """
+    processes = processes or os.cpu_count() or 1
+    if processes <= 1 or len(args) <= 1:
+        for a in args:
+            if stop_requested():
+                raise Interrupted
+            yield fn(*a)
+        return
+    context = multiprocessing.get_context("spawn")
+    pool = concurrent.futures.ProcessPoolExecutor(
+        min(processes, len(args)), mp_context=context, initializer=_init_pool_worker, initargs=(os.getpid(),)
+    )
+    completed = False
+    try:
+        futures = [pool.submit(fn, *a) for a in args]
+        for future in futures:
+            while True:
+                if stop_requested():
+                    raise Interrupted
+                try:
+                    yield future.result(timeout=0.2)
+                    break
+                except concurrent.futures.TimeoutError:
+                    continue
+        completed = True
+    finally:
+        if not completed:  # Interrupted, KeyboardInterrupt, an error or a closed generator: stop at once
+            for process in list((pool._processes or {}).values()):
+                if process.is_alive():
+                    process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)

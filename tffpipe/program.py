@@ -1,0 +1,261 @@
+"""The program: wires data, task, privacy plan, processes and outputs, then runs the loop.
+
+Binaries build an `ExperimentConfig` from flags and call `run`. This module is the
+only place that knows all the parts; `training_loop` only sees abstract
+collaborators. Everything that can be checked is checked before any data is generated
+or loaded and before the experiment directory is created (`prepare`), in this order:
+the configuration (on construction), the model builder against the task, the privacy
+plan against the population, the device profile file; then the data is generated or
+checked, loaded, and only then is the output directory touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable, Mapping
+from typing import IO
+
+import numpy as np
+import tensorflow as tf
+
+from tffpipe import (
+    accounting,
+    aggregation,
+    algorithms,
+    configs,
+    devices,
+    models,
+    outputs,
+    progress,
+    runtime,
+    tasks,
+    training_loop,
+)
+from tffpipe.data import sampling
+from tffpipe.tasks import base
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Everything checked and built before round 1, shared by `run`, the evaluate binary and tests."""
+
+    config: configs.ExperimentConfig
+    data: tasks.DataSource
+    data_dir: str
+    plan: accounting.PrivacyPlan
+    task: base.Task
+
+
+def check(config: configs.ExperimentConfig) -> tuple[tasks.DataSource, accounting.PrivacyPlan]:
+    """The checks that need no data: model builder, privacy plan, device profile file.
+
+    Raises:
+      ValueError (a `validation.ConfigError` or `models.ModelBuilderError`): naming the parameter.
+    """
+    data = tasks.data_source(config)
+    models.create_model(config.model, config.task, data.num_classes)  # the builder fits the task
+    plan = accounting.create_plan(config, data.population())
+    if config.devices is not None and config.devices.device_profiles:
+        devices.load_profiles(config.devices.device_profiles, [])  # the file parses; coverage after loading
+    return data, plan
+
+
+def prepare(
+    config: configs.ExperimentConfig,
+    *,
+    report: progress.Progress | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> Prepared:
+    """Checks everything, then generates or checks the data and builds the task."""
+    report = report or progress.Progress(enabled=False)
+    data, plan = check(config)
+    if data.needs_generation():
+        report.line(f"generating the embedded {config.task.value} data once (cached in {config.data.cache_dir})")
+    data_dir = data.prepare(progress=report.counter("data", "clients"), stop_requested=stop_requested)
+    with report.phase("loading client data"):
+        tf.keras.utils.set_random_seed(config.seed)  # Keras initializers draw from the global seed
+        task = tasks.create_task(config, data, data_dir)
+    if config.devices is not None and config.devices.device_profiles:
+        devices.load_profiles(config.devices.device_profiles, task.train_data.client_ids)
+    return Prepared(config=config, data=data, data_dir=data_dir, plan=plan, task=task)
+
+
+def hparams(prepared: Prepared) -> dict:
+    """The configuration as recorded: the config's own view, with the resolved noise multiplier."""
+    values = prepared.config.hparams()
+    values["dp.noise_multiplier"] = prepared.plan.noise_multiplier
+    return values
+
+
+def create_device_rounds(prepared: Prepared, upload_bytes: int) -> devices.DeviceRounds:
+    """Device-model selection over the training clients, with their real example counts."""
+    config, task = prepared.config, prepared.task
+    ids = task.train_data.client_ids
+    if config.devices.device_profiles:
+        profiles = devices.load_profiles(config.devices.device_profiles, ids)
+    else:
+        profiles = devices.create_profiles(ids, config.seed)
+    counts = prepared.data.example_counts(prepared.data_dir)
+    if config.preprocess.max_examples_per_client > 0:
+        counts = {cid: min(n, config.preprocess.max_examples_per_client) for cid, n in counts.items()}
+    return devices.DeviceRounds(
+        {cid: profiles[cid] for cid in ids},
+        counts,
+        clients_per_round=config.clients_per_round,
+        epochs=config.preprocess.epochs,
+        model_bytes=task.model_info.update_bytes,
+        update_bytes=upload_bytes,
+        config=config.devices,
+        seed=config.seed,
+    )
+
+
+class ProgressPrinter:
+    """One line per round: round, time, ETA, loss, accuracy, epsilon."""
+
+    def __init__(self, total_rounds: int, stream: IO[str]):
+        self._total = total_rounds
+        self._stream = stream
+        self._seconds: list[float] = []
+
+    def __call__(self, round_num: int, metrics: Mapping[str, float]) -> None:
+        self._seconds.append(metrics.get("system/round_seconds", 0.0))
+        eta = float(np.median(self._seconds[-10:])) * (self._total - round_num)
+        parts = [
+            f"round {round_num:>{len(str(self._total))}}/{self._total}",
+            f"{metrics.get('system/round_seconds', 0.0):5.2f}s",
+            f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s",
+            f"loss {metrics.get('train/loss', math.nan):.4f}",
+            f"acc {metrics.get('train/accuracy', math.nan):.4f}",
+        ]
+        if "eval/accuracy" in metrics:
+            parts.append(f"eval acc {metrics['eval/accuracy']:.4f}")
+        if "privacy/epsilon" in metrics:
+            parts.append(f"eps {metrics['privacy/epsilon']:.3g}")
+        print(" | ".join(parts), file=self._stream, flush=True)
+
+
+def restore_model(prepared: Prepared, dirs: outputs.ExperimentDirs) -> tuple[tf.keras.Model, str]:
+    """The Keras model of the latest checkpoint, restored into the process the run trained."""
+    worker = runtime.install_local_context()
+    try:
+        process = algorithms.build_learning_process(prepared.task, prepared.config, prepared.plan)
+        state, round_num = outputs.Checkpointer(dirs.checkpoints).load_latest(process.initialize())
+    finally:
+        worker.stop()
+    if state is None:
+        raise outputs.OutputError(f"no checkpoint in {dirs.checkpoints}; train first or evaluate the exported model")
+    model = prepared.task.create_keras_model()
+    process.get_model_weights(state).assign_weights_to(model)
+    return model, f"checkpoint of round {round_num} in {dirs.checkpoints}"
+
+
+def run(
+    config: configs.ExperimentConfig,
+    *,
+    stop_requested: Callable[[], bool] = lambda: False,
+    stream: IO[str] = sys.stdout,
+) -> training_loop.LoopResult:
+    """Runs (or resumes) the experiment in <root_dir>/<experiment>; see `outputs` for the layout."""
+    report = progress.Progress(stream)
+    prepared = prepare(config, report=report, stop_requested=stop_requested)
+    task, plan = prepared.task, prepared.plan
+    dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
+    recorded = hparams(prepared)
+    resuming = outputs.prepare(dirs, recorded)
+    print(
+        f"{'resuming' if resuming else 'starting'} {dirs.path}: model {task.model_name} "
+        f"({task.model_info.num_parameters:,} parameters, {task.model_info.update_bytes:,} bytes per update), "
+        f"{len(task.train_data.client_ids)} clients, {config.clients_per_round} per round",
+        file=stream,
+        flush=True,
+    )
+    print(f"privacy: {accounting.describe(plan)}", file=stream, flush=True)
+    worker = runtime.install_local_context(log_path=dirs.worker_log)
+    try:
+        # Models are created in this order since the seed was set, which fixes the initial weights.
+        upload = aggregation.upload_bytes(task.record_specs(), config.compression)
+        with report.phase("building the learning process"):
+            process = algorithms.build_learning_process(task, config, plan)
+            evaluate = _build_evaluate(task, config) if config.eval_clients > 0 else None
+        device_rounds = None
+        if config.devices is not None:
+            sampler = device_rounds = create_device_rounds(prepared, upload)
+        else:
+            sampler = sampling.ClientSampler(
+                task.train_data.client_ids, config.clients_per_round, config.sampling, config.seed
+            )
+        if not resuming:
+            outputs.write_hparams_summary(dirs, recorded, ["eval/accuracy", "train/accuracy", "privacy/epsilon"])
+            outputs.write_samples(dirs, task.sample_fn(config.seed))
+        result = training_loop.run(
+            process=process,
+            sampler=sampler,
+            checkpointer=outputs.Checkpointer(dirs.checkpoints),
+            releaser=outputs.MetricsReleaser(dirs),
+            config=config.loop,
+            evaluate=evaluate,
+            round_metrics=_build_round_metrics(prepared, upload, device_rounds),
+            progress=ProgressPrinter(config.loop.rounds, stream),
+            stop_requested=stop_requested,
+        )
+        model = task.create_keras_model()
+        process.get_model_weights(result.state).assign_weights_to(model)
+        model.save(dirs.model)
+        outputs.write_summary_plot(dirs)
+        outputs.record_hparams(dirs, recorded)
+        if device_rounds is not None:
+            summary = device_rounds.participation_by_tier(result.last_round)
+            outputs.write_json(dirs.device_participation, summary)
+            for tier, s in summary.items():
+                print(
+                    f"devices {tier:>4}: {s['devices']:5d} devices, selected {s['selected']:5d} times, "
+                    f"updates in {s['reported']:5d} ({s['report_rate']:.0%})",
+                    file=stream,
+                )
+    finally:
+        worker.stop()
+    eps = accounting.epsilon(plan, result.last_round)
+    print(
+        f"{'stopped' if result.stopped_early else 'finished'} at round {result.last_round}: "
+        f"epsilon {eps:.4g} at delta {plan.delta:.3g} ({accounting.describe(plan)}). Outputs in {dirs.path}",
+        file=stream,
+        flush=True,
+    )
+    return result
+
+
+def _build_evaluate(task: base.Task, config: configs.ExperimentConfig):
+    eval_process = task.compose_eval(algorithms.build_evaluation_process(task.learning_model()))
+    eval_state = eval_process.initialize()
+    ids = sorted(task.test_data.client_ids)
+    rng = np.random.default_rng([config.seed, 0xE7A1])
+    eval_ids = sorted(rng.choice(ids, size=min(config.eval_clients, len(ids)), replace=False).tolist())
+
+    def evaluate(model_weights) -> dict[str, float]:
+        state = eval_process.set_model_weights(eval_state, model_weights)
+        metrics = eval_process.next(state, eval_ids).metrics["client_work"]["eval"]["current_round_metrics"]
+        return {f"eval/{k}": float(v) for k, v in metrics.items()}
+
+    return evaluate
+
+
+def _build_round_metrics(prepared: Prepared, upload: int, device_rounds: devices.DeviceRounds | None):
+    plan, config = prepared.plan, prepared.config
+    download = prepared.task.model_info.update_bytes
+    epsilon = accounting.EpsilonTracker(plan)
+
+    def round_metrics(round_num: int, output, clients) -> dict[str, float]:
+        metrics = {"privacy/epsilon": epsilon(round_num), "privacy/delta": plan.delta}
+        if device_rounds is not None:
+            metrics.update(device_rounds.outcome(round_num).metrics())
+        else:
+            metrics["system/bytes_up"] = float(upload * len(clients))
+            metrics["system/bytes_down"] = float(download * len(clients))
+        if output is not None:
+            metrics.update(aggregation.round_metrics(plan, config.dp, output.metrics["aggregator"], len(clients)))
+        return metrics
+
+    return round_metrics

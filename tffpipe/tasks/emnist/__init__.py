@@ -1,0 +1,1 @@
+"""Handwritten characters per writer: TFF's federated EMNIST layout, real or embedded."""
