@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tffpipe import outputs
 
@@ -135,3 +136,26 @@ def test_damaged_checkpoint_names_the_error_in_one_line(tmp_path):
     with pytest.raises(outputs.CheckpointError, match=r"is unreadable \(OSError: .*Delete program_state_1") as error:
         checkpointer.load_latest(state)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        tf.errors.ResourceExhaustedError(None, None, "write failed"),
+    ],
+    ids=["ENOSPC", "tf_resource_exhausted"],
+)
+def test_a_full_disk_while_checkpointing_is_one_line_that_keeps_the_earlier_checkpoints(tmp_path, error):
+    checkpointer = outputs.Checkpointer(str(tmp_path))
+    state = collections.OrderedDict(weights=[np.zeros(3, np.float32)])
+    checkpointer.save(state, 1)
+
+    async def fail(*args, **kwargs):
+        raise error
+
+    checkpointer._manager.save = fail
+    with pytest.raises(outputs.WriteFault, match=r"checkpoint of round 2 .*: the disk is full\. Earlier") as e:
+        checkpointer.save(state, 2)
+    assert "\n" not in str(e.value) and e.value.exit_code == 1
+    assert checkpointer.load_latest(state)[1] == 1

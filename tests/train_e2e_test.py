@@ -464,6 +464,24 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def test_ctrl_c_during_data_generation_stops_at_once_and_keeps_nothing(tmp_path):
+    cache = str(tmp_path / "cache")
+    flags = ["--num_writers=150", "--median_examples=40", "--data_seed=11", "--rounds=1", "--clients_per_round=3"]
+    run = start_train(*flags, cache=cache, root=str(tmp_path / "runs"))
+    for line in run.stdout:
+        if line.startswith("data: ["):
+            break
+    run.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = run.communicate(timeout=60)
+    assert time.monotonic() - sent < 10 and run.returncode == 130, err
+    assert [line for line in err.splitlines() if line.strip()][-1].startswith("interrupted:")
+    assert "Traceback" not in err
+    (data_dir,) = os.listdir(cache)
+    assert os.listdir(os.path.join(cache, data_dir)) == []
+    assert not os.path.exists(tmp_path / "runs")
+
+
 def test_sigkill_during_data_generation_leaves_no_process_and_the_next_start_cleans_up(tmp_path):
     cache = str(tmp_path / "cache")
     flags = ["--num_writers=150", "--median_examples=40", "--data_seed=11", "--rounds=1", "--clients_per_round=3"]
