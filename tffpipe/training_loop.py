@@ -10,12 +10,20 @@ resumable without gaps or duplicates:
    `commit` (e.g. write TensorBoard), so what is committed is always re-derivable;
 4. on start, the latest checkpoint c is loaded and the releaser is told to `resume(c)`,
    dropping uncommitted rows above c, which the loop then recomputes identically.
+
+Step 3 runs on a background thread while the next rounds train (`_Saver`): the state
+a round returns is already materialized, and writing it took 30-40% of a small
+model's round. One checkpoint is written at a time; a checkpoint round that comes
+while the previous write is still going is skipped, so the cadence stretches rather
+than the rounds. The last round, a stop request and a fault wait for the write.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -57,6 +65,51 @@ class LoopResult:
     stopped_early: bool
 
 
+class _Saver:
+    """Checkpoint writes (each followed by its commit) on one background thread, one at a time."""
+
+    def __init__(self, checkpointer: Checkpointer, releaser: Releaser, last_saved: int):
+        self._checkpointer = checkpointer
+        self._releaser = releaser
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._future: concurrent.futures.Future | None = None
+        self._lock = threading.Lock()
+        self._last_saved = last_saved
+
+    @property
+    def last_saved(self) -> int:
+        with self._lock:
+            return self._last_saved
+
+    def _write(self, state: Any, round_num: int) -> None:
+        self._checkpointer.save(state, round_num)
+        self._releaser.commit(round_num)
+        with self._lock:
+            self._last_saved = round_num
+
+    def submit(self, state: Any, round_num: int) -> None:
+        """Starts writing round `round_num`, unless a write is under way (then this round is skipped)."""
+        if self._future is not None:
+            if not self._future.done():
+                return
+            self._future.result()  # a failed write surfaces here, in the loop's thread
+        self._future = self._executor.submit(self._write, state, round_num)
+
+    def wait(self) -> None:
+        """Returns once no write is under way; raises what a write raised."""
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()
+
+    def save_now(self, state: Any, round_num: int) -> None:
+        self.wait()
+        if self.last_saved != round_num:
+            self._write(state, round_num)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
 def _train_metrics(output_metrics: Mapping) -> dict[str, float]:
     train = output_metrics["client_work"]["train"]
     return {f"train/{k}": float(v) for k, v in train.items()}
@@ -95,7 +148,18 @@ def run(
     if state is None:
         state, start = initial_state, 0
     releaser.resume(start)
-    last_saved = start
+    saver = _Saver(checkpointer, releaser, start)
+    try:
+        return _rounds(
+            process, state, start, sampler, saver, releaser, config, evaluate, round_metrics, progress, stop_requested
+        )
+    finally:
+        saver.close()
+
+
+def _rounds(
+    process, state, start, sampler, saver, releaser, config, evaluate, round_metrics, progress, stop_requested
+) -> LoopResult:
     round_num = start
     for round_num in range(start + 1, config.rounds + 1):
         clients = list(sampler.sample(round_num))
@@ -110,9 +174,10 @@ def run(
                 # round where every client diverged reports loss 0 over 0 examples, not NaN.
                 loss = math.nan
             if not math.isfinite(loss):
+                saver.wait()
                 raise NonFiniteLossError(
                     f"round {round_num} produced a non-finite training loss ({loss}); "
-                    f"the last good checkpoint (round {last_saved}) is kept. Lower the client learning rate, "
+                    f"the last good checkpoint (round {saver.last_saved}) is kept. Lower the client learning rate, "
                     "or bound the updates (DP clipping, or a zeroing norm)."
                 )
             state = output.state
@@ -130,10 +195,11 @@ def run(
         releaser.release(round_num, metrics)
         if progress is not None:
             progress(round_num, metrics)
-        if round_num % config.checkpoint_every == 0 or round_num == config.rounds or stopping:
-            checkpointer.save(state, round_num)
-            releaser.commit(round_num)
-            last_saved = round_num
+        if round_num == config.rounds or stopping:
+            saver.save_now(state, round_num)
+        elif round_num % config.checkpoint_every == 0:
+            saver.submit(state, round_num)
         if stopping:
             return LoopResult(state, round_num, start, stopped_early=round_num < config.rounds)
+    saver.save_now(state, round_num)  # also when there was no round to run: waits for nothing
     return LoopResult(state, round_num, start, stopped_early=False)
