@@ -26,10 +26,25 @@ def test_a_terminal_gets_one_redrawn_line():
     assert out.getvalue().count("\n") == 1 and out.getvalue().count("\r") == 2
 
 
-def test_quick_phases_stay_quiet_in_a_log_and_disabled_progress_prints_nothing():
+def test_a_phase_names_itself_and_reports_its_time_only_when_slow():
     out = io.StringIO()
     with progress.Progress(out).phase("loading"):
         pass
+    slow = io.StringIO()
+    with progress.Progress(slow, quiet_seconds=0.0).phase("building"):
+        pass
+    assert out.getvalue() == "loading ...\n"
+    assert slow.getvalue().startswith("building ...\nbuilding: 0.0 s")
+    terminal = Terminal()
+    with progress.Progress(terminal).phase("loading"):
+        pass
+    assert terminal.getvalue() == "loading ...\r\r\033[K"  # a quick phase leaves no line on a terminal
+
+
+def test_disabled_progress_prints_nothing():
     off = io.StringIO()
-    progress.Progress(off, enabled=False).counter("data", "clients")(1, 1)
-    assert out.getvalue() == "" and off.getvalue() == ""
+    reporter = progress.Progress(off, enabled=False)
+    reporter.counter("data", "clients")(1, 1)
+    with reporter.phase("loading"):
+        pass
+    assert off.getvalue() == ""

@@ -1,8 +1,9 @@
 """Progress of the phases a user waits through before round 1 (standard library only).
 
 On a terminal a counted phase redraws one line (done, total, rate, ETA); written to a
-file or a pipe it prints a line at most every 10% or 15 s, so logs stay readable. A
-phase that ends within `quiet_seconds` prints only its final line.
+file or a pipe it prints a line at most every 10% or 15 s, so logs stay readable
+(no carriage returns). A phase names itself when it starts and gives its time when it
+ends, if it took `quiet_seconds` or more.
 """
 
 from __future__ import annotations
@@ -27,19 +28,22 @@ class Progress:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """`name ...` now, then `name: 2.3 s` when done (only the latter if it was quick)."""
+        """`name ...` now; when done, `name: 2.3 s` if it took `quiet_seconds` or more.
+
+        On a terminal the final line replaces the first (and a quick phase leaves none).
+        """
         began = time.monotonic()
-        announced = False
-        if self._enabled and self._interactive:
-            print(f"{name} ...", end="\r", file=self._stream, flush=True)
-            announced = True
+        if self._enabled:
+            print(f"{name} ...", end="\r" if self._interactive else "\n", file=self._stream, flush=True)
         yield
         seconds = time.monotonic() - began
-        if self._enabled and (seconds >= self._quiet_seconds or announced):
-            end = "\n" if seconds >= self._quiet_seconds else ""
-            clear = "\r\033[K" if announced else ""
-            text = f"{name}: {seconds:.1f} s" if seconds >= self._quiet_seconds else ""
-            print(f"{clear}{text}", end=end, file=self._stream, flush=True)
+        if not self._enabled:
+            return
+        text = f"{name}: {seconds:.1f} s" if seconds >= self._quiet_seconds else ""
+        if self._interactive:
+            print(f"\r\033[K{text}", end="\n" if text else "", file=self._stream, flush=True)
+        elif text:
+            print(text, file=self._stream, flush=True)
 
     def counter(self, name: str, unit: str) -> Counter:
         return Counter(self, name, unit)
