@@ -43,9 +43,11 @@ tensorboard: env
 
 bench: env
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.wall --repeats=3
 
 bench-quick: env
 	$(PY) -m benchmarks.run --quick
+	$(PY) -m benchmarks.wall --workloads=fixed,w2
 
 # Regenerates the locks (needs network and `uv`); jaxlib is overridden to 0.4.13, see README.
 lock:

@@ -1,0 +1,167 @@
+"""What a user waits for: `experiments.train` timed from outside, per round and to round 1.
+
+  python -m benchmarks.wall                          # fixed, w2, w1, w3 (part of make bench)
+  python -m benchmarks.wall --workloads=fixed --repeats=3
+
+Runs the training binary as a user does, once per workload (after generating its data,
+which is not timed), and reads the clock when each progress line arrives on its stdout
+(one per round, printed after the round's metrics row is written). Reports, per
+workload: the median (and IQR) of the wall time between successive rounds, the median
+`system/round_seconds` (the time inside `process.next` and the round's metrics) of the
+same rounds from metrics.csv, their ratio, and the time from starting the process to
+the end of round 1. Default flags of a run (checkpoint every round included), except
+`--dp=none`, evaluation only at the last round, and the workload's data and model.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_list("workloads", ["fixed", "w2", "w1", "w3"], "Workloads to time.")
+flags.DEFINE_integer("repeats", 1, "Runs per workload (fresh experiment each).")
+flags.DEFINE_string("cache_dir", "data_cache", "Where the workloads' populations are generated.")
+flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON results go.")
+flags.DEFINE_string("repo", ".", "Checkout whose binary to run (another commit, to compare in one session).")
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    model: str
+    clients_per_round: int
+    num_writers: int
+    median_examples: int
+    rounds: int
+
+
+# The same populations and models as benchmarks/run.py (10% of each writer's examples are held out).
+WORKLOADS = {
+    "fixed": Workload("fixed", "linear", 10, 200, 22, 30),
+    "w2": Workload("w2", "mlp", 100, 1000, 56, 15),
+    "w1": Workload("w1", "cnn", 10, 200, 334, 8),
+    "w3": Workload("w3", "linear", 1000, 10_000, 22, 6),
+}
+
+
+def flags_of(w: Workload, cache_dir: str) -> list[str]:
+    return [
+        f"--model={w.model}",
+        f"--clients_per_round={w.clients_per_round}",
+        f"--num_writers={w.num_writers}",
+        f"--median_examples={w.median_examples}",
+        "--quantity_sigma=0",
+        "--data_seed=42",
+        "--epochs=1",
+        "--batch_size=20",
+        "--shuffle_buffer=1",
+        "--client_learning_rate=0.05",
+        "--dp=none",
+        f"--eval_every={w.rounds}",
+        "--eval_clients=20",
+        f"--rounds={w.rounds}",
+        f"--cache_dir={cache_dir}",
+    ]
+
+
+def time_run(w: Workload, cache_dir: str, root: str, repo: str = ".") -> dict:
+    cache_dir = os.path.abspath(cache_dir)
+    cmd = [sys.executable, "-m", "experiments.train", *flags_of(w, cache_dir), f"--root_dir={root}", "--experiment=w"]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
+    arrivals: dict[int, float] = {}
+    for line in proc.stdout:
+        if line.startswith("round "):
+            arrivals[int(line.split()[1].split("/")[0])] = time.monotonic()
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{w.name} failed: {err[-2000:]}")
+    with open(os.path.join(root, "w", "metrics.csv"), newline="") as f:
+        inside = {int(r["round"]): float(r["system/round_seconds"]) for r in csv.DictReader(f)}
+    # Round 1 is the first call (tracing); the last evaluates. Between them: plain rounds.
+    rounds = range(3, w.rounds)
+    wall = [arrivals[r] - arrivals[r - 1] for r in rounds]
+    inner = [inside[r] for r in rounds]
+    return {
+        "wall_seconds": wall,
+        "round_seconds": inner,
+        "start_to_round_1_seconds": arrivals[1] - started,
+        "process_seconds": time.monotonic() - started,
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3)}
+
+
+def measure(names: list[str], repeats: int, cache_dir: str, repo: str = ".") -> list[dict]:
+    results = []
+    for name in names:
+        w = WORKLOADS[name]
+        # Generate the population once, untimed (a one-round run does it).
+        with tempfile.TemporaryDirectory() as root:
+            time_run(dataclasses.replace(w, rounds=3), cache_dir, root, repo)
+        runs = []
+        for _ in range(repeats):
+            root = tempfile.mkdtemp(prefix="tffpipe-wall-")
+            try:
+                runs.append(time_run(w, cache_dir, root, repo))
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
+        wall = [s for r in runs for s in r["wall_seconds"]]
+        inner = [s for r in runs for s in r["round_seconds"]]
+        start = [r["start_to_round_1_seconds"] for r in runs]
+        results.append(
+            {
+                "workload": dataclasses.asdict(w),
+                "wall_between_rounds": _stats(wall),
+                "round_seconds": _stats(inner),
+                "ratio": float(np.median(wall) / np.median(inner)),
+                "start_to_round_1": {"median": float(np.median(start)), "min": min(start), "max": max(start)},
+                "runs": runs,
+            }
+        )
+        r = results[-1]
+        print(
+            f"| {name} | {r['round_seconds']['median'] * 1000:.0f} ms "
+            f"({r['round_seconds']['q1'] * 1000:.0f}-{r['round_seconds']['q3'] * 1000:.0f}) "
+            f"| {r['wall_between_rounds']['median'] * 1000:.0f} ms "
+            f"({r['wall_between_rounds']['q1'] * 1000:.0f}-{r['wall_between_rounds']['q3'] * 1000:.0f}) "
+            f"| {r['ratio']:.2f} | {r['start_to_round_1']['median']:.1f} s "
+            f"({r['start_to_round_1']['min']:.1f}-{r['start_to_round_1']['max']:.1f}) |",
+            flush=True,
+        )
+    return results
+
+
+HEADER = (
+    "| workload | round_seconds (IQR) | wall between rounds (IQR) | wall / round_seconds | start to round 1 |\n"
+    "|---|---|---|---|---|"
+)
+
+
+def main(argv) -> None:
+    del argv
+    print(HEADER, flush=True)
+    results = measure(FLAGS.workloads, FLAGS.repeats, FLAGS.cache_dir, FLAGS.repo)
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    path = os.path.join(FLAGS.out_dir, time.strftime("wall-%Y%m%d-%H%M%S") + ".json")
+    with open(path, "w") as f:
+        json.dump({"flags": FLAGS.flag_values_dict(), "results": results}, f, indent=2)
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
