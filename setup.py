@@ -23,6 +23,7 @@ setuptools.setup(
         "numpy==1.25.2",
         "absl-py>=1.4",
         "Hershey-Fonts>=2.1",
+        "symspellpy>=6.7",
         "matplotlib>=3.8",
     ],
 )

@@ -36,14 +36,13 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_federated as tff  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from tffpipe import accounting, algorithms, configs, runtime  # noqa: E402
+from tffpipe import algorithms, configs, program, runtime, tasks  # noqa: E402
 from tffpipe.data import sampling  # noqa: E402
 from tffpipe.tasks.emnist import files as emnist_files  # noqa: E402
-from tffpipe.tasks.emnist import generator  # noqa: E402
 from tffpipe.tasks.emnist import task as emnist_task  # noqa: E402
 
 flags.DEFINE_bool("quick", False, "Fewer rounds per workload.")
-flags.DEFINE_list("workloads", ["fixed", "w2", "w1", "w3"], "Workloads to run.")
+flags.DEFINE_list("workloads", ["fixed", "w2", "w1", "w3", "keyboard"], "Workloads to run.")
 flags.DEFINE_integer("max_concurrent_calls", -1, "TFF worker's max_concurrent_computation_calls (-1: no limit).")
 flags.DEFINE_bool("baseline", True, "Also time the TFF-tutorial pipeline.")
 flags.DEFINE_string("cache_dir", "data_cache", "Where benchmark populations are generated.")
@@ -58,18 +57,47 @@ class Workload:
     name: str
     model: str
     clients_per_round: int
-    num_writers: int
-    median_examples: int  # per writer before the 10% test split
+    population: tuple[tuple[str, object], ...]  # config paths of the embedded population
     rounds: int
     quick_rounds: int
+    task: configs.Task = configs.Task.EMNIST
+    batch_size: int = 20
+
+    def config(self, cache_dir: str) -> configs.ExperimentConfig:
+        """The experiment `train` would run: FedAvg (client SGD 0.05), 1 epoch, no DP, uniform sampling."""
+        return configs.build(
+            {
+                "task": self.task,
+                "model": self.model,
+                "clients_per_round": self.clients_per_round,
+                "data.cache_dir": cache_dir,
+                "preprocess.epochs": 1,
+                "preprocess.batch_size": self.batch_size,
+                "preprocess.shuffle_buffer": 1,
+                "algorithm.client_learning_rate": 0.05,
+                "dp.mechanism": configs.Mechanism.NONE,
+                **dict(self.population),
+            }
+        )
+
+
+def _emnist(writers: int, median: int) -> tuple:
+    return (
+        ("data.population.num_writers", writers),
+        ("data.population.median_examples", median),  # per writer before the 10% test split
+        ("data.population.quantity_sigma", 0.0),
+        ("data.population.seed", 42),
+    )
 
 
 WORKLOADS = {
-    "w1": Workload("w1", "cnn", 10, 200, 334, 8, 4),  # ~300 train examples per client
-    "w2": Workload("w2", "mlp", 100, 1000, 56, 8, 4),  # ~50 per client
-    "w3": Workload("w3", "linear", 1000, 10_000, 22, 5, 3),  # ~20 per client
-    "w3_2k": Workload("w3_2k", "linear", 1000, 2_000, 22, 5, 3),  # W3 on a 5x smaller population
-    "fixed": Workload("fixed", "linear", 10, 200, 22, 30, 10),  # ~20 per client
+    "w1": Workload("w1", "cnn", 10, _emnist(200, 334), 8, 4),  # ~300 train examples per client
+    "w2": Workload("w2", "mlp", 100, _emnist(1000, 56), 8, 4),  # ~50 per client
+    "w3": Workload("w3", "linear", 1000, _emnist(10_000, 22), 5, 3),  # ~20 per client
+    "w3_2k": Workload("w3_2k", "linear", 1000, _emnist(2_000, 22), 5, 3),  # W3 on a 5x smaller population
+    "fixed": Workload("fixed", "linear", 10, _emnist(200, 22), 30, 10),  # ~20 per client
+    # The keyboard task's default population (1,000 users, median 60 messages), its phone-sized model.
+    "keyboard": Workload("keyboard", "cifg_lstm", 10, (), 6, 3, configs.Task.KEYBOARD, 16),
 }
 
 
@@ -104,26 +132,15 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def run_workload(w: Workload, rounds: int) -> dict:
-    population = configs.PopulationConfig(
-        num_writers=w.num_writers, median_examples=w.median_examples, quantity_sigma=0.0, seed=42
-    )
-    data_dir = generator.ensure_generated(FLAGS.cache_dir, population)  # once per population, not timed
+    config = w.config(FLAGS.cache_dir)
+    program.check(config)  # the same checks as train
+    tasks.data_source(config).prepare()  # generated once per population, not timed
     rss = PeakRss()
     began = time.perf_counter()
-    train, test = emnist_files.load_client_rows(data_dir)
-    prep = configs.PreprocessConfig(epochs=1, batch_size=20, shuffle_buffer=1)
-    task = emnist_task.create_task_from_client_data(train, test, num_classes=62, model_name=w.model, preprocess=prep)
-    # The experiment's own process builder, as `train` runs it: FedAvg, no DP, uniform sampling.
-    config = configs.ExperimentConfig(
-        model=w.model,
-        clients_per_round=w.clients_per_round,
-        preprocess=prep,
-        algorithm=configs.AlgorithmConfig(client_learning_rate=0.05),
-        dp=configs.DpConfig(mechanism=configs.Mechanism.NONE),
-    )
-    plan = accounting.create_plan(config, len(train.client_ids))
-    process = algorithms.build_learning_process(task, config, plan)
-    sampler = sampling.ClientSampler(train.client_ids, w.clients_per_round, config.sampling, seed=0)
+    prepared = program.prepare(config)
+    task, plan = prepared.task, prepared.plan
+    process = algorithms.build_learning_process(task, config, plan)  # the process train runs
+    sampler = sampling.ClientSampler(task.train_data.client_ids, w.clients_per_round, config.sampling, seed=0)
     state = process.initialize()
     seconds, examples = [], []
     first_round_s = None
@@ -141,7 +158,7 @@ def run_workload(w: Workload, rounds: int) -> dict:
     tffpipe_eps = [e / s for e, s in zip(examples, seconds, strict=True)]
     peak_after_tffpipe = rss.peak
     result = {
-        "workload": dataclasses.asdict(w),
+        "workload": dataclasses.asdict(w) | {"task": w.task.value},
         "rounds_timed": rounds,
         "tffpipe_seconds_per_round": _stats(seconds),
         "tffpipe_examples_per_second": _stats(tffpipe_eps),
@@ -150,20 +167,19 @@ def run_workload(w: Workload, rounds: int) -> dict:
         "peak_rss_tffpipe_phase_bytes": peak_after_tffpipe,
     }
 
-    # The limit: model.fit on each round's examples, same model, batch 20, SGD.
+    # The limit: model.fit on each round's examples (sequences, for text), same model, batch, SGD and loss.
     keras_model = task.create_keras_model()
-    keras_model.compile(tf.keras.optimizers.SGD(0.05), tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    keras_model.compile(tf.keras.optimizers.SGD(0.05), task.loss_fn())
     fit_eps = []
     for r in range(1, rounds + 2):
-        ids = sampler.sample(r)
-        ds = train.preprocess(emnist_task.create_train_fn(prep, seed=0))
         xs, ys = [], []
-        for cid in ids:
-            for b in ds.create_tf_dataset_for_client(cid):
-                xs.append(b["x"].numpy())
-                ys.append(b["y"].numpy())
+        for cid in sampler.sample(r):
+            for batch in task.train_data.create_tf_dataset_for_client(cid):
+                x, y = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
+                xs.append(x.numpy())
+                ys.append(y.numpy())
         x, y = np.concatenate(xs), np.concatenate(ys)
-        pooled = tf.data.Dataset.from_tensor_slices((x, y)).batch(20).cache()
+        pooled = tf.data.Dataset.from_tensor_slices((x, y)).batch(w.batch_size).cache()
         list(pooled)  # materialize, so fit times the model only
         t = time.perf_counter()
         keras_model.fit(pooled, epochs=1, verbose=0)
@@ -175,9 +191,9 @@ def run_workload(w: Workload, rounds: int) -> dict:
         result["tffpipe_examples_per_second"]["median"] / result["fit_examples_per_second"]["median"]
     )
 
-    if FLAGS.baseline:
+    if FLAGS.baseline and w.task is configs.Task.EMNIST:
         # TFF tutorial: build datasets in Python each round and pass them to next().
-        parsed, _ = emnist_files.load_client_data(data_dir)
+        parsed, _ = emnist_files.load_client_data(prepared.data_dir)
         ds = parsed.preprocess(_tutorial_preprocess)
         tut = tff.learning.algorithms.build_weighted_fed_avg(
             task.model_fn,

@@ -2,6 +2,7 @@
 
 python -m experiments.compute_epsilon --noise_multiplier=1.0 --clients_per_round=50 --rounds=1500
 python -m experiments.compute_epsilon --target_epsilon=8 --clients_per_round=100 --rounds=50
+python -m experiments.compute_epsilon --max_epsilon=3 --rounds=1000   # rounds a budget allows
 python -m experiments.compute_epsilon --table      # the README's grid of plans
 
 Takes the training binary's privacy and data flags, with the same names and defaults;
@@ -12,6 +13,7 @@ from experiments import cli
 
 cli.require_environment()
 
+import dataclasses  # noqa: E402
 import itertools  # noqa: E402
 import math  # noqa: E402
 
@@ -49,13 +51,19 @@ def main() -> None:
     population = tasks.data_source(config).population()
     if FLAGS.table:
         return _table(population)
-    plan = accounting.create_plan(config, population)
+    plan = accounting.create_plan(config, population + config.privacy.canaries)
+    budget = config.privacy.max_epsilon
+    if budget is not None:
+        allowed = accounting.rounds_within_budget(plan, budget, plan.rounds)
+        more = " (or more: raise --rounds to look further)" if allowed == plan.rounds else ""
+        print(f"a budget of epsilon {budget:g} allows {allowed} rounds{more}")
+        plan = dataclasses.replace(plan, rounds=allowed)
     if plan.target_epsilon is not None:
         print(
             f"noise_multiplier {plan.noise_multiplier:.4f} reaches epsilon {plan.target_epsilon:g} "
             f"after {plan.rounds} rounds"
         )
-    eps = accounting.epsilon(plan, plan.rounds)
+    eps = accounting.epsilon(plan, plan.rounds) if plan.rounds else 0.0
     print(f"epsilon {eps:.4g} at delta {plan.delta:.3g} after {plan.rounds} rounds")
     print(f"assumes: {accounting.describe(plan)}")
 

@@ -43,9 +43,9 @@ def main() -> None:
     ids = sorted(prepared.task.test_data.client_ids)
     if FLAGS.max_clients > 0:
         ids = ids[: FLAGS.max_clients]
-    accuracies, counts = evaluation.per_client_accuracy(model, prepared.task.test_data, ids)
     print(f"model: {where}")
-    print("\n".join(evaluation.summarize(accuracies, counts).lines()))
+    for name, (values, counts) in evaluation.per_client_metrics(model, prepared.task, ids).items():
+        print("\n".join(evaluation.summarize(values, counts, name).lines()))
 
 
 if __name__ == "__main__":

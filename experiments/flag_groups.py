@@ -27,7 +27,7 @@ class Flag:
 
     name: str
     path: str | None
-    kind: str  # float, integer, bool, string or enum
+    kind: str  # float, integer, bool, string, list or enum
     help: str
     enum_class: type[enum.Enum] | None = None
     default: Any = _FROM_CONFIG
@@ -35,6 +35,8 @@ class Flag:
     @property
     def resolved_default(self) -> Any:
         value = configs.default(self.path) if self.default is _FROM_CONFIG else self.default
+        if isinstance(value, tuple):
+            return list(value) or None
         return value.value if isinstance(value, enum.Enum) else value
 
 
@@ -56,7 +58,13 @@ GROUPS: dict[str, tuple[Flag, ...]] = {
         Flag("median_examples", "data.population.median_examples", "integer", "Embedded EMNIST: median per writer."),
         Flag("label_concentration", "data.population.label_concentration", "float", "Embedded EMNIST: label skew."),
         Flag("quantity_sigma", "data.population.quantity_sigma", "float", "Embedded EMNIST: log-normal size skew."),
-        Flag("data_seed", "data.population.seed", "integer", "Embedded data: generator seed."),
+        Flag("data_seed", "data.population.seed", "integer", "Embedded EMNIST: generator seed."),
+        Flag("vocab_size", "data.text.vocab_size", "integer", "Keyboard: words with their own id (most users first)."),
+        Flag("sequence_length", "data.text.sequence_length", "integer", "Keyboard: words per training sequence."),
+        Flag("num_oov_buckets", "data.text.num_oov_buckets", "integer", "Keyboard: out-of-vocabulary ids."),
+        Flag("num_users", "data.text.population.num_users", "integer", "Embedded keyboard data: users (clients)."),
+        Flag("median_messages", "data.text.population.median_messages", "integer", "Embedded keyboard: per user."),
+        Flag("text_seed", "data.text.population.seed", "integer", "Embedded keyboard data: generator seed."),
     ),
     "model": (
         Flag(
@@ -102,6 +110,8 @@ GROUPS: dict[str, tuple[Flag, ...]] = {
         Flag("clip_learning_rate", "dp.clip_learning_rate", "float", "Adaptive clipping: clip learning rate."),
         Flag("zeroing_norm", "dp.zeroing_norm", "float", "Zero updates with larger L-inf norm (0: off)."),
         Flag("target_epsilon", "privacy.target_epsilon", "float", "Solve the noise multiplier for this epsilon."),
+        Flag("max_epsilon", "privacy.max_epsilon", "float", "Budget: stop before the round that would exceed it."),
+        Flag("canaries", "privacy.canaries", "integer", "Canary clients for the empirical privacy audit (0: none)."),
         Flag("delta", "privacy.delta", "float", "delta; unset: 1 / population^1.1."),
         Flag("accountant", "privacy.accountant", "enum", "Privacy accountant.", configs.Accountant),
         Flag(
@@ -134,6 +144,12 @@ GROUPS: dict[str, tuple[Flag, ...]] = {
         Flag("eval_clients", "eval_clients", "integer", "Held-out clients per evaluation (0: none)."),
         Flag("checkpoint_every", "loop.checkpoint_every", "integer", "Checkpoint every N rounds (and at the end)."),
         Flag("seed", "seed", "integer", "Seeds client sampling, shuffling, DP noise and model init."),
+    ),
+    "workers": (
+        Flag("workers", "runtime.workers", "list", "host:port of worker services (experiments.worker); unset: local."),
+        Flag("local_workers", "runtime.local_workers", "integer", "Worker processes started on this machine."),
+        Flag("pin_workers", "runtime.pin_workers", "bool", "Pin each local worker to one CPU of its own."),
+        Flag("worker_retries", "runtime.worker_retries", "integer", "Reruns of a round when a worker dies."),
     ),
     "outputs": (
         Flag("root_dir", "root_dir", "string", "Root of all experiments' outputs."),
@@ -179,6 +195,8 @@ def to_flag_error(error: ValueError, flag_values: flags.FlagValues = FLAGS) -> F
     value = flag_values[flag.name].value
     if flag.kind == "bool":
         return FlagError(f"--{'' if value else 'no'}{flag.name}: {error}")
+    if flag.kind == "list":
+        value = ",".join(value)
     return FlagError(f"--{flag.name}={value}: {error}")
 
 
@@ -195,6 +213,8 @@ def experiment_config(flag_values: flags.FlagValues = FLAGS) -> configs.Experime
         value = flag_values[name].value
         if flag.enum_class is not None and value is not None:
             value = flag.enum_class(value)
+        if flag.kind == "list":
+            value = tuple(value or ())
         values[flag.path] = value
     device_model = "device_model" in flag_values and flag_values["device_model"].value
     if not device_model:

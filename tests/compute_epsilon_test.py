@@ -78,3 +78,14 @@ def test_the_population_comes_from_the_data_flags(tiny_data_dir):
     proc = _run("--clients_per_round=3", "--rounds=4", "--dp=tree", f"--data_dir={tiny_data_dir}")
     assert proc.returncode == 0, proc.stderr
     assert "each of 12 clients at most once" in proc.stdout
+
+
+def test_says_how_many_rounds_a_budget_allows():
+    proc = _run("--max_epsilon=2.5", "--rounds=1000")
+    assert proc.returncode == 0, proc.stderr
+    # The default plan (z = 0.7, 50 of 3,400 per round, Poisson, RDP): round 38 stays at 2.499, 39 reaches 2.511.
+    plan = accounting.PrivacyPlan(
+        configs.Mechanism.FIXED, 0.7, 50, 3400, configs.Sampling.POISSON, accounting.default_delta(3400)
+    )
+    assert accounting.epsilon(plan, 38) <= 2.5 < accounting.epsilon(plan, 39)
+    assert "a budget of epsilon 2.5 allows 38 rounds" in proc.stdout

@@ -115,4 +115,9 @@ def test_hparams_are_flat_and_the_resumable_keys_come_from_the_fields():
         "root_dir",
         "experiment",
         "data.cache_dir",
+        "privacy.max_epsilon",
+        "runtime.workers",
+        "runtime.local_workers",
+        "runtime.pin_workers",
+        "runtime.worker_retries",
     }

@@ -75,10 +75,13 @@ def test_user_builder_by_import_path():
         ("no_such_pkg.mod:fn", "cannot import module 'no_such_pkg.mod'"),
         ("tffpipe.models:missing", "has no function 'missing'"),
         ("tests.models_test:returns_a_string", "returned str, not a tf.keras.Model"),
-        ("tests.models_test:wrong_output", r"outputs shape \(63,\) per example; the task needs \(62,\)"),
+        (
+            "tests.models_test:wrong_output",
+            r"outputs shape \(1, 63\) for an input of shape \(1, 28, 28, 1\); the emnist task needs \(1, 62\)",
+        ),
         ("tests.models_test:wrong_input", r"does not accept inputs of shape \[batch, 28, 28, 1\]"),
-        ("tests.models_test:raises", r"failed when called with num_classes=62: RuntimeError: out of ideas"),
-        ("tests.models_test:takes_nothing", r"failed when called with num_classes=62: TypeError: .*takes 0"),
+        ("tests.models_test:raises", r"failed when called with 62: RuntimeError: out of ideas"),
+        ("tests.models_test:takes_nothing", r"failed when called with 62: TypeError: .*takes 0"),
         (
             "tests.broken_builder_module:build",
             r"importing module 'tests.broken_builder_module' .* failed: ZeroDivision",

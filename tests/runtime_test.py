@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
 from tests import conftest
-from tffpipe import runtime
+from tffpipe import algorithms, configs, runtime
 
 
 def _listening_addresses(pid: int) -> set[str]:
@@ -65,12 +66,83 @@ def test_one_real_fedavg_round_on_two_tiny_clients_changes_the_weights(tff_conte
     assert tff_context.pid is not None
 
 
+# /proc/net/tcp6 writes ::ffff:127.0.0.1 as 0000000000000000FFFF00000100007F (32-bit words, host order).
+IPV4_LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
+
+
 @pytest.mark.skipif(not os.path.isfile(runtime.LOOPBACK_SHIM), reason="shim not built (make env builds it)")
-def test_worker_listens_on_loopback_only(tff_context):
+def test_worker_listens_on_127_0_0_1_only(tff_context):
     addresses = _listening_addresses(tff_context.pid)
     assert addresses, "the worker should be listening"
-    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1
-    assert addresses <= loopback, f"worker listens on {addresses}"
+    assert addresses <= IPV4_LOOPBACK, f"worker listens on {addresses}"
+
+
+@pytest.mark.skipif(not os.path.isfile(runtime.LOOPBACK_SHIM), reason="shim not built (make env builds it)")
+def test_a_worker_listens_on_the_address_it_is_given():
+    worker = runtime.LocalWorker(bind_address="::1")
+    try:
+        worker.start()
+        assert _listening_addresses(worker.pid) == {"00000000000000000000000001000000"}  # ::1
+    finally:
+        worker.stop()
+
+
+def _round(task, process, state, ids):
+    output = process.next(state, ids)
+    return [np.asarray(w) for w in output.state.global_model_weights.trainable], output
+
+
+def test_two_workers_compute_what_one_computes(tiny_data_dir):
+    # One round of DP FedAvg (fixed clipping, no noise) over 6 clients: one worker, then two,
+    # each taking 3 clients, whose partial sums TFF's mergeable context adds here.
+    task = conftest.emnist_task(tiny_data_dir, "linear")
+    factory = conftest.dp_factory(configs.Mechanism.FIXED, 0.0, 6, clip=1.0)
+    process = task.compose_train(
+        algorithms.build_training_process(task.learning_model(), configs.AlgorithmConfig(), aggregator=factory)
+    )
+    context = context_stack_impl.context_stack.current
+    ids = task.train_data.client_ids[:6]
+    results = []
+    for count in (1, 2):
+        workers = runtime.create(local_workers=count).start()
+        try:
+            state = process.initialize()
+            results.append(_round(task, process, state, ids))
+        finally:
+            workers.stop()
+            context_stack_impl.context_stack.set_default_context(context)
+    (one, one_out), (two, two_out) = results
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(one, two, strict=True)) < 1e-6
+    assert (
+        one_out.metrics["client_work"]["train"]["num_examples"]
+        == two_out.metrics["client_work"]["train"]["num_examples"]
+    )
+
+
+def test_a_dead_remote_worker_fails_its_call_instead_of_being_waited_for_forever():
+    worker = runtime.LocalWorker()
+    worker.start()
+    remote = runtime.RemoteWorker(f"127.0.0.1:{worker.port}")
+    remote.start()
+    workers = runtime.Runtime([remote], retries=0)
+    context = context_stack_impl.context_stack.current
+    try:
+        workers.start()
+
+        @tff.tensorflow.computation
+        def one():
+            return tf.constant(1)
+
+        assert workers.call(one) == 1
+        worker.stop()  # the service goes away; TFF alone would retry it forever
+        began = time.monotonic()
+        with pytest.raises(runtime.WorkerFault, match=f"worker 127.0.0.1:{worker.port} stopped during a round"):
+            workers.call(one)
+        assert time.monotonic() - began < 30
+    finally:
+        workers.stop()
+        worker.stop()
+        context_stack_impl.context_stack.set_default_context(context)
 
 
 def test_worker_dies_when_its_parent_is_killed_with_sigkill():
@@ -78,7 +150,7 @@ def test_worker_dies_when_its_parent_is_killed_with_sigkill():
         """
         import os, sys, time
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-        from tffpipe import runtime
+        from tffpipe import algorithms, configs, runtime
         worker = runtime.install_local_context()
         worker.stub()
         print(worker.pid, flush=True)

@@ -261,14 +261,24 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         (["--accountant=pld", "--sampling=uniform"], "--accountant=pld: the PLD accountant does not support"),
         (["--dp=tree", "--device_model"], "--dp=tree: tree aggregation is accounted for clients that take part"),
         (["--algorithm=fedsgd"], "--algorithm=fedsgd: fedsgd takes only weighted aggregators"),
+        (["--canaries=1"], "--canaries=1: canaries must be 0 (no audit) or at least 2"),
+        (["--workers=localhost"], "--workers=localhost: workers: 'localhost' is not host:port"),
+        (["--local_workers=0"], "--local_workers=0: local_workers must be >= 1"),
+        (["--workers=127.0.0.1:1", "--local_workers=2"], "--local_workers=2: give remote workers or local_workers"),
+        (["--canaries=5", "--device_model"], "--canaries=5: canaries are sampled like every client"),
+        (["--max_epsilon=nan"], "--max_epsilon=nan: max_epsilon must be a finite number"),
+        (["--max_epsilon=0.5"], "--max_epsilon=0.5: max_epsilon=0.5 allows no round: round 1 alone takes epsilon"),
         (["--clients_per_round=50"], "--clients_per_round=50: clients_per_round=50 exceeds the 12 clients"),
         (["--dp=tree", "--rounds=10"], "--rounds=10: tree aggregation is accounted for clients that take part at"),
         # Model builders.
         (["--model=resnet"], "--model=resnet: unknown model 'resnet' for the emnist task; choose one of"),
         (["--model=no_such_pkg:build"], "cannot import module 'no_such_pkg'"),
-        (["--model=tests.models_test:wrong_output"], "outputs shape (63,) per example"),
-        (["--model=tests.models_test:raises"], "failed when called with num_classes=62: RuntimeError: out of ideas"),
-        (["--model=tests.models_test:takes_nothing"], "failed when called with num_classes=62: TypeError"),
+        (
+            ["--model=tests.models_test:wrong_output"],
+            "outputs shape (1, 63) for an input of shape (1, 28, 28, 1); the emnist task needs (1, 62)",
+        ),
+        (["--model=tests.models_test:raises"], "failed when called with 62: RuntimeError: out of ideas"),
+        (["--model=tests.models_test:takes_nothing"], "failed when called with 62: TypeError"),
         (["--model=tests.broken_builder_module:build"], "failed: ZeroDivisionError: division by zero"),
         # Data files.
         (["--data_dir=/nonexistent/emnist"], "data file not found: /nonexistent/emnist/emnist_all.sqlite"),
@@ -286,12 +296,17 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         ("compute_epsilon", ["--num_writers=0"], "--num_writers=0: num_writers must be >= 1, got 0"),
         ("compute_epsilon", ["--data_dir=/nonexistent"], "data file not found"),
         ("compute_epsilon", ["--rounds=x"], "--rounds=x: invalid literal for int()"),
+        ("compute_epsilon", ["--dp=none", "--max_epsilon=3"], "--max_epsilon=3.0: max_epsilon needs a DP mechanism"),
         ("evaluate", [*_eval_flags(cache, runs), f"--model_path={not_a_model}"], "is not a loadable Keras model"),
         ("evaluate", [*_eval_flags(cache, runs), "--model_path=/nonexistent.keras"], "no Keras model file at"),
         ("evaluate", [*_eval_flags(cache, runs), "--max_clients=0"], "--max_clients=0: must be positive or -1"),
         ("data_card", [f"--cache_dir={cache}", f"--png={blocker}/samples.png"], f"--png={blocker}/samples.png"),
         ("data_card", ["--num_writers=nan"], "--num_writers=nan: invalid literal for int()"),
         ("tensorboard", ["--root=/nonexistent"], "--root=/nonexistent: no such directory yet"),
+        ("worker", ["--bind=0.0.0.0"], "--bind=0.0.0.0: a wildcard address exposes an unauthenticated service"),
+        ("worker", ["--bind=8.8.8.8"], "--bind=8.8.8.8: a public address exposes an unauthenticated service"),
+        ("worker", ["--bind=myhost"], "--bind=myhost: not an IP address"),
+        ("worker", ["--port=0"], "--port=0: must be in 1-65535"),
     ]
     before = {path: tree_digest(path) for path in (runs, cache)}
 
@@ -345,7 +360,7 @@ def test_evaluate_gives_the_same_accuracy_from_the_exported_model_and_the_checkp
     from_model, from_checkpoint = evaluate("model"), evaluate("checkpoint")
     assert "checkpoint of round 3" in from_checkpoint
     summary = [
-        line for line in from_model.splitlines() if line.startswith(("clients", "pooled accuracy", "per-client"))
+        line for line in from_model.splitlines() if line.startswith(("accuracy:", "pooled accuracy", "per-client"))
     ]
     assert len(summary) == 4 and all(line in from_checkpoint for line in summary)
 
@@ -506,3 +521,23 @@ def test_sigkill_during_data_generation_leaves_no_process_and_the_next_start_cle
     population = configs.PopulationConfig(num_writers=150, median_examples=40, seed=11)
     generator.ensure_generated(cache, population, workers=1)
     assert os.listdir(os.path.join(cache, data_dir)) == ["emnist_all.sqlite"]
+
+
+def test_a_budget_stops_at_the_last_round_within_it_and_a_larger_one_continues(workspace):
+    cache, runs = workspace
+    from tffpipe import accounting, configs
+
+    # The tiny plan: 12 writers, 3 per round (Poisson q = 0.25), z = 0.3, delta = 1/12^1.1.
+    plan = accounting.PrivacyPlan(
+        configs.Mechanism.FIXED, 0.3, 3, 12, configs.Sampling.POISSON, accounting.default_delta(12)
+    )
+    budget = (accounting.epsilon(plan, 2) + accounting.epsilon(plan, 3)) / 2  # between rounds 2 and 3
+    first = train("--rounds=5", f"--max_epsilon={budget}", "--experiment=budget", cache=cache, root=runs)
+    assert first.returncode == 0, first.stderr
+    assert "round 2/2" in first.stdout and "round 3/" not in first.stdout
+    assert f"stopped at round 2 of 5: round 3 would take epsilon to {accounting.epsilon(plan, 3):.4g}" in first.stdout
+    more = accounting.epsilon(plan, 4) + 0.01
+    second = train("--rounds=5", f"--max_epsilon={more}", "--experiment=budget", cache=cache, root=runs)
+    assert second.returncode == 0, second.stderr
+    assert "resuming" in second.stdout and "round 3/4" in second.stdout and "round 4/4" in second.stdout
+    assert [r["round"] for r in rows(os.path.join(runs, "budget", "metrics.csv"))] == ["1", "2", "3", "4"]

@@ -164,3 +164,49 @@ def test_stop_request_saves_and_returns_early():
         stop_requested=lambda: True,
     )
     assert result.stopped_early and result.last_round == 1 and checkpointer.saved == {1: 2}
+
+
+class FakeCarry:
+    """Counts the rounds it has seen; restored from the checkpoint beside the state."""
+
+    def __init__(self):
+        self.seen, self.restored = 0, []
+
+    def state(self):
+        return self.seen
+
+    def restore(self, saved, process_state):
+        self.restored.append((saved, process_state))
+        self.seen = saved or 0
+
+
+def test_a_carry_is_checkpointed_with_the_state_and_restored_on_resume():
+    class CountingProcess(FakeProcess):
+        def __init__(self, carry):
+            super().__init__()
+            self.carry = carry
+
+        def next(self, state, clients):
+            self.carry.seen += 1
+            return super().next(state, clients)
+
+    checkpointer, carry = FakeCheckpointer(), FakeCarry()
+    training_loop.run(
+        process=CountingProcess(carry),
+        sampler=FakeSampler(),
+        checkpointer=checkpointer,
+        releaser=FakeReleaser(),
+        config=configs.LoopConfig(rounds=3),
+        carry=carry,
+    )
+    assert checkpointer.saved[3] == (6, 3)  # (process state, the carry as of round 3)
+    resumed = FakeCarry()
+    training_loop.run(
+        process=CountingProcess(resumed),
+        sampler=FakeSampler(),
+        checkpointer=checkpointer,
+        releaser=FakeReleaser(),
+        config=configs.LoopConfig(rounds=5),
+        carry=resumed,
+    )
+    assert resumed.restored == [(3, 6)] and checkpointer.saved[5] == (10, 5)

@@ -309,3 +309,24 @@ def noise_for_target_epsilon(plan: PrivacyPlan, rounds: int, target_epsilon: flo
             f"no noise multiplier reaches epsilon={target_epsilon:g} in {rounds} rounds with {describe(plan)} "
             f"({e}); raise target_epsilon or clients_per_round",
         ) from e
+
+
+def rounds_within_budget(plan: PrivacyPlan, max_epsilon: float, limit: int) -> int:
+    """The most rounds, up to `limit`, whose epsilon stays at or below `max_epsilon`.
+
+    Epsilon grows with the rounds, so a binary search over the accountant's answers
+    (about log2(limit) of them) finds the last round within the budget.
+    """
+    if not plan.is_private or plan.noise_multiplier == 0:
+        return 0
+    tracker = EpsilonTracker(plan)
+    if tracker(limit) <= max_epsilon:
+        return limit
+    low, high = 0, limit  # epsilon(low) <= budget < epsilon(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if tracker(middle) <= max_epsilon:
+            low = middle
+        else:
+            high = middle
+    return low

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import tensorflow_federated as tff
 
-from tffpipe import accounting, aggregation, configs
+from tffpipe import accounting, aggregation, audit, configs
 from tffpipe.tasks import base
 
 Algorithm = configs.Algorithm
@@ -92,11 +92,26 @@ def build_learning_process(
     The algorithm's process over the task's model, with the plan's aggregator, composed
     with the task's client data so that `next` takes client ids, and fused so each
     client's dataset is built in its own TensorFlow call
-    (`(<S@SERVER, {str}@CLIENTS> -> <S@SERVER, M@SERVER>)`). A checkpoint holds this
-    process's state, so anything that restores one must build it here.
+    (`(<S@SERVER, {str}@CLIENTS> -> <S@SERVER, M@SERVER>)`). With canaries, their
+    clients' updates are replaced in that call, before the aggregator (`audit`). A
+    checkpoint holds this process's state, so anything that restores one must build
+    it here.
     """
     aggregator = aggregation.build_factory(config.dp, plan, noise_seed=config.seed, compression=config.compression)
-    return task.compose_train(build_training_process(task.learning_model(), config.algorithm, aggregator=aggregator))
+    transform = None
+    if config.privacy.canaries:
+        transform = audit.create_result_transform(
+            seed=audit_seed(config.seed),
+            clip=config.dp.clip,
+            zeroing_norm=config.dp.zeroing_norm,
+        )
+    process = build_training_process(task.learning_model(), config.algorithm, aggregator=aggregator)
+    return task.compose_train(process, result_transform=transform)
+
+
+def audit_seed(seed: int) -> int:
+    """The canary directions' seed, derived from the run's."""
+    return seed * 1_000_003 + 0xCA7A
 
 
 def build_evaluation_process(

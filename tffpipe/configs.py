@@ -27,6 +27,7 @@ _RESUMABLE = {"resumable": True}  # may change between runs of one experiment (s
 
 class Task(enum.Enum):
     EMNIST = "emnist"  # handwritten characters per writer (TFF's EMNIST layout)
+    KEYBOARD = "keyboard"  # next-word prediction on each user's own text (TFF's Stack Overflow layout)
 
 
 class Mechanism(enum.Enum):
@@ -74,7 +75,7 @@ DEFAULT_SERVER_LEARNING_RATE: Mapping[Algorithm, float] = {
     Algorithm.FEDADAGRAD: 10**-1,
 }
 DEFAULT_NOISE_MULTIPLIER = 0.7  # with a DP mechanism; none without
-DEFAULT_MODEL: Mapping[Task, str] = {Task.EMNIST: "small_cnn"}
+DEFAULT_MODEL: Mapping[Task, str] = {Task.EMNIST: "small_cnn", Task.KEYBOARD: "cifg_lstm"}
 # TFF's adaptive clipping noises the clipped count with std 0.05 * clients_per_round.
 ADAPTIVE_COUNT_STDDEV_PER_CLIENT = 0.05
 
@@ -125,6 +126,55 @@ class PopulationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextPopulationConfig:
+    """Size and skew of the embedded keyboard population (see `tasks.keyboard.generator`).
+
+    Attributes:
+      num_users: clients (users) in the population.
+      seed: the only source of randomness; the same config gives identical bytes.
+      median_messages: median messages per user (log-normal quantity skew).
+      quantity_sigma: log-normal sigma of messages per user; 0 gives equal amounts.
+    """
+
+    num_users: int = 1000
+    seed: int = 0
+    median_messages: int = 60
+    quantity_sigma: float = 1.0
+
+    def __post_init__(self):
+        validation.integer(1, num_users=self.num_users)
+        validation.integer(0, seed=self.seed)
+        validation.integer(1, median_messages=self.median_messages)
+        validation.in_range(0, 5, quantity_sigma=self.quantity_sigma)
+
+    def fingerprint(self, generator_version: int) -> str:
+        blob = json.dumps({"version": generator_version, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """How the keyboard task turns messages into training sequences (TFF's Stack Overflow baseline).
+
+    Attributes:
+      vocab_size: the most frequent words (by users using them) that get their own id.
+      sequence_length: words per training sequence (longer messages are truncated).
+      num_oov_buckets: ids shared by all out-of-vocabulary words.
+      population: the embedded population (ignored with data_dir).
+    """
+
+    vocab_size: int = 10_000
+    sequence_length: int = 20
+    num_oov_buckets: int = 1
+    population: TextPopulationConfig = TextPopulationConfig()
+
+    def __post_init__(self):
+        validation.integer(1, vocab_size=self.vocab_size)
+        validation.integer(1, sequence_length=self.sequence_length)
+        validation.integer(1, num_oov_buckets=self.num_oov_buckets)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where client data comes from.
 
@@ -133,12 +183,14 @@ class DataConfig:
       cache_dir: where the embedded data is generated once.
       only_digits: EMNIST: the 10 digit classes instead of all 62.
       population: the embedded EMNIST generator's population (ignored with data_dir).
+      text: the keyboard task's vocabulary, sequences and embedded population.
     """
 
     data_dir: str | None = None
     cache_dir: str = dataclasses.field(default="data_cache", metadata=_RESUMABLE)
-    only_digits: bool = False
-    population: PopulationConfig = PopulationConfig()
+    only_digits: bool = dataclasses.field(default=False, metadata={"task": Task.EMNIST})
+    population: PopulationConfig = dataclasses.field(default=PopulationConfig(), metadata={"task": Task.EMNIST})
+    text: TextConfig = dataclasses.field(default=TextConfig(), metadata={"task": Task.KEYBOARD})
 
     def __post_init__(self):
         if self.data_dir is not None and not self.data_dir:
@@ -264,18 +316,29 @@ class PrivacyConfig:
       delta: None gives 1 / population^1.1.
       accountant: RDP or PLD.
       target_epsilon: if set, the noise multiplier is solved to reach it over the rounds.
+      max_epsilon: a budget: the run stops before the round that would take the
+        accountant's epsilon past it (raise it to continue a stopped run).
+      canaries: canary clients for the empirical privacy audit (`audit`); they join
+        the sampled population.
     """
 
     sampling: Sampling | None = None
     delta: float | None = None
     accountant: Accountant = Accountant.RDP
     target_epsilon: float | None = None
+    max_epsilon: float | None = dataclasses.field(default=None, metadata=_RESUMABLE)
+    canaries: int = 0
 
     def __post_init__(self):
         if self.delta is not None:
             validation.in_range(0, 1, closed="()", delta=self.delta)
         if self.target_epsilon is not None:
             validation.positive(target_epsilon=self.target_epsilon)
+        if self.max_epsilon is not None:
+            validation.positive(max_epsilon=self.max_epsilon)
+        validation.integer(0, canaries=self.canaries)
+        if self.canaries == 1:
+            raise validation.ConfigError("canaries", "canaries must be 0 (no audit) or at least 2, to fit their spread")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +383,37 @@ class LoopConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """Where the client work runs (`runtime`); it may change between runs of one experiment.
+
+    Attributes:
+      workers: addresses (host:port) of worker services started elsewhere
+        (`experiments.worker`); empty: workers started here.
+      local_workers: worker processes started on this machine (with no `workers`).
+      pin_workers: pin each local worker to one CPU of its own.
+      worker_retries: times a round is run again on the workers left when one dies.
+    """
+
+    workers: tuple[str, ...] = dataclasses.field(default=(), metadata=_RESUMABLE)
+    local_workers: int = dataclasses.field(default=1, metadata=_RESUMABLE)
+    pin_workers: bool = dataclasses.field(default=False, metadata=_RESUMABLE)
+    worker_retries: int = dataclasses.field(default=2, metadata=_RESUMABLE)
+
+    def __post_init__(self):
+        object.__setattr__(self, "workers", tuple(self.workers))
+        for address in self.workers:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise validation.ConfigError("workers", f"workers: {address!r} is not host:port")
+        validation.integer(1, local_workers=self.local_workers)
+        validation.integer(0, worker_retries=self.worker_retries)
+        if self.workers and self.local_workers > 1:
+            raise validation.ConfigError(
+                "local_workers", "give remote workers or local_workers, not both (remote workers replace local ones)"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment; every section validated, then the rules that span them.
 
@@ -333,6 +427,7 @@ class ExperimentConfig:
       root_dir, experiment: outputs go to <root_dir>/<experiment>.
       devices: the mobile device model; None: every sampled client reports.
       compression: TFF's 8-bit compression aggregator (not with DP).
+      runtime: the worker services the client work runs on.
     """
 
     task: Task = Task.EMNIST
@@ -350,6 +445,7 @@ class ExperimentConfig:
     loop: LoopConfig = LoopConfig()
     devices: DeviceConfig | None = None
     compression: bool = False
+    runtime: RuntimeConfig = RuntimeConfig()
 
     def __post_init__(self):
         if self.model is None:
@@ -372,8 +468,11 @@ class ExperimentConfig:
         return self.privacy.sampling or default_sampling(self.dp.mechanism)
 
     def hparams(self) -> dict[str, Any]:
-        """Flat, JSON-friendly view: `section.field` keys, enums as their values."""
-        flat = _flatten(self)
+        """Flat, JSON-friendly view: `section.field` keys, enums as their values.
+
+        Fields of another task than the run's are left out: they cannot change its result.
+        """
+        flat = _flatten(self, task=self.task)
         flat["privacy.sampling"] = self.sampling.value
         return flat
 
@@ -448,6 +547,14 @@ def _check_combinations(config: ExperimentConfig) -> None:
                 "dp.noise_multiplier",
                 "give noise_multiplier or target_epsilon, not both (the noise is solved for the target)",
             )
+    if privacy.max_epsilon is not None and not dp.is_private:
+        raise error("privacy.max_epsilon", "max_epsilon needs a DP mechanism: without one epsilon is infinite")
+    if privacy.canaries and config.devices is not None:
+        raise error(
+            "privacy.canaries",
+            "canaries are sampled like every client, which the device model does not do (it picks devices by "
+            "availability); audit without the device model",
+        )
     if dp.mechanism is Mechanism.ADAPTIVE and privacy.target_epsilon is None:
         z, m = dp.given_noise_multiplier, config.clients_per_round
         if z > 0 and m < min_adaptive_clients(z):
@@ -466,15 +573,21 @@ def _check_combinations(config: ExperimentConfig) -> None:
         )
 
 
-def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+def _flatten(config: Any, prefix: str = "", task: Task | None = None) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for field in dataclasses.fields(config):
+        if task is not None and field.metadata.get("task", task) is not task:
+            continue
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(value):
-            flat.update(_flatten(value, f"{prefix}{field.name}."))
+            flat.update(_flatten(value, f"{prefix}{field.name}.", task))
         else:
-            flat[f"{prefix}{field.name}"] = value.value if isinstance(value, enum.Enum) else value
+            flat[f"{prefix}{field.name}"] = value.value if isinstance(value, enum.Enum) else _jsonable(value)
     return flat
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def resumable_keys() -> frozenset[str]:
@@ -495,6 +608,8 @@ def resumable_keys() -> frozenset[str]:
 
 # Sections of ExperimentConfig that `build` assembles from dotted paths.
 _SECTIONS: Mapping[str, type] = {
+    "data.text.population": TextPopulationConfig,
+    "data.text": TextConfig,
     "data.population": PopulationConfig,
     "data": DataConfig,
     "preprocess": PreprocessConfig,
@@ -503,6 +618,7 @@ _SECTIONS: Mapping[str, type] = {
     "privacy": PrivacyConfig,
     "loop": LoopConfig,
     "devices": DeviceConfig,
+    "runtime": RuntimeConfig,
 }
 
 
@@ -524,7 +640,9 @@ def build(values: Mapping[str, Any], *, devices: bool = False) -> ExperimentConf
         kwargs = {
             k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix) and "." not in k[len(prefix) :]
         }
-        kwargs.update({k[len(prefix) :]: v for k, v in built.items() if k.startswith(prefix)})
+        kwargs.update(
+            {k[len(prefix) :]: v for k, v in built.items() if k.startswith(prefix) and "." not in k[len(prefix) :]}
+        )
         try:
             built[path] = _SECTIONS[path](**kwargs)
         except validation.ConfigError as e:

@@ -23,6 +23,7 @@ REQUIRED_PACKAGES: Mapping[str, str] = {
     "numpy": "1.25.2",
     "absl-py": None,
     "Hershey-Fonts": None,
+    "symspellpy": None,
 }
 SUPPORTED_PYTHON = ((3, 9), (3, 11))
 FIX_COMMAND = "make env   (or: pip install --no-deps -r requirements.lock && pip install --no-deps -e .)"

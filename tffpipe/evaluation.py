@@ -1,13 +1,15 @@
-"""Per-client evaluation of a Keras model: the accuracy distribution over held-out writers.
+"""Per-client evaluation of a Keras model: the distribution of a task's metrics over held-out clients.
 
 Federated evaluation reports one pooled number; for devices the spread matters (how
-badly the model serves its worst users), so this reports per-client accuracies.
+badly the model serves its worst users), so this reports each client's value of the
+task's own accuracy metrics (EMNIST's accuracy; the keyboard's accuracy and top-3
+accuracy over real words), and their distribution.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -15,8 +17,9 @@ import tensorflow as tf
 
 @dataclasses.dataclass(frozen=True)
 class Distribution:
+    name: str
     clients: int
-    examples: int
+    examples: int  # what the metric counts: examples, or unmasked tokens
     pooled_accuracy: float  # all examples together, as federated evaluation reports
     mean: float  # mean over clients, each client counted once
     p10: float
@@ -26,7 +29,7 @@ class Distribution:
 
     def lines(self) -> list[str]:
         return [
-            f"clients {self.clients:,}, examples {self.examples:,}",
+            f"{self.name}: clients {self.clients:,}, counted {self.examples:,}",
             f"pooled accuracy        {self.pooled_accuracy:.4f}",
             f"per-client mean        {self.mean:.4f}",
             f"per-client p10/50/90   {self.p10:.4f} / {self.median:.4f} / {self.p90:.4f}",
@@ -43,30 +46,41 @@ def load_keras_model(path: str) -> tf.keras.Model:
         raise ValueError(f"{path} is not a loadable Keras model ({type(e).__name__}: {first})") from e
 
 
-def per_client_accuracy(model: tf.keras.Model, client_data, client_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(accuracy, examples) per client; `client_data` yields batches of {x, y}."""
-    predict = tf.function(
-        lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32),
-        input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)],  # one trace for every batch size
-    )
-    accuracies, counts = [], []
+def per_client_metrics(
+    model: tf.keras.Model, task, client_ids: Sequence[str], names: Sequence[str] = ("accuracy", "top3_accuracy")
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{metric: (value per client, count per client)} for the task's metrics among `names`.
+
+    Each client gets fresh copies of the task's Keras metrics (`task.metrics_fn`), so
+    masking (padding, out-of-vocabulary words) is exactly the training metrics'. Clients
+    whose metric counted nothing are left out.
+    """
+    predict = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    wanted = [n for n in names if n in task.metrics_fn()]
+    values: dict[str, list] = {n: [] for n in wanted}
+    counts: dict[str, list] = {n: [] for n in wanted}
     for cid in client_ids:
-        correct = total = 0
-        for batch in client_data.create_tf_dataset_for_client(cid):
-            correct += int(tf.reduce_sum(tf.cast(predict(batch["x"]) == batch["y"][:, 0], tf.int32)))
-            total += int(tf.shape(batch["y"])[0])
-        if total:
-            accuracies.append(correct / total)
-            counts.append(total)
-    return np.array(accuracies), np.array(counts)
+        metrics = task.metrics_fn()
+        for batch in task.test_data.create_tf_dataset_for_client(cid):
+            x, y = (batch["x"], batch["y"]) if isinstance(batch, Mapping) else batch
+            logits = predict(x)
+            for n in wanted:
+                metrics[n].update_state(y, logits)
+        for n in wanted:
+            count = float(metrics[n].count.numpy())
+            if count > 0:
+                values[n].append(float(metrics[n].result().numpy()))
+                counts[n].append(count)
+    return {n: (np.array(values[n]), np.array(counts[n])) for n in wanted}
 
 
-def summarize(accuracies: np.ndarray, counts: np.ndarray) -> Distribution:
+def summarize(accuracies: np.ndarray, counts: np.ndarray, name: str = "accuracy") -> Distribution:
     if len(accuracies) == 0:
         raise ValueError("no client had any test example")
     ordered = np.sort(accuracies)
     worst = ordered[: max(1, len(ordered) // 10)]
     return Distribution(
+        name=name,
         clients=len(accuracies),
         examples=int(counts.sum()),
         pooled_accuracy=float((accuracies * counts).sum() / counts.sum()),

@@ -29,11 +29,17 @@ class FusionError(ValueError):
     """The process does not have the shape `fuse_client_datasets` rewrites."""
 
 
-def fuse_client_datasets(process: tff.learning.templates.LearningProcess) -> tff.learning.templates.LearningProcess:
+def fuse_client_datasets(
+    process: tff.learning.templates.LearningProcess, *, result_transform=None
+) -> tff.learning.templates.LearningProcess:
     """`process` (`next` takes `{id}@CLIENTS`) with one TensorFlow call per client.
 
     Args:
       process: the result of `compose_dataset_computation_with_learning_process`.
+      result_transform: optional `(client id, client work result) -> result`, applied
+        in the same TensorFlow call: the one place where a client's id meets its
+        result (the privacy audit's canaries replace their update here, before the
+        aggregator sees it).
 
     Raises:
       FusionError: when `next` does not map the ids through one dataset computation
@@ -68,6 +74,7 @@ def fuse_client_datasets(process: tff.learning.templates.LearningProcess) -> tff
         dataset_map.argument[0],
         [value.type_signature.member for value in client_inputs],
         position,
+        result_transform,
     )
     new_zip = _zip_at_clients(client_inputs)
     replaced = {
@@ -93,7 +100,7 @@ def fuse_client_datasets(process: tff.learning.templates.LearningProcess) -> tff
 
 
 def _fused_computation(
-    client_comp, dataset_comp, input_types: list, position: int
+    client_comp, dataset_comp, input_types: list, position: int, result_transform=None
 ) -> tff.framework.CompiledComputation:
     """One TF graph: `client_comp(*inputs)` with `inputs[position] = dataset_comp(client_id)`."""
     client_fn = tff.framework.ConcreteComputation.from_building_block(client_comp)
@@ -102,8 +109,10 @@ def _fused_computation(
     @tff.tensorflow.computation(tff.StructType(input_types))
     def client_work_from_id(inputs):
         values = [inputs[i] for i in range(len(input_types))]
-        values[position] = dataset_fn(values[position])
-        return client_fn(*values)
+        client_id = values[position]
+        values[position] = dataset_fn(client_id)
+        result = client_fn(*values)
+        return result if result_transform is None else result_transform(client_id, result)
 
     return client_work_from_id.to_building_block()
 

@@ -1,9 +1,14 @@
 """Pure Keras model builders and a registry by task and name (no TFF).
 
-EMNIST builders take the number of classes and return an uncompiled `tf.keras.Model`
-mapping float32 [batch, 28, 28, 1] to logits [batch, num_classes]. Users plug in
-their own as `package.module:function` with the same signature; `create_model`
-checks a builder against its task's contract and names what does not fit.
+Every builder takes the number of outputs and returns an uncompiled `tf.keras.Model`;
+`create_model` checks it against its task's contract and names what does not fit:
+
+* emnist: float32 [batch, 28, 28, 1] -> logits [batch, num_classes];
+* keyboard: int64 token ids [batch, time] -> logits [batch, time, vocab_size], where
+  vocab_size counts every id the task uses (padding, words, out-of-vocabulary
+  buckets, beginning and end of sentence; `tasks.keyboard.task`).
+
+Users plug in their own as `package.module:function` with the same signature.
 """
 
 from __future__ import annotations
@@ -78,12 +83,95 @@ def create_small_cnn(num_classes: int) -> tf.keras.Model:
     )
 
 
+def create_so_lstm(vocab_size: int) -> tf.keras.Model:
+    """TFF's Stack Overflow next-word model: embedding 96, LSTM 670, dense 96, dense vocab (4,050,748 at 10,004)."""
+    from tensorflow_federated.python.simulation.baselines.stackoverflow import word_prediction_models
+
+    return word_prediction_models.create_recurrent_model(vocab_size, embedding_size=96, lstm_size=670)
+
+
+@tf.keras.saving.register_keras_serializable(package="tffpipe")
+class CIFGCell(tf.keras.layers.Layer):
+    """A coupled input-forget gate LSTM cell with a projection (Hard et al. 2018, after Sak et al. 2014).
+
+    The input gate is 1 - forget gate (three gates' weights instead of four), and the
+    hidden state is projected to `projection` units, which is both the cell's output
+    and what it feeds back.
+    """
+
+    def __init__(self, units: int, projection: int, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.projection = projection
+        self.state_size = [projection, units]  # h (projected), c
+        self.output_size = projection
+
+    def build(self, input_shape):
+        width = int(input_shape[-1]) + self.projection
+        self.kernel = self.add_weight(name="kernel", shape=(width, 3 * self.units), initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(3 * self.units,), initializer="zeros")
+        self.projection_kernel = self.add_weight(
+            name="projection", shape=(self.units, self.projection), initializer="glorot_uniform"
+        )
+        self.built = True
+
+    def call(self, inputs, states):
+        h, c = states
+        z = tf.matmul(tf.concat([inputs, h], axis=-1), self.kernel) + self.bias
+        forget_in, candidate, output_in = tf.split(z, 3, axis=-1)
+        forget = tf.sigmoid(forget_in + 1.0)  # forget bias 1, as Keras' LSTM
+        c = forget * c + (1.0 - forget) * tf.tanh(candidate)
+        h = tf.matmul(tf.sigmoid(output_in) * tf.tanh(c), self.projection_kernel)
+        return h, [h, c]
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "projection": self.projection}
+
+
+@tf.keras.saving.register_keras_serializable(package="tffpipe")
+class TiedEmbedding(tf.keras.layers.Embedding):
+    """An embedding that also gives the output logits: `layer(ids)` embeds, `layer(h, transpose=True)` scores.
+
+    Scoring multiplies by the embedding matrix transposed (tied input and output
+    embeddings) and adds a per-word bias. One layer called twice keeps the model
+    serializable as a plain Keras functional model.
+    """
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        self.output_bias = self.add_weight(name="output_bias", shape=(self.input_dim,), initializer="zeros")
+
+    def call(self, inputs, transpose: bool = False):
+        if transpose:
+            return tf.matmul(inputs, self.embeddings, transpose_b=True) + self.output_bias
+        return super().call(inputs)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask if inputs.dtype.is_floating else super().compute_mask(inputs, mask)
+
+
+def create_cifg_lstm(vocab_size: int) -> tf.keras.Model:
+    """The phone-sized keyboard model of Hard et al. 2018: CIFG 670 with projection 96, tied embeddings 96.
+
+    1,422,638 parameters at a 10,004-id vocabulary: embedding 960,384 (shared with the
+    output), gates 3 x (192 x 670 + 670) = 387,930, projection 64,320, output bias 10,004.
+    """
+    inputs = tf.keras.layers.Input(shape=(None,), dtype=tf.int64)
+    embedding = TiedEmbedding(vocab_size, 96, mask_zero=True)
+    hidden = tf.keras.layers.RNN(CIFGCell(670, 96), return_sequences=True)(embedding(inputs))
+    return tf.keras.Model(inputs, embedding(hidden, transpose=True), name="cifg_lstm")
+
+
 REGISTRY: Mapping[configs.Task, Mapping[str, ModelBuilder]] = {
     configs.Task.EMNIST: {
         "linear": create_linear,
         "mlp": create_mlp,
         "cnn": create_cnn,
         "small_cnn": create_small_cnn,
+    },
+    configs.Task.KEYBOARD: {
+        "cifg_lstm": create_cifg_lstm,
+        "so_lstm": create_so_lstm,
     },
 }
 
@@ -139,22 +227,34 @@ def create_model(name: str, task: configs.Task, num_classes: int) -> tf.keras.Mo
         raise
     except Exception as e:  # noqa: BLE001  (a user's builder may fail in any way)
         raise ModelBuilderError(
-            f"model builder {name!r} failed when called with num_classes={num_classes}: "
-            f"{type(e).__name__}: {_first_line(e)}. A builder takes the number of classes and returns a tf.keras.Model"
+            f"model builder {name!r} failed when called with {num_classes}: "
+            f"{type(e).__name__}: {_first_line(e)}. A builder takes the number of outputs and returns a tf.keras.Model"
         ) from e
     if not isinstance(model, tf.keras.Model):
         raise ModelBuilderError(f"model {name!r} returned {type(model).__name__}, not a tf.keras.Model")
+    example, expected, described = _CONTRACTS[task](num_classes)
     try:
-        out = model(tf.zeros((1, *INPUT_SHAPE)))
+        out = model(example)
     except Exception as e:  # noqa: BLE001  (any failure here means the input does not fit)
+        raise ModelBuilderError(f"model {name!r} does not accept inputs of shape {described}: {_first_line(e)}") from e
+    if tuple(out.shape) != expected:
         raise ModelBuilderError(
-            f"model {name!r} does not accept inputs of shape [batch, 28, 28, 1]: {_first_line(e)}"
-        ) from e
-    if tuple(out.shape) != (1, num_classes):
-        raise ModelBuilderError(
-            f"model {name!r} outputs shape {tuple(out.shape[1:])} per example; the task needs ({num_classes},) logits"
+            f"model {name!r} outputs shape {tuple(out.shape)} for an input of shape {tuple(example.shape)}; "
+            f"the {task.value} task needs {expected}"
         )
     return model
+
+
+def _image_contract(num_classes: int):
+    return tf.zeros((1, *INPUT_SHAPE)), (1, num_classes), "[batch, 28, 28, 1]"
+
+
+def _text_contract(vocab_size: int):
+    # Token ids of one 3-token sequence; logits for every position.
+    return tf.constant([[1, 2, 0]], tf.int64), (1, 3, vocab_size), "[batch, time] (int64 token ids)"
+
+
+_CONTRACTS = {configs.Task.EMNIST: _image_contract, configs.Task.KEYBOARD: _text_contract}
 
 
 def describe(name: str, model: tf.keras.Model) -> ModelInfo:

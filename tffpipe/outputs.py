@@ -8,6 +8,7 @@
   model.keras         the final model (Keras format)
   summary.png         accuracy and epsilon over rounds
   worker.log          the TFF worker's own output
+  audit.json          with canaries: their cosines and the empirical epsilon
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ class ExperimentDirs:
     @property
     def device_participation(self) -> str:
         return self._file("device_participation.json")
+
+    @property
+    def audit(self) -> str:
+        return self._file("audit.json")
 
 
 def has_completed_round(dirs: ExperimentDirs) -> bool:

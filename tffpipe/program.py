@@ -24,6 +24,7 @@ from tffpipe import (
     accounting,
     aggregation,
     algorithms,
+    audit,
     configs,
     devices,
     models,
@@ -45,21 +46,23 @@ class Prepared:
     data: tasks.DataSource
     data_dir: str
     plan: accounting.PrivacyPlan
+    loop: configs.LoopConfig  # the configured rounds, cut to the privacy budget
     task: base.Task
 
 
-def check(config: configs.ExperimentConfig) -> tuple[tasks.DataSource, accounting.PrivacyPlan]:
-    """The checks that need no data: model builder, privacy plan, device profile file.
+def check(config: configs.ExperimentConfig) -> tuple[tasks.DataSource, accounting.PrivacyPlan, configs.LoopConfig]:
+    """The checks that need no data: model builder, privacy plan and budget, device profile file.
 
     Raises:
       ValueError (a `validation.ConfigError` or `models.ModelBuilderError`): naming the parameter.
     """
     data = tasks.data_source(config)
     models.create_model(config.model, config.task, data.num_classes)  # the builder fits the task
-    plan = accounting.create_plan(config, data.population())
+    plan = accounting.create_plan(config, data.population() + config.privacy.canaries)
+    loop = _within_budget(config, plan)
     if config.devices is not None and config.devices.device_profiles:
         devices.load_profiles(config.devices.device_profiles, [])  # the file parses; coverage after loading
-    return data, plan
+    return data, plan, loop
 
 
 def prepare(
@@ -70,7 +73,7 @@ def prepare(
 ) -> Prepared:
     """Checks everything, then generates or checks the data and builds the task."""
     report = report or progress.Progress(enabled=False)
-    data, plan = check(config)
+    data, plan, loop = check(config)
     if data.needs_generation():
         report.line(f"generating the embedded {config.task.value} data once (cached in {config.data.cache_dir})")
     data_dir = data.prepare(progress=report.counter("data", "clients"), stop_requested=stop_requested)
@@ -79,7 +82,7 @@ def prepare(
         task = tasks.create_task(config, data, data_dir)
     if config.devices is not None and config.devices.device_profiles:
         devices.load_profiles(config.devices.device_profiles, task.train_data.client_ids)
-    return Prepared(config=config, data=data, data_dir=data_dir, plan=plan, task=task)
+    return Prepared(config=config, data=data, data_dir=data_dir, plan=plan, loop=loop, task=task)
 
 
 def hparams(prepared: Prepared) -> dict:
@@ -143,12 +146,15 @@ def restore_model(prepared: Prepared, dirs: outputs.ExperimentDirs) -> tuple[tf.
     try:
         process = algorithms.build_learning_process(prepared.task, prepared.config, prepared.plan)
         state, round_num = outputs.Checkpointer(dirs.checkpoints).load_latest(process.initialize())
+        if state is None:
+            raise outputs.OutputError(
+                f"no checkpoint in {dirs.checkpoints}; train first or evaluate the exported model"
+            )
+        weights = process.get_model_weights(state)
     finally:
         worker.stop()
-    if state is None:
-        raise outputs.OutputError(f"no checkpoint in {dirs.checkpoints}; train first or evaluate the exported model")
     model = prepared.task.create_keras_model()
-    process.get_model_weights(state).assign_weights_to(model)
+    weights.assign_weights_to(model)
     return model, f"checkpoint of round {round_num} in {dirs.checkpoints}"
 
 
@@ -161,63 +167,65 @@ def run(
     """Runs (or resumes) the experiment in <root_dir>/<experiment>; see `outputs` for the layout."""
     report = progress.Progress(stream)
     prepared = prepare(config, report=report, stop_requested=stop_requested)
-    task, plan = prepared.task, prepared.plan
+    task, plan, loop = prepared.task, prepared.plan, prepared.loop
     dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
     recorded = hparams(prepared)
+    workers = create_workers(prepared, dirs)
+    if workers.remote:  # an unreachable worker, or one serving other data, changes nothing
+        start_workers(workers, prepared)
     resuming = outputs.prepare(dirs, recorded)
     print(
         f"{'resuming' if resuming else 'starting'} {dirs.path}: model {task.model_name} "
         f"({task.model_info.num_parameters:,} parameters, {task.model_info.update_bytes:,} bytes per update), "
-        f"{len(task.train_data.client_ids)} clients, {config.clients_per_round} per round",
+        f"{len(task.train_data.client_ids)} clients{_canary_note(config)}, {config.clients_per_round} per round",
         file=stream,
         flush=True,
     )
     print(f"privacy: {accounting.describe(plan)}", file=stream, flush=True)
-    worker = runtime.install_local_context(log_path=dirs.worker_log)
+    if not workers.remote:
+        start_workers(workers, prepared)
     try:
         # Models are created in this order since the seed was set, which fixes the initial weights.
         upload = aggregation.upload_bytes(task.record_specs(), config.compression)
         with report.phase("building the learning process"):
-            process = algorithms.build_learning_process(task, config, plan)
+            process = runtime.ResilientProcess(algorithms.build_learning_process(task, config, plan), workers)
             evaluate = _build_evaluate(task, config) if config.eval_clients > 0 else None
-        device_rounds = None
-        if config.devices is not None:
-            sampler = device_rounds = create_device_rounds(prepared, upload)
-        else:
-            sampler = sampling.ClientSampler(
-                task.train_data.client_ids, config.clients_per_round, config.sampling, config.seed
-            )
+        device_rounds = create_device_rounds(prepared, upload) if config.devices is not None else None
+        canaries = None
+        if config.privacy.canaries:
+            initial = audit.trainable_weights(process.initialize())
+            canaries = audit.CanaryAudit(config.privacy.canaries, initial, algorithms.audit_seed(config.seed))
         if not resuming:
             outputs.write_hparams_summary(dirs, recorded, ["eval/accuracy", "train/accuracy", "privacy/epsilon"])
             outputs.write_samples(dirs, task.sample_fn(config.seed))
         result = training_loop.run(
             process=process,
-            sampler=sampler,
+            sampler=device_rounds or _create_sampler(prepared),
             checkpointer=outputs.Checkpointer(dirs.checkpoints),
             releaser=outputs.MetricsReleaser(dirs),
-            config=config.loop,
+            config=loop,
             evaluate=evaluate,
-            round_metrics=_build_round_metrics(prepared, upload, device_rounds),
-            progress=ProgressPrinter(config.loop.rounds, stream),
+            round_metrics=_build_round_metrics(prepared, upload, device_rounds, canaries, loop, workers),
+            progress=ProgressPrinter(loop.rounds, stream),
             stop_requested=stop_requested,
+            carry=canaries,
         )
-        model = task.create_keras_model()
-        process.get_model_weights(result.state).assign_weights_to(model)
-        model.save(dirs.model)
-        outputs.write_summary_plot(dirs)
-        outputs.record_hparams(dirs, recorded)
+        _export(process, result, prepared, dirs, recorded)
         if device_rounds is not None:
-            summary = device_rounds.participation_by_tier(result.last_round)
-            outputs.write_json(dirs.device_participation, summary)
-            for tier, s in summary.items():
-                print(
-                    f"devices {tier:>4}: {s['devices']:5d} devices, selected {s['selected']:5d} times, "
-                    f"updates in {s['reported']:5d} ({s['report_rate']:.0%})",
-                    file=stream,
-                )
+            _report_devices(device_rounds, result.last_round, dirs, stream)
+        estimate = None if canaries is None else canaries.estimate(audit.trainable_weights(result.state), plan.delta)
     finally:
-        worker.stop()
+        workers.stop()
     eps = accounting.epsilon(plan, result.last_round)
+    if estimate is not None:
+        report_audit(estimate, eps, result.last_round, plan, dirs, stream)
+    if loop.rounds < config.loop.rounds and result.last_round == loop.rounds:
+        next_eps = accounting.epsilon(plan, loop.rounds + 1)
+        print(
+            f"stopped at round {loop.rounds} of {config.loop.rounds}: round {loop.rounds + 1} would take epsilon to "
+            f"{next_eps:.4g}, past the budget max_epsilon={config.privacy.max_epsilon:g}. Raise it to continue.",
+            file=stream,
+        )
     print(
         f"{'stopped' if result.stopped_early else 'finished'} at round {result.last_round}: "
         f"epsilon {eps:.4g} at delta {plan.delta:.3g} ({accounting.describe(plan)}). Outputs in {dirs.path}",
@@ -225,6 +233,94 @@ def run(
         flush=True,
     )
     return result
+
+
+def create_workers(prepared: Prepared, dirs: outputs.ExperimentDirs) -> runtime.Runtime:
+    settings = prepared.config.runtime
+    return runtime.create(
+        remote=settings.workers,
+        local_workers=settings.local_workers,
+        pin=settings.pin_workers,
+        log_dir=dirs.path,
+        retries=settings.worker_retries,
+    )
+
+
+def start_workers(workers: runtime.Runtime, prepared: Prepared) -> None:
+    """Starts or reaches the run's workers and checks that each reads this run's data."""
+    workers.start()
+    for path in prepared.data.worker_files(prepared.data_dir):
+        computation, here = runtime.data_fingerprint(path)
+        workers.check_data(computation, here, path)
+
+
+def _within_budget(config: configs.ExperimentConfig, plan: accounting.PrivacyPlan) -> configs.LoopConfig:
+    """The loop's rounds, cut to the last one within max_epsilon (if a budget is set)."""
+    budget = config.privacy.max_epsilon
+    if budget is None:
+        return config.loop
+    rounds = accounting.rounds_within_budget(plan, budget, config.loop.rounds)
+    if rounds == 0:
+        raise accounting.AccountingError(
+            "privacy.max_epsilon",
+            f"max_epsilon={budget:g} allows no round: round 1 alone takes epsilon to "
+            f"{accounting.epsilon(plan, 1):.4g} ({accounting.describe(plan)})",
+        )
+    return dataclasses.replace(config.loop, rounds=rounds)
+
+
+def _canary_note(config: configs.ExperimentConfig) -> str:
+    k = config.privacy.canaries
+    return f" + {k} canaries (privacy audit)" if k else ""
+
+
+def _create_sampler(prepared: Prepared) -> sampling.ClientSampler:
+    """Sampling over the training clients and, with an audit, the canaries, which are sampled like them."""
+    config = prepared.config
+    ids = list(prepared.task.train_data.client_ids) + audit.canary_ids(config.privacy.canaries)
+    return sampling.ClientSampler(ids, config.clients_per_round, config.sampling, config.seed)
+
+
+def _export(process, result, prepared: Prepared, dirs: outputs.ExperimentDirs, recorded: dict) -> None:
+    """The final model, the summary plot and the configuration the run completed with."""
+    model = prepared.task.create_keras_model()
+    process.get_model_weights(result.state).assign_weights_to(model)
+    model.save(dirs.model)
+    outputs.write_summary_plot(dirs)
+    outputs.record_hparams(dirs, recorded)
+
+
+def _report_devices(device_rounds: devices.DeviceRounds, rounds: int, dirs: outputs.ExperimentDirs, stream) -> None:
+    summary = device_rounds.participation_by_tier(rounds)
+    outputs.write_json(dirs.device_participation, summary)
+    for tier, s in summary.items():
+        print(
+            f"devices {tier:>4}: {s['devices']:5d} devices, selected {s['selected']:5d} times, "
+            f"updates in {s['reported']:5d} ({s['report_rate']:.0%})",
+            file=stream,
+        )
+
+
+def report_audit(estimate: audit.Estimate, eps: float, rounds: int, plan, dirs: outputs.ExperimentDirs, stream) -> None:
+    """audit.json, the estimate beside the accountant's epsilon, and a warning if it is larger."""
+    outputs.write_json(dirs.audit, audit.to_json(estimate, delta=plan.delta, accountant_epsilon=eps, rounds=rounds))
+    all_iterates = (
+        f", all iterates {estimate.epsilon_all_iterates:.3g}" if estimate.epsilon_all_iterates is not None else ""
+    )
+    print(
+        f"privacy audit: empirical epsilon {estimate.epsilon_final:.3g} (final model{all_iterates}) against the "
+        f"accountant's {eps:.4g} at delta {plan.delta:.3g}; a one-shot estimate from {len(estimate.final_inserted)} "
+        f"canaries (Andrew et al. 2024), not a bound. Cosines in {dirs.audit}",
+        file=stream,
+    )
+    worst = max(estimate.epsilon_final, estimate.epsilon_all_iterates or 0.0)
+    if worst > eps:
+        print(
+            f"warning: the measured privacy is worse than the reported one (empirical epsilon {worst:.3g} > "
+            f"{eps:.4g}): the mechanism does not do what the accounting assumes; do not rely on the reported epsilon.",
+            file=stream,
+            flush=True,
+        )
 
 
 def _build_evaluate(task: base.Task, config: configs.ExperimentConfig):
@@ -250,13 +346,23 @@ def _build_evaluate(task: base.Task, config: configs.ExperimentConfig):
     return evaluate
 
 
-def _build_round_metrics(prepared: Prepared, upload: int, device_rounds: devices.DeviceRounds | None):
+def _build_round_metrics(
+    prepared: Prepared,
+    upload: int,
+    device_rounds: devices.DeviceRounds | None,
+    canaries: audit.CanaryAudit | None,
+    loop: configs.LoopConfig,
+    workers: runtime.Runtime,
+):
     plan, config = prepared.plan, prepared.config
     download = prepared.task.model_info.update_bytes
     epsilon = accounting.EpsilonTracker(plan)
 
     def round_metrics(round_num: int, output, clients) -> dict[str, float]:
         metrics = {"privacy/epsilon": epsilon(round_num), "privacy/delta": plan.delta}
+        if len(workers.workers) > 1 or config.runtime.workers:
+            metrics["system/workers"] = float(len(workers.workers))
+            metrics["system/worker_retries"] = float(workers.retried)
         if device_rounds is not None:
             metrics.update(device_rounds.outcome(round_num).metrics())
         else:
@@ -264,6 +370,12 @@ def _build_round_metrics(prepared: Prepared, upload: int, device_rounds: devices
             metrics["system/bytes_down"] = float(download * len(clients))
         if output is not None:
             metrics.update(aggregation.round_metrics(plan, config.dp, output.metrics["aggregator"], len(clients)))
+        if canaries is not None and output is not None:
+            metrics["system/canaries"] = float(sum(audit.is_canary(c) for c in clients))
+            weights = audit.trainable_weights(output.state)
+            canaries.observe(weights)
+            if round_num % loop.eval_every == 0 or round_num == loop.rounds:
+                metrics.update(canaries.metrics(canaries.estimate(weights, plan.delta)))
         return metrics
 
     return round_metrics

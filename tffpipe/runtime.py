@@ -1,22 +1,43 @@
-"""The TFF execution context tffpipe runs in: TFF's local C++ worker, started safely.
+"""Where computations run: TFF's C++ worker services, one or several, local or remote.
 
-TFF 0.87 runs computations in a `worker_binary` process that its default context
-starts lazily. Left as TFF starts it, that process (1) outlives Python after a
-`kill -9` or a crash, (2) inherits stdout, so `python -m experiments.train | tail`
-never sees end-of-file, and (3) serves gRPC on all interfaces without
-authentication. This module starts the same binary behind TFF's own remote executor,
-but with the kernel told to kill it when its parent dies (PR_SET_PDEATHSIG), its
-output sent to a log file or discarded, and a preloaded shim that rewrites wildcard
-binds to loopback (`_native/loopback_bind.c`).
+TFF 0.87 runs computations in `worker_binary` processes behind its `RemoteExecutor`.
+Left as TFF starts it, that process (1) outlives Python after a `kill -9` or a crash,
+(2) inherits stdout, so `python -m experiments.train | tail` never sees end-of-file,
+and (3) serves gRPC on all interfaces without authentication. tffpipe starts the same
+binary itself (`LocalWorker`): the kernel kills it when its parent dies
+(PR_SET_PDEATHSIG), its output goes to a log file, and a preloaded shim
+(`_native/loopback_bind.c`) rewrites its wildcard bind to one chosen address,
+127.0.0.1 by default. `RemoteWorker` reaches a worker started elsewhere
+(`experiments.worker`).
+
+One worker gets TFF's synchronous context, as before. Several get TFF's mergeable
+context (`create_mergeable_comp_execution_context`): each round's computation is
+compiled to mergeable form, the clients are split into one contiguous slice per
+worker, every worker computes its slice's partial aggregate and the merge runs here.
+TFF's async contexts over `RemoteExecutor` make blocking gRPC calls inside coroutines,
+which would run the workers one after another; each worker's synchronous context is
+therefore run in a thread of its own (`_ThreadedContext`), so slices overlap.
+
+`Runtime` owns the workers and the installed context. A round is a pure function of
+(state, sampled clients), so when a worker dies mid-round `Runtime.call` drops it,
+installs a context over the workers left and runs the round again (at most
+`retries` times, counted in `system/worker_retries`); a local worker is started
+again instead. With none left it raises a `WorkerFault` naming the worker, and the
+run keeps its last checkpoint. TFF itself would wait forever for a dead worker
+(`_GuardedStub`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import dataclasses
+import ipaddress
 import os
 import subprocess
 import time
-from typing import IO
+from collections.abc import Callable, Sequence
+from typing import IO, Any
 
 import grpc
 import portpicker
@@ -24,44 +45,101 @@ import tensorflow_federated as tff
 from absl import logging
 from tensorflow_federated.python.core.backends.native import compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
-from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
-from tensorflow_federated.python.core.impl.executors import remote_executor, remote_executor_grpc_stub
+from tensorflow_federated.python.core.impl.executors import executors_errors, remote_executor, remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.types import placements
 
-from tffpipe import processes
+from tffpipe import errors, processes
 
 _WORKER_BINARY = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
 LOOPBACK_SHIM = os.path.join(os.path.dirname(__file__), "_native", "libloopback_bind.so")
 _GRPC_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+_CONTEXT_ARGS = dict(
+    compiler_fn=compiler.desugar_and_transform_to_native,
+    transform_args=tensorflow_computation.transform_args,
+    transform_result=tensorflow_computation.transform_result,
+)
+
+
+class WorkerFault(errors.Fault):
+    """A worker service is unreachable, serves other data, or stopped during the run."""
+
+
+def _connect_address(bind_address: str) -> str:
+    """Where to reach a worker bound to `bind_address` from this machine."""
+    address = ipaddress.ip_address(bind_address)
+    if address.is_unspecified:
+        return "127.0.0.1"
+    return f"[{address}]" if address.version == 6 else str(address)
 
 
 class LocalWorker:
-    """One TFF C++ worker process on 127.0.0.1, owned by this Python process."""
+    """One TFF C++ worker process on this machine, owned by this Python process.
 
-    def __init__(self, *, max_concurrent_computation_calls: int = -1, log_path: str | None = None):
+    Args:
+      max_concurrent_computation_calls: clients the worker trains at once (-1: no limit).
+      log_path: where its stdout and stderr go; discarded when None.
+      bind_address: the address it listens on (the shim rewrites its wildcard bind).
+      port: its port; None picks a free one.
+      cpus: CPUs it may run on (sched_setaffinity), None for all.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_concurrent_computation_calls: int = -1,
+        log_path: str | None = None,
+        bind_address: str = "127.0.0.1",
+        port: int | None = None,
+        cpus: Sequence[int] | None = None,
+    ):
         self._max_calls = max_concurrent_computation_calls
         self._log_path = log_path
+        self._bind = bind_address
+        self._port = port
+        self._cpus = list(cpus) if cpus is not None else None
         self._process: subprocess.Popen | None = None
         self._stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub | None = None
         self._log_file: IO[bytes] | None = None
         atexit.register(self.stop)
 
     @property
+    def name(self) -> str:
+        return f"local worker {_connect_address(self._bind)}:{self._port or '?'}"
+
+    @property
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
     @property
+    def port(self) -> int | None:
+        return self._port
+
+    @property
     def loopback_only(self) -> bool:
         return os.path.isfile(LOOPBACK_SHIM)
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _preexec(self) -> None:
+        processes.die_with_parent()
+        if self._cpus is not None:
+            os.sched_setaffinity(0, self._cpus)
+
+    def start(self) -> None:
+        """Starts the process (if it is not running) and waits until it serves."""
+        self.stub()
 
     def stub(self) -> remote_executor_grpc_stub.RemoteExecutorGrpcStub:
         """Returns a ready stub, starting (or restarting) the worker when needed."""
         if self._stub is not None and self._stub.is_ready:
             return self._stub
         self.stop()
-        port = portpicker.pick_unused_port()
+        port = self._port or portpicker.pick_unused_port()
+        self._port = port
         env = dict(os.environ)
         # Clients run concurrently (one computation call each), which already fills the
         # cores; splitting each op over more threads on top only adds hand-offs. W2 rounds
@@ -69,10 +147,10 @@ class LocalWorker:
         env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
         if self.loopback_only:
             env["LD_PRELOAD"] = " ".join(filter(None, [LOOPBACK_SHIM, env.get("LD_PRELOAD")]))
+            env["TFFPIPE_BIND_ADDRESS"] = self._bind
         else:
             logging.warning(
-                "TFF worker starts WITHOUT the loopback shim (%s missing; run `make env`): "
-                "it listens on all interfaces.",
+                "TFF worker starts WITHOUT the bind shim (%s missing; run `make env`): it listens on all interfaces.",
                 LOOPBACK_SHIM,
             )
         out = subprocess.DEVNULL
@@ -85,16 +163,17 @@ class LocalWorker:
             stdout=out,
             stderr=out,
             env=env,
-            preexec_fn=processes.die_with_parent,
+            preexec_fn=self._preexec,
         )
-        channel = grpc.insecure_channel(f"localhost:{port}", _GRPC_OPTIONS)
-        self._stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
+        self._stub = _stub(f"{_connect_address(self._bind)}:{port}")
         deadline = time.monotonic() + 60
         while not self._stub.is_ready:
             if self._process.poll() is not None:
-                raise RuntimeError(f"TFF worker exited at start with code {self._process.returncode}.")
+                raise WorkerFault(
+                    f"{self.name} exited at start with code {self._process.returncode} (is port {port} free?)"
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError("TFF worker did not become ready within 60 s.")
+                raise WorkerFault(f"{self.name} did not start serving within 60 s")
             time.sleep(0.05)
         return self._stub
 
@@ -114,29 +193,258 @@ class LocalWorker:
             self._log_file = None
 
 
-def install_local_context(*, max_concurrent_computation_calls: int = -1, log_path: str | None = None) -> LocalWorker:
-    """Makes a loopback-only, parent-bound local C++ worker TFF's default context.
+class RemoteWorker:
+    """A worker service started elsewhere (`python -m experiments.worker`), at host:port."""
 
-    Args:
-      max_concurrent_computation_calls: clients the worker trains at once (-1: no limit).
-      log_path: where the worker's stdout/stderr go; discarded when None.
+    def __init__(self, address: str, *, connect_timeout: float = 10.0):
+        self.address = address
+        self._timeout = connect_timeout
+        self._stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub | None = None
+        self._channel: grpc.Channel | None = None
 
-    Returns:
-      The worker, so callers can stop it or read its pid.
+    @property
+    def name(self) -> str:
+        return f"worker {self.address}"
+
+    def alive(self) -> bool:
+        if self._channel is None:
+            return False
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=2)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
+    def start(self) -> None:
+        self._channel = grpc.insecure_channel(self.address, _GRPC_OPTIONS)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self._timeout)
+        except grpc.FutureTimeoutError:
+            raise WorkerFault(
+                f"{self.name} is unreachable within {self._timeout:g} s: start it there with "
+                f"`python -m experiments.worker --port={self.address.rsplit(':', 1)[-1]}` (and the run's data flags), "
+                "or check the address and any SSH forward"
+            ) from None
+        self._stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(self._channel)
+
+    def stub(self) -> remote_executor_grpc_stub.RemoteExecutorGrpcStub:
+        if self._stub is None:
+            self.start()
+        return self._stub
+
+    def stop(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self._stub = None
+
+
+def _stub(address: str) -> remote_executor_grpc_stub.RemoteExecutorGrpcStub:
+    return remote_executor_grpc_stub.RemoteExecutorGrpcStub(grpc.insecure_channel(address, _GRPC_OPTIONS))
+
+
+class WorkerLost(RuntimeError):  # noqa: N818  (TFF must not read it as retryable)
+    """A worker's process is gone: its gRPC errors are final, not to be waited out."""
+
+
+class _GuardedStub:
+    """A worker's stub whose "unavailable" errors end the call once the worker is known dead.
+
+    TFF's execution context retries an unavailable worker forever (exponential backoff
+    up to 30 s per wait), so a round whose worker died would hang instead of failing.
+    A transient error of a live worker is still retried as TFF does.
     """
-    worker = LocalWorker(max_concurrent_computation_calls=max_concurrent_computation_calls, log_path=log_path)
 
+    def __init__(self, stub, worker):
+        self._stub = stub
+        self._worker = worker
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._stub, name)
+        if not callable(attribute):
+            return attribute
+
+        def guarded(*args, **kwargs):
+            try:
+                return attribute(*args, **kwargs)
+            except executors_errors.RetryableError as e:
+                if not self._worker.alive():
+                    raise WorkerLost(f"{self._worker.name} is gone") from e
+                raise
+
+        return guarded
+
+
+def _sync_context(worker) -> sync_execution_context.SyncExecutionContext:
     def stack_fn(cardinalities):
         cardinalities.setdefault(placements.CLIENTS, 0)
-        executor = remote_executor.RemoteExecutor(worker.stub())
+        executor = remote_executor.RemoteExecutor(_GuardedStub(worker.stub(), worker))
         executor.set_cardinalities(cardinalities)
         return executor
 
-    context = sync_execution_context.SyncExecutionContext(
-        executor_fn=python_executor_stacks.ResourceManagingExecutorFactory(stack_fn),
-        compiler_fn=compiler.desugar_and_transform_to_native,
-        transform_args=tensorflow_computation.transform_args,
-        transform_result=tensorflow_computation.transform_result,
+    return sync_execution_context.SyncExecutionContext(
+        executor_fn=python_executor_stacks.ResourceManagingExecutorFactory(stack_fn), **_CONTEXT_ARGS
     )
+
+
+class _ThreadedContext(context_base.AsyncContext):
+    """A worker's synchronous context as the async one the mergeable context wants, run in a thread."""
+
+    def __init__(self, sync_context):
+        self._sync = sync_context
+
+    async def invoke(self, comp, arg):
+        return await asyncio.to_thread(self._sync.invoke, comp, arg)
+
+
+def _install(workers: Sequence) -> None:
+    if len(workers) == 1:
+        context = _sync_context(workers[0])
+    else:
+        context = tff.backends.native.create_mergeable_comp_execution_context(
+            [_ThreadedContext(_sync_context(w)) for w in workers]
+        )
     context_stack_impl.context_stack.set_default_context(context)
+
+
+def install_local_context(*, max_concurrent_computation_calls: int = -1, log_path: str | None = None) -> LocalWorker:
+    """Makes one loopback-only, parent-bound local C++ worker TFF's default context; returns it."""
+    worker = LocalWorker(max_concurrent_computation_calls=max_concurrent_computation_calls, log_path=log_path)
+    _install([worker])
     return worker
+
+
+@dataclasses.dataclass
+class Runtime:
+    """The workers of a run and the context over them (see the module doc for faults)."""
+
+    workers: list
+    retries: int = 2
+    retried: int = 0
+
+    @property
+    def remote(self) -> bool:
+        return any(isinstance(w, RemoteWorker) for w in self.workers)
+
+    def start(self) -> Runtime:
+        for worker in self.workers:
+            worker.start()
+        _install(self.workers)
+        return self
+
+    def check_data(self, fingerprint: Callable[[], Any], expected: Any, where: str) -> None:
+        """Runs `fingerprint` (a TFF computation reading the data) on every worker; all must give `expected`."""
+        if len(self.workers) == 1 and isinstance(self.workers[0], LocalWorker):
+            return  # the same machine and file as this process
+        for worker in self.workers:
+            with context_stack_impl.context_stack.install(_sync_context(worker)):
+                try:
+                    found = fingerprint()
+                except Exception as e:  # noqa: BLE001  (TFF wraps the worker's error in several types)
+                    raise WorkerFault(
+                        f"{worker.name} cannot read the run's data at {where} ({type(e).__name__}: "
+                        f"{(str(e).strip().splitlines() or [''])[0][:200]}): every worker needs the same files at the "
+                        "same path as this machine"
+                    ) from None
+            if tuple(map(int, found)) != tuple(map(int, expected)):
+                raise WorkerFault(
+                    f"{worker.name} serves other data than this run at {where} (fingerprint "
+                    f"{fingerprint_text(found)}, here {fingerprint_text(expected)}): copy the same files there, "
+                    "or restart it with the run's data flags"
+                )
+
+    def call(self, fn: Callable[..., Any], *args) -> Any:
+        """`fn(*args)`, run again on the workers left if a worker dies meanwhile."""
+        attempts = 0
+        while True:
+            try:
+                return fn(*args)
+            except Exception:  # noqa: BLE001  (a dead worker surfaces as gRPC or executor errors)
+                dead = [w for w in self.workers if not w.alive()]
+                if not dead:
+                    raise
+                names = ", ".join(w.name for w in dead)
+                # A process of ours is started again; a remote service is dropped.
+                self.workers = [w for w in self.workers if w not in dead or isinstance(w, LocalWorker)]
+                if not self.workers or attempts >= self.retries:
+                    raise WorkerFault(
+                        f"{names} stopped during a round, and {len(self.workers)} worker(s) remain after "
+                        f"{attempts} retries; the run stops here with its last checkpoint. Restart the worker(s) "
+                        "and rerun the same command to resume."
+                    ) from None
+                logging.warning("%s stopped during a round; retrying on %d worker(s)", names, len(self.workers))
+                attempts += 1
+                self.retried += 1
+                for worker in self.workers:
+                    worker.start()
+                _install(self.workers)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+
+def fingerprint_text(values) -> str:
+    return "-".join(f"{int(v) & 0xFFFFFFFFFFFFFFFF:016x}" for v in values)[:40]
+
+
+def create(
+    *,
+    remote: Sequence[str] = (),
+    local_workers: int = 1,
+    pin: bool = False,
+    log_dir: str | None = None,
+    retries: int = 2,
+) -> Runtime:
+    """The run's workers: `remote` addresses, or `local_workers` started here (optionally one CPU each)."""
+    if remote:
+        workers = [RemoteWorker(address) for address in remote]
+    else:
+        cpus = sorted(os.sched_getaffinity(0))
+        workers = [
+            LocalWorker(
+                log_path=os.path.join(log_dir, "worker.log" if local_workers == 1 else f"worker-{i}.log")
+                if log_dir
+                else None,
+                cpus=[cpus[i % len(cpus)]] if pin else None,
+            )
+            for i in range(local_workers)
+        ]
+    return Runtime(workers, retries=retries)
+
+
+class ResilientProcess:
+    """A learning process whose `next` runs through `Runtime.call` (a dead worker's round is retried)."""
+
+    def __init__(self, process, runtime: Runtime):
+        self._process = process
+        self._runtime = runtime
+
+    def __getattr__(self, name: str):
+        return getattr(self._process, name)
+
+    def next(self, state, clients):
+        return self._runtime.call(self._process.next, state, clients)
+
+
+def data_fingerprint(path: str) -> tuple[Callable[[], Any], tuple[int, int]]:
+    """(a computation that reads `path` where it runs, its value on this machine).
+
+    The count of `client_metadata` rows and a sum of their hashes (client, split,
+    examples): a worker whose file at that path differs in any client gives another
+    value. It runs as TensorFlow in the worker, the process that reads the file when it
+    builds client datasets, so it checks what the rounds will actually read.
+    """
+    import tensorflow as tf
+
+    query = "SELECT client_id || '|' || split_name || '|' || CAST(num_examples AS TEXT) FROM client_metadata"
+
+    def read():
+        rows = tf.data.experimental.SqlDataset("sqlite", path, query, (tf.string,))
+
+        def add(total, row):
+            return total[0] + 1, total[1] + tf.strings.to_hash_bucket_fast(row[0], 2**62)
+
+        return rows.reduce((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), add)
+
+    here = tuple(int(v) for v in tf.function(read)())
+    return tff.tensorflow.computation(read), here

@@ -49,6 +49,18 @@ class Checkpointer(Protocol):
     def save(self, state: Any, round_num: int) -> None: ...
 
 
+class Carry(Protocol):
+    """A collaborator's state that is checkpointed with the process state (the audit's statistics).
+
+    `state()` is a nest of arrays as of the last round; `restore(saved, process_state)`
+    starts it from a checkpoint (`saved` is None on a fresh start).
+    """
+
+    def state(self) -> Any: ...
+
+    def restore(self, saved: Any, process_state: Any) -> None: ...
+
+
 class Releaser(Protocol):
     def resume(self, round_num: int) -> None: ...
 
@@ -68,7 +80,8 @@ class LoopResult:
 class _Saver:
     """Checkpoint writes (each followed by its commit) on one background thread, one at a time."""
 
-    def __init__(self, checkpointer: Checkpointer, releaser: Releaser, last_saved: int):
+    def __init__(self, checkpointer: Checkpointer, releaser: Releaser, last_saved: int, carry: Carry | None = None):
+        self._carry = carry
         self._checkpointer = checkpointer
         self._releaser = releaser
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
@@ -81,8 +94,12 @@ class _Saver:
         with self._lock:
             return self._last_saved
 
-    def _write(self, state: Any, round_num: int) -> None:
-        self._checkpointer.save(state, round_num)
+    def _with_carry(self, state: Any) -> Any:
+        """The checkpointed value: the state, or (state, a snapshot of the carry) taken now."""
+        return state if self._carry is None else (state, self._carry.state())
+
+    def _write(self, value: Any, round_num: int) -> None:
+        self._checkpointer.save(value, round_num)
         self._releaser.commit(round_num)
         with self._lock:
             self._last_saved = round_num
@@ -93,7 +110,7 @@ class _Saver:
             if not self._future.done():
                 return
             self._future.result()  # a failed write surfaces here, in the loop's thread
-        self._future = self._executor.submit(self._write, state, round_num)
+        self._future = self._executor.submit(self._write, self._with_carry(state), round_num)
 
     def wait(self) -> None:
         """Returns once no write is under way; raises what a write raised."""
@@ -104,7 +121,7 @@ class _Saver:
     def save_now(self, state: Any, round_num: int) -> None:
         self.wait()
         if self.last_saved != round_num:
-            self._write(state, round_num)
+            self._write(self._with_carry(state), round_num)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
@@ -126,6 +143,7 @@ def run(
     round_metrics: Callable[[int, Any, Sequence[str]], Metrics] | None = None,
     progress: Callable[[int, Metrics], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    carry: Carry | None = None,
 ) -> LoopResult:
     """Runs rounds (latest checkpoint + 1) .. rounds.
 
@@ -139,16 +157,21 @@ def run(
       round_metrics: (round, process output, clients) -> extra metrics (privacy, system).
       progress: called with each round's metrics, after release.
       stop_requested: polled after each round; True saves a checkpoint and returns.
+      carry: state checkpointed beside the process state (saved as the pair).
 
     Raises:
       NonFiniteLossError: the round's loss was NaN/inf; the last checkpoint is kept.
     """
     initial_state = process.initialize()
-    state, start = checkpointer.load_latest(initial_state)
-    if state is None:
-        state, start = initial_state, 0
+    structure = initial_state if carry is None else (initial_state, carry.state())
+    saved, start = checkpointer.load_latest(structure)
+    if saved is None:
+        saved, start = structure, 0
+    state = saved if carry is None else saved[0]
+    if carry is not None:
+        carry.restore(saved[1] if start else None, state)
     releaser.resume(start)
-    saver = _Saver(checkpointer, releaser, start)
+    saver = _Saver(checkpointer, releaser, start, carry)
     try:
         return _rounds(
             process, state, start, sampler, saver, releaser, config, evaluate, round_metrics, progress, stop_requested

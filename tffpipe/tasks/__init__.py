@@ -1,6 +1,6 @@
 """Tasks: what clients hold and what the model predicts, behind one interface.
 
-Each task is a sibling package (`emnist`, ...) with two sides:
+Each task is a sibling package (`emnist`, `keyboard`) with two sides:
 
 * its data source (`files`), standard library only: the population size for the
   privacy plan, checking the user's files or generating the embedded data once, the
@@ -18,9 +18,13 @@ from typing import Protocol
 
 from tffpipe import configs
 from tffpipe.tasks.emnist import files as emnist_files
+from tffpipe.tasks.keyboard import files as keyboard_files
 
-_DATA_SOURCES = {configs.Task.EMNIST: emnist_files.EmnistData}
-_LEARNING_MODULES = {configs.Task.EMNIST: "tffpipe.tasks.emnist.task"}
+_DATA_SOURCES = {configs.Task.EMNIST: emnist_files.EmnistData, configs.Task.KEYBOARD: keyboard_files.KeyboardData}
+_LEARNING_MODULES = {
+    configs.Task.EMNIST: "tffpipe.tasks.emnist.task",
+    configs.Task.KEYBOARD: "tffpipe.tasks.keyboard.task",
+}
 
 
 class DataSource(Protocol):
@@ -39,6 +43,8 @@ class DataSource(Protocol):
     def prepare(self, *, progress=None, stop_requested=lambda: False) -> str: ...
 
     def example_counts(self, data_dir: str) -> dict[str, int]: ...
+
+    def worker_files(self, data_dir: str) -> list[str]: ...
 
     def fingerprint(self, data_dir: str) -> str: ...
 

@@ -110,18 +110,20 @@ class Task:
         model = self.create_keras_model()
         return [tf.TensorSpec(w.shape, w.dtype) for w in model.trainable_weights]
 
-    def compose_train(self, process: tff.learning.templates.LearningProcess):
-        """`next` then takes client ids (`{str}@CLIENTS`) instead of datasets."""
-        return _compose(self.train_data, process)
+    def compose_train(self, process: tff.learning.templates.LearningProcess, *, result_transform=None):
+        """`next` then takes client ids (`{str}@CLIENTS`) instead of datasets (see `fusion` for the transform)."""
+        return _compose(self.train_data, process, result_transform)
 
     def compose_eval(self, process: tff.learning.templates.LearningProcess):
         return _compose(self.test_data, process)
 
 
-def _compose(data: tff.simulation.datasets.ClientData, process: tff.learning.templates.LearningProcess):
+def _compose(
+    data: tff.simulation.datasets.ClientData, process: tff.learning.templates.LearningProcess, result_transform=None
+):
     """Each client's dataset is built in the same TensorFlow call as its client work."""
     composed = tff.simulation.compose_dataset_computation_with_learning_process(data.dataset_computation, process)
-    return fusion.fuse_client_datasets(composed)
+    return fusion.fuse_client_datasets(composed, result_transform=result_transform)
 
 
 class ExampleCount(tf.keras.metrics.Sum):

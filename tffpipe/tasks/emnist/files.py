@@ -39,7 +39,8 @@ DataFileError = sql_files.DataFileError
 
 
 def database_path(data_dir: str) -> str:
-    return os.path.join(data_dir, FILE_NAME)
+    """Absolute: the path is written into the dataset graphs a worker runs, maybe in another directory."""
+    return os.path.abspath(os.path.join(data_dir, FILE_NAME))
 
 
 def check_database(path: str, only_digits: bool) -> dict[str, int]:
@@ -184,6 +185,10 @@ class EmnistData:
 
     def example_counts(self, data_dir: str) -> dict[str, int]:
         return client_example_counts(data_dir, self._config.only_digits)
+
+    def worker_files(self, data_dir: str) -> list[str]:
+        """The files a worker reads while it builds client datasets (at these absolute paths)."""
+        return [database_path(data_dir)]
 
     def fingerprint(self, data_dir: str) -> str:
         return sql_files.fingerprint(database_path(data_dir))

@@ -1,0 +1,158 @@
+"""Runs over several worker services on loopback: results, a worker killed mid-run, other data, leftovers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import portpicker
+import pytest
+
+from tests import conftest
+from tests.train_e2e_test import REPO, TINY_FLAGS, rows, train
+
+DATA = [f for f in TINY_FLAGS if f.split("=")[0] in ("--num_writers", "--median_examples", "--data_seed")]
+COMPARED = ("train/loss", "train/accuracy", "eval/accuracy", "privacy/epsilon")
+
+
+def start_worker(cache: str, *flags: str) -> tuple[subprocess.Popen, int]:
+    port = portpicker.pick_unused_port()
+    cmd = [sys.executable, "-m", "experiments.worker", f"--port={port}", f"--cache_dir={cache}", *DATA, *flags]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith(f"worker serving on 127.0.0.1:{port}"), line
+    proc.stdout.readline()  # the data fingerprint
+    return proc, port
+
+
+def service_of(worker: subprocess.Popen) -> int:
+    (child,) = [p for p in conftest.worker_pids() if _parent(p) == worker.pid]
+    return child
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workers")
+    cache, runs = str(root / "cache"), str(root / "runs")
+    reference = train("--rounds=8", "--experiment=one_worker", cache=cache, root=runs)  # also generates the data
+    assert reference.returncode == 0, reference.stderr
+    return cache, runs, rows(os.path.join(runs, "one_worker", "metrics.csv"))
+
+
+def _same_metrics(table, reference) -> None:
+    assert [r["round"] for r in table] == [r["round"] for r in reference]
+    for got, want in zip(table, reference, strict=True):
+        for column in COMPARED:
+            if want[column]:
+                assert float(got[column]) == pytest.approx(float(want[column]), rel=1e-5, abs=1e-6), column
+
+
+def _kill_during(run: subprocess.Popen, round_prefix: str, pid: int) -> None:
+    for line in run.stdout:
+        if line.startswith(round_prefix):
+            os.kill(pid, signal.SIGKILL)
+            return
+
+
+def test_a_worker_killed_during_a_run_is_dropped_and_its_round_run_again(space):
+    cache, runs, reference = space
+    (a, port_a), (b, port_b) = start_worker(cache), start_worker(cache)
+    try:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS]
+            + ["--rounds=8", "--experiment=two_workers", f"--workers=127.0.0.1:{port_a},127.0.0.1:{port_b}"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _kill_during(run, "round 3/8", service_of(b))
+        _, err = run.communicate(timeout=240)
+        assert run.returncode == 0, err
+        assert f"worker 127.0.0.1:{port_b} stopped during a round; retrying on 1 worker(s)" in err
+    finally:
+        for worker in (a, b):
+            worker.terminate()
+            worker.wait(timeout=30)
+    table = rows(os.path.join(runs, "two_workers", "metrics.csv"))
+    # Two workers, then one: the same rounds as one worker, up to the order of float sums.
+    _same_metrics(table, reference)
+    assert float(table[0]["system/workers"]) == 2 and float(table[-1]["system/workers"]) == 1
+    assert float(table[-1]["system/worker_retries"]) == 1
+
+
+def test_without_retries_the_run_stops_at_its_checkpoint_and_the_rerun_resumes_exactly(space):
+    cache, runs, reference = space
+    run = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS]
+        + ["--rounds=8", "--experiment=stopped", "--local_workers=2", "--worker_retries=0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in run.stdout:
+        if line.startswith("round 3/8"):
+            children = [p for p in conftest.worker_pids() if _parent(p) == run.pid]
+            os.kill(children[1], signal.SIGKILL)
+            break
+    _, err = run.communicate(timeout=240)
+    assert run.returncode == 1, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "stopped during a round" in lines[0] and "rerun the same command to resume" in lines[0]
+    again = train("--rounds=8", "--experiment=stopped", "--local_workers=2", cache=cache, root=runs)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stdout
+    _same_metrics(rows(os.path.join(runs, "stopped", "metrics.csv")), reference)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_worker_serving_other_data_at_the_same_path_is_refused_and_nothing_is_written(space, tmp_path):
+    cache, runs, _ = space
+    # The worker runs in a mount namespace of its own, where the run's data file is another file.
+    from tffpipe.tasks.emnist import generator
+
+    path = os.path.join(generator.cached_data_dir(cache, conftest.TINY), "emnist_all.sqlite")
+    other = str(tmp_path / "other.sqlite")  # the same population, one client's count changed
+    shutil.copy(path, other)
+    con = sqlite3.connect(other)
+    con.execute("UPDATE client_metadata SET num_examples = num_examples + 1 WHERE rowid = 1")
+    con.commit()
+    con.close()
+    port = portpicker.pick_unused_port()
+    serve = f"{sys.executable} -m experiments.worker --port={port} --cache_dir={cache} {' '.join(DATA)}"
+    script = f"mount --bind {other} {path} && exec {serve}"
+    worker = subprocess.Popen(
+        ["unshare", "--mount", "sh", "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        line = worker.stdout.readline()
+        if not line.startswith("worker serving"):
+            pytest.skip(f"no mount namespace here: {worker.stderr.read()[-300:]}")
+        before = sorted(os.listdir(runs))
+        proc = train("--rounds=2", "--experiment=other_data", f"--workers=127.0.0.1:{port}", cache=cache, root=runs)
+        assert proc.returncode == 1
+        assert f"worker 127.0.0.1:{port} serves other data than this run at {path}" in proc.stderr
+        assert sorted(os.listdir(runs)) == before  # refused before the experiment directory exists
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+
+
+def test_no_worker_service_outlives_these_runs():
+    deadline = time.monotonic() + 10
+    while conftest.orphaned_workers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert conftest.orphaned_workers() == set()
+    leftover = subprocess.run(["pgrep", "-f", "experiments.worker"], capture_output=True, text=True).stdout.split()
+    assert leftover == []
