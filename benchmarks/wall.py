@@ -15,6 +15,7 @@ the end of round 1. Default flags of a run (checkpoint every round included), ex
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -23,9 +24,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
+import portpicker
+import psutil
 from absl import app, flags
 
 flags.DEFINE_list("workloads", ["fixed", "w2", "w1", "w3"], "Workloads to time.")
@@ -33,6 +37,9 @@ flags.DEFINE_integer("repeats", 1, "Runs per workload (fresh experiment each).")
 flags.DEFINE_string("cache_dir", "data_cache", "Where the workloads' populations are generated.")
 flags.DEFINE_string("out_dir", "benchmarks/results", "Where the JSON results go.")
 flags.DEFINE_string("repo", ".", "Checkout whose binary to run (another commit, to compare in one session).")
+flags.DEFINE_list("train_flags", [], "More flags for the training binary, e.g. --local_workers=2,--pin_workers.")
+flags.DEFINE_integer("remote_workers", 0, "Serve the run from this many experiments.worker processes on loopback.")
+flags.DEFINE_bool("pin_remote_workers", False, "Pin remote worker i to CPU i (taskset).")
 FLAGS = flags.FLAGS
 
 
@@ -75,16 +82,76 @@ def flags_of(w: Workload, cache_dir: str) -> list[str]:
     ]
 
 
-def time_run(w: Workload, cache_dir: str, root: str, repo: str = ".") -> dict:
+def _data_flags(w: Workload, cache_dir: str) -> list[str]:
+    return [
+        f
+        for f in flags_of(w, cache_dir)
+        if f.split("=")[0] in ("--num_writers", "--median_examples", "--quantity_sigma", "--data_seed", "--cache_dir")
+    ]
+
+
+def start_remote_workers(w: Workload, cache_dir: str, repo: str, count: int, pin: bool) -> tuple[list, list[str]]:
+    """`count` experiments.worker processes on loopback serving the workload's data."""
+    procs, addresses = [], []
+    for i in range(count):
+        port = portpicker.pick_unused_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "experiments.worker",
+            f"--port={port}",
+            *_data_flags(w, os.path.abspath(cache_dir)),
+        ]
+        if pin:
+            cmd = ["taskset", "-c", str(i % os.cpu_count()), *cmd]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=repo)
+        line = proc.stdout.readline()
+        if not line.startswith("worker serving"):
+            raise RuntimeError(f"worker did not start: {line}")
+        procs.append(proc)
+        addresses.append(f"127.0.0.1:{port}")
+    return procs, addresses
+
+
+class TreeRss:
+    """Peak RSS of a process and of each of its descendants, sampled every 200 ms."""
+
+    def __init__(self, pids: list[int]):
+        self.peaks: dict[str, int] = {}
+        self._pids = pids
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            for pid in self._pids:
+                with contextlib.suppress(psutil.Error):
+                    root = psutil.Process(pid)
+                    for p in [root, *root.children(recursive=True)]:
+                        name = "worker" if "worker_binary" in " ".join(p.cmdline()) else "python"
+                        key = f"{name}:{p.pid}"
+                        self.peaks[key] = max(self.peaks.get(key, 0), p.memory_info().rss)
+            time.sleep(0.2)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+
+def time_run(w: Workload, cache_dir: str, root: str, repo: str = ".", extra: list[str] = (), pids=()) -> dict:
     cache_dir = os.path.abspath(cache_dir)
     cmd = [sys.executable, "-m", "experiments.train", *flags_of(w, cache_dir), f"--root_dir={root}", "--experiment=w"]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
+    proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
+    rss = TreeRss([proc.pid, *pids])
     arrivals: dict[int, float] = {}
     for line in proc.stdout:
         if line.startswith("round "):
             arrivals[int(line.split()[1].split("/")[0])] = time.monotonic()
     _, err = proc.communicate()
+    peaks = rss.stop()
     if proc.returncode != 0:
         raise RuntimeError(f"{w.name} failed: {err[-2000:]}")
     with open(os.path.join(root, "w", "metrics.csv"), newline="") as f:
@@ -98,6 +165,7 @@ def time_run(w: Workload, cache_dir: str, root: str, repo: str = ".") -> dict:
         "round_seconds": inner,
         "start_to_round_1_seconds": arrivals[1] - started,
         "process_seconds": time.monotonic() - started,
+        "peak_rss_bytes": peaks,
     }
 
 
@@ -106,23 +174,34 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": float(med), "q1": float(q1), "q3": float(q3)}
 
 
-def measure(names: list[str], repeats: int, cache_dir: str, repo: str = ".") -> list[dict]:
+def measure(names: list[str], repeats: int, cache_dir: str, repo: str = ".", extra: list[str] = ()) -> list[dict]:
     results = []
     for name in names:
         w = WORKLOADS[name]
-        # Generate the population once, untimed (a one-round run does it).
+        # Generate the population once, untimed (a short run does it).
         with tempfile.TemporaryDirectory() as root:
             time_run(dataclasses.replace(w, rounds=3), cache_dir, root, repo)
         runs = []
         for _ in range(repeats):
             root = tempfile.mkdtemp(prefix="tffpipe-wall-")
+            workers, addresses = [], []
             try:
-                runs.append(time_run(w, cache_dir, root, repo))
+                if FLAGS.remote_workers:
+                    workers, addresses = start_remote_workers(
+                        w, cache_dir, repo, FLAGS.remote_workers, FLAGS.pin_remote_workers
+                    )
+                run_flags = [*extra, *([f"--workers={','.join(addresses)}"] if addresses else [])]
+                runs.append(time_run(w, cache_dir, root, repo, run_flags, [p.pid for p in workers]))
             finally:
+                for p in workers:
+                    p.terminate()
+                    p.wait(timeout=30)
                 shutil.rmtree(root, ignore_errors=True)
         wall = [s for r in runs for s in r["wall_seconds"]]
         inner = [s for r in runs for s in r["round_seconds"]]
         start = [r["start_to_round_1_seconds"] for r in runs]
+        python = [max((v for k, v in r["peak_rss_bytes"].items() if k.startswith("python")), default=0) for r in runs]
+        worker = [max((v for k, v in r["peak_rss_bytes"].items() if k.startswith("worker")), default=0) for r in runs]
         results.append(
             {
                 "workload": dataclasses.asdict(w),
@@ -130,6 +209,8 @@ def measure(names: list[str], repeats: int, cache_dir: str, repo: str = ".") -> 
                 "round_seconds": _stats(inner),
                 "ratio": float(np.median(wall) / np.median(inner)),
                 "start_to_round_1": {"median": float(np.median(start)), "min": min(start), "max": max(start)},
+                "peak_rss_coordinator_bytes": max(python),
+                "peak_rss_per_worker_bytes": max(worker),
                 "runs": runs,
             }
         )
@@ -140,22 +221,24 @@ def measure(names: list[str], repeats: int, cache_dir: str, repo: str = ".") -> 
             f"| {r['wall_between_rounds']['median'] * 1000:.0f} ms "
             f"({r['wall_between_rounds']['q1'] * 1000:.0f}-{r['wall_between_rounds']['q3'] * 1000:.0f}) "
             f"| {r['ratio']:.2f} | {r['start_to_round_1']['median']:.1f} s "
-            f"({r['start_to_round_1']['min']:.1f}-{r['start_to_round_1']['max']:.1f}) |",
+            f"({r['start_to_round_1']['min']:.1f}-{r['start_to_round_1']['max']:.1f}) "
+            f"| {r['peak_rss_coordinator_bytes'] / 2**30:.2f} / {r['peak_rss_per_worker_bytes'] / 2**30:.2f} GiB |",
             flush=True,
         )
     return results
 
 
 HEADER = (
-    "| workload | round_seconds (IQR) | wall between rounds (IQR) | wall / round_seconds | start to round 1 |\n"
-    "|---|---|---|---|---|"
+    "| workload | round_seconds (IQR) | wall between rounds (IQR) | wall / round_seconds | start to round 1 "
+    "| peak RSS coordinator / each worker |\n|---|---|---|---|---|---|"
 )
 
 
 def main(argv) -> None:
     del argv
     print(HEADER, flush=True)
-    results = measure(FLAGS.workloads, FLAGS.repeats, FLAGS.cache_dir, FLAGS.repo)
+    print(f"train flags: {' '.join(FLAGS.train_flags) or '(defaults)'}; remote workers: {FLAGS.remote_workers}")
+    results = measure(FLAGS.workloads, FLAGS.repeats, FLAGS.cache_dir, FLAGS.repo, FLAGS.train_flags)
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     path = os.path.join(FLAGS.out_dir, time.strftime("wall-%Y%m%d-%H%M%S") + ".json")
     with open(path, "w") as f:

@@ -151,6 +151,7 @@ def audit_dir(tmp_path_factory):
 def test_with_dp_the_estimate_stays_below_the_accountant_and_without_it_is_large(audit_dir):
     private, text = _audited_run(audit_dir, "dp")
     assert 0 < private["empirical_epsilon_final_model"] < private["accountant_epsilon"]
+    assert private["empirical_epsilon_final_model_lower_95"] <= private["empirical_epsilon_final_model"]
     assert private["empirical_epsilon_all_iterates"] < private["accountant_epsilon"]
     assert "warning" not in text and "privacy audit: empirical epsilon" in text
     assert len(private["final_model_cosines"]["inserted"]) == len(private["final_model_cosines"]["null"]) == 20
@@ -166,5 +167,5 @@ def test_a_mechanism_that_reports_noise_it_does_not_add_is_caught(audit_dir, mon
 
     monkeypatch.setattr(aggregation.SeededGaussianSumQuery, "__init__", without_noise)
     broken, text = _audited_run(audit_dir, "broken")
-    assert broken["empirical_epsilon_final_model"] > broken["accountant_epsilon"]
+    assert broken["empirical_epsilon_final_model_lower_95"] > broken["accountant_epsilon"]
     assert "warning: the measured privacy is worse than the reported one" in text

@@ -302,22 +302,26 @@ def _report_devices(device_rounds: devices.DeviceRounds, rounds: int, dirs: outp
 
 
 def report_audit(estimate: audit.Estimate, eps: float, rounds: int, plan, dirs: outputs.ExperimentDirs, stream) -> None:
-    """audit.json, the estimate beside the accountant's epsilon, and a warning if it is larger."""
+    """audit.json, the estimate beside the accountant's epsilon, and a warning if it is surely larger."""
     outputs.write_json(dirs.audit, audit.to_json(estimate, delta=plan.delta, accountant_epsilon=eps, rounds=rounds))
-    all_iterates = (
-        f", all iterates {estimate.epsilon_all_iterates:.3g}" if estimate.epsilon_all_iterates is not None else ""
-    )
+    all_iterates = ""
+    if estimate.epsilon_all_iterates is not None:
+        all_iterates = (
+            f"; all iterates {estimate.epsilon_all_iterates:.3g} (>= {estimate.epsilon_all_iterates_lower:.3g})"
+        )
     print(
-        f"privacy audit: empirical epsilon {estimate.epsilon_final:.3g} (final model{all_iterates}) against the "
-        f"accountant's {eps:.4g} at delta {plan.delta:.3g}; a one-shot estimate from {len(estimate.final_inserted)} "
-        f"canaries (Andrew et al. 2024), not a bound. Cosines in {dirs.audit}",
+        f"privacy audit: empirical epsilon {estimate.epsilon_final:.3g} (final model; 95% lower bound "
+        f"{estimate.epsilon_final_lower:.3g}{all_iterates}) against the accountant's {eps:.4g} at delta "
+        f"{plan.delta:.3g}: a one-shot estimate from {len(estimate.final_inserted)} canaries (Andrew et al. 2024), "
+        f"not a bound. Cosines in {dirs.audit}",
         file=stream,
     )
-    worst = max(estimate.epsilon_final, estimate.epsilon_all_iterates or 0.0)
+    worst = max(estimate.epsilon_final_lower, estimate.epsilon_all_iterates_lower or 0.0)
     if worst > eps:
         print(
-            f"warning: the measured privacy is worse than the reported one (empirical epsilon {worst:.3g} > "
-            f"{eps:.4g}): the mechanism does not do what the accounting assumes; do not rely on the reported epsilon.",
+            f"warning: the measured privacy is worse than the reported one (empirical epsilon at least {worst:.3g} "
+            f"with 95% confidence, > {eps:.4g}): the mechanism does not do what the accounting assumes; "
+            "do not rely on the reported epsilon.",
             file=stream,
             flush=True,
         )
