@@ -12,8 +12,10 @@ with a message that says how to get a good one, not inside a dataset op mid-roun
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
+import json
 import os
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -161,6 +163,30 @@ def create_layout(con: sqlite3.Connection) -> None:
         "CREATE TABLE client_metadata (client_id TEXT NOT NULL, split_name TEXT NOT NULL,"
         " num_examples INTEGER NOT NULL)"
     )
+
+
+GENERATOR_TABLE = "tffpipe_generator"  # what wrote an embedded file: generator version and configuration
+
+
+def record_generator(con: sqlite3.Connection, version: int, config) -> None:
+    """Records the generator version and its (dataclass) configuration in a file being written."""
+    con.execute(f"CREATE TABLE IF NOT EXISTS {GENERATOR_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    con.executemany(
+        f"INSERT INTO {GENERATOR_TABLE} VALUES (?, ?)",
+        [("version", str(version)), ("config", json.dumps(dataclasses.asdict(config), sort_keys=True))],
+    )
+
+
+def recorded_config(path: str, version: int, config_class: type):
+    """The configuration a generator recorded in `path`, or None if absent or from another version."""
+    try:
+        with connect(path) as con:
+            meta = dict(con.execute(f"SELECT key, value FROM {GENERATOR_TABLE}"))
+    except sqlite3.Error:
+        return None
+    if meta.get("version") != str(version) or "config" not in meta:
+        return None
+    return config_class(**json.loads(meta["config"]))
 
 
 def index_layout(con: sqlite3.Connection) -> None:

@@ -16,7 +16,6 @@ process that started them, and a crashed run's temporary file is removed on the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -28,7 +27,6 @@ from tffpipe.data import example_proto, sql_files
 from tffpipe.tasks.emnist import glyphs
 
 GENERATOR_VERSION = 2
-METADATA_TABLE = "tffpipe_generator"
 FILE_NAME = "emnist_all.sqlite"
 _DIGITS = 10
 _CHUNK = 50  # writers per task handed to a worker process
@@ -184,7 +182,6 @@ def generate(
     con = sqlite3.connect(tmp)
     try:
         sql_files.create_layout(con)
-        con.execute(f"CREATE TABLE {METADATA_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         chunks = _writer_chunks(config)
         done = 0
         for result in processes.map_in_processes(
@@ -196,10 +193,7 @@ def generate(
             if progress is not None:
                 progress(done, config.num_writers)
         sql_files.index_layout(con)
-        con.executemany(
-            f"INSERT INTO {METADATA_TABLE} VALUES (?, ?)",
-            [("version", str(GENERATOR_VERSION)), ("config", json.dumps(dataclasses.asdict(config), sort_keys=True))],
-        )
+        sql_files.record_generator(con, GENERATOR_VERSION, config)
         con.commit()
     except BaseException:
         con.close()
@@ -225,14 +219,7 @@ def _insert_writer(con: sqlite3.Connection, cid: str, rows: Sequence[tuple[str, 
 
 def read_config(path: str) -> PopulationConfig | None:
     """The configuration recorded in a generated file, or None if absent or from another version."""
-    try:
-        with sql_files.connect(path) as con:
-            meta = dict(con.execute(f"SELECT key, value FROM {METADATA_TABLE}"))
-    except sqlite3.Error:
-        return None
-    if meta.get("version") != str(GENERATOR_VERSION) or "config" not in meta:
-        return None
-    return PopulationConfig(**json.loads(meta["config"]))
+    return sql_files.recorded_config(path, GENERATOR_VERSION, PopulationConfig)
 
 
 def cached_data_dir(cache_dir: str, config: PopulationConfig) -> str:

@@ -50,7 +50,6 @@ from tffpipe.data import example_proto, sql_files
 from tffpipe.tasks.keyboard import words
 
 GENERATOR_VERSION = 1
-METADATA_TABLE = "tffpipe_generator"
 FILE_NAME = "stackoverflow.sqlite"
 WORD_COUNT_FILE = "stackoverflow.word_count"
 TAG_COUNT_FILE = "stackoverflow.tag_count"
@@ -646,7 +645,6 @@ def generate(
     con = sqlite3.connect(temporaries[2])
     try:
         sql_files.create_layout(con)
-        con.execute(f"CREATE TABLE {METADATA_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         users_per_word: collections.Counter = collections.Counter()
         users_per_tag: collections.Counter = collections.Counter()
         done = 0
@@ -664,10 +662,7 @@ def generate(
             if progress is not None:
                 progress(done, config.num_users)
         sql_files.index_layout(con)
-        con.executemany(
-            f"INSERT INTO {METADATA_TABLE} VALUES (?, ?)",
-            [("version", str(GENERATOR_VERSION)), ("config", json.dumps(dataclasses.asdict(config), sort_keys=True))],
-        )
+        sql_files.record_generator(con, GENERATOR_VERSION, config)
         con.commit()
         con.close()
         with open(temporaries[0], "w", encoding="utf-8") as f:
@@ -686,14 +681,7 @@ def generate(
 
 def read_config(path: str) -> TextPopulationConfig | None:
     """The configuration recorded in a generated file, or None if absent or from another version."""
-    try:
-        with sql_files.connect(path) as con:
-            meta = dict(con.execute(f"SELECT key, value FROM {METADATA_TABLE}"))
-    except sqlite3.Error:
-        return None
-    if meta.get("version") != str(GENERATOR_VERSION) or "config" not in meta:
-        return None
-    return TextPopulationConfig(**json.loads(meta["config"]))
+    return sql_files.recorded_config(path, GENERATOR_VERSION, TextPopulationConfig)
 
 
 def cached_data_dir(cache_dir: str, config: TextPopulationConfig) -> str:
