@@ -111,6 +111,9 @@ def run_guarded(main: Callable[[], int | None], *, verbose: bool = False) -> int
 
     try:
         return main() or 0
+    except BrokenPipeError:  # `... | head`: the reader is gone, which is not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (KeyboardInterrupt, processes.Interrupted):
         print("\ninterrupted: stopped before anything partial was kept; rerun to continue.", file=sys.stderr)
         return 128 + (StopSignals.last or signal.SIGINT)

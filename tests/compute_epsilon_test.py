@@ -89,3 +89,17 @@ def test_says_how_many_rounds_a_budget_allows():
     )
     assert accounting.epsilon(plan, 38) <= 2.5 < accounting.epsilon(plan, 39)
     assert "a budget of epsilon 2.5 allows 38 rounds" in proc.stdout
+
+
+def test_output_piped_into_a_reader_that_quits_is_not_an_error():
+    # `python -m experiments.compute_epsilon ... | head -1`: the pipe closes before the output ends.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.compute_epsilon", "--rounds=100"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
