@@ -15,7 +15,7 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
 from tests import conftest
-from tffpipe import algorithms, configs, runtime
+from tffpipe import accounting, algorithms, audit, configs, runtime
 
 
 def _listening_addresses(pid: int) -> set[str]:
@@ -166,3 +166,80 @@ def test_worker_dies_when_its_parent_is_killed_with_sigkill():
     while worker_pid in conftest.worker_pids() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert worker_pid not in conftest.worker_pids()
+
+
+@pytest.fixture(scope="module")
+def one_and_two_workers():
+    """A runtime of one local worker and one of two, both kept running; `use(r)` installs r's context."""
+    context = context_stack_impl.context_stack.current
+    runtimes = runtime.create(local_workers=1), runtime.create(local_workers=2)
+    try:
+        yield runtimes
+    finally:
+        for r in runtimes:
+            r.stop()
+        context_stack_impl.context_stack.set_default_context(context)
+
+
+# Each feature that reaches TFF's computations, over one worker and over two. The device
+# model only chooses which sampled clients report (in Python, before `next`): the
+# computation a round runs is one of these.
+OVER_WORKERS = {
+    "fixed clipping with noise": {"dp.mechanism": configs.Mechanism.FIXED, "dp.noise_multiplier": 0.5},
+    # TF Privacy draws adaptive clipping's noise unseeded (`aggregation`): without noise, its clip
+    # still adapts, through the clipped-count sum the workers' partial sums must merge into.
+    "adaptive clipping": {"dp.mechanism": configs.Mechanism.ADAPTIVE, "dp.noise_multiplier": 0.0},
+    "DP-FTRL tree": {"dp.mechanism": configs.Mechanism.TREE, "dp.noise_multiplier": 0.5, "loop.rounds": 2},
+    "compression": {"dp.mechanism": configs.Mechanism.NONE, "compression": True},  # see COMPRESSION_STEP
+    "fedprox": {"dp.mechanism": configs.Mechanism.NONE, "algorithm.algorithm": configs.Algorithm.FEDPROX},
+    "fedsgd": {"dp.mechanism": configs.Mechanism.NONE, "algorithm.algorithm": configs.Algorithm.FEDSGD},
+    "fedadam with canaries": {
+        "dp.mechanism": configs.Mechanism.FIXED,
+        "algorithm.algorithm": configs.Algorithm.FEDADAM,
+        "privacy.canaries": 2,
+    },
+}
+
+
+# TFF's compression rounds stochastically with unseeded randomness: two runs on ONE worker
+# already differ by up to ~2.3e-4 here (one 8-bit step of these updates is ~1e-3).
+COMPRESSION_STEP = 2e-3
+
+
+@pytest.mark.parametrize("values", OVER_WORKERS.values(), ids=OVER_WORKERS.keys())
+def test_every_algorithm_and_aggregator_gives_over_two_workers_what_one_gives(
+    values, one_and_two_workers, tiny_data_dir
+):
+    config = configs.build({"model": "linear", "clients_per_round": 6, "seed": 3, **values})
+    task = conftest.emnist_task(tiny_data_dir, "linear")
+    plan = accounting.create_plan(config, population=len(task.train_data.client_ids))
+    process = algorithms.build_learning_process(task, config, plan)
+    ids = task.train_data.client_ids[:6] + audit.canary_ids(config.privacy.canaries)
+    results = []
+    for workers in one_and_two_workers:
+        workers.start()
+        state = process.initialize()
+        for _ in range(2):  # the second round reads state the first one wrote (tree, adaptive clip, Adam)
+            weights, output = _round(task, process, state, ids)
+            state = output.state
+        results.append((weights, output.metrics))
+    (one, one_metrics), (two, two_metrics) = results
+    tolerance = COMPRESSION_STEP if config.compression else 1e-5
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(one, two, strict=True)) < tolerance
+    assert any(float(np.max(np.abs(w))) > 0 for w in one)
+    flat_one, flat_two = tff.structure.flatten(one_metrics), tff.structure.flatten(two_metrics)
+    rtol = 1e-3 if config.compression else 1e-4
+    np.testing.assert_allclose(np.asarray(flat_one, np.float64), np.asarray(flat_two, np.float64), rtol=rtol, atol=1e-5)
+
+
+def test_federated_evaluation_over_two_workers_gives_what_one_gives(one_and_two_workers, tiny_data_dir):
+    task = conftest.emnist_task(tiny_data_dir, "linear")
+    process = task.compose_eval(algorithms.build_evaluation_process(task.learning_model()))
+    ids = sorted(task.test_data.client_ids)[:6]
+    found = []
+    for workers in one_and_two_workers:
+        workers.start()
+        state = process.initialize()
+        found.append(process.next(state, ids).metrics["client_work"]["eval"]["current_round_metrics"])
+    assert found[0]["num_examples"] == found[1]["num_examples"] > 0
+    assert float(found[0]["loss"]) == pytest.approx(float(found[1]["loss"]), rel=1e-5)

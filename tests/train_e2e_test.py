@@ -7,6 +7,7 @@ import contextlib
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -418,6 +419,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(worksp
 
 
 def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace):
+    # Over two local workers: the device model and compression work there too (tests/runtime_test.py
+    # compares each algorithm and aggregator over one and two workers).
     cache, runs = workspace
     proc = train(
         "--rounds=2",
@@ -427,6 +430,7 @@ def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace)
         "--noise_multiplier=0",
         "--compression",
         "--deadline_seconds=60",
+        "--local_workers=2",
         cache=cache,
         root=runs,
     )
@@ -442,6 +446,7 @@ def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace)
         assert float(r["system/bytes_down"]) == 217_848 * float(r["system/selected"])
         assert float(r["system/clients"]) == float(r["system/reported"])
         assert 0 < float(r["system/simulated_round_seconds"]) <= 60
+        assert float(r["system/workers"]) == 2
     with open(os.path.join(runs, "mobile", "device_participation.json")) as f:
         summary = json.load(f)
     assert set(summary) == {"low", "mid", "high"}
@@ -541,3 +546,69 @@ def test_a_budget_stops_at_the_last_round_within_it_and_a_larger_one_continues(w
     assert second.returncode == 0, second.stderr
     assert "resuming" in second.stdout and "round 3/4" in second.stdout and "round 4/4" in second.stdout
     assert [r["round"] for r in rows(os.path.join(runs, "budget", "metrics.csv"))] == ["1", "2", "3", "4"]
+
+
+KEYBOARD_FLAGS = [
+    "--task=keyboard",
+    "--num_users=12",
+    "--median_messages=8",
+    "--vocab_size=100",
+    "--sequence_length=10",
+    "--clients_per_round=4",
+    "--eval_clients=4",
+    "--batch_size=8",
+    "--epochs=1",
+]
+
+
+def test_a_small_keyboard_run_with_dp_trains_evaluates_and_reports_its_metrics(tmp_path):
+    # TINY_FLAGS' EMNIST-only flags are harmless here; the keyboard flags come later and win.
+    root, cache = str(tmp_path / "runs"), str(tmp_path / "cache")
+    proc = train(
+        "--rounds=2",
+        "--eval_every=2",
+        "--dp=adaptive",
+        "--noise_multiplier=0.2",
+        *KEYBOARD_FLAGS,
+        "--experiment=keyboard",
+        cache=cache,
+        root=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "model cifg_lstm" in proc.stdout and "adaptive clipping" in proc.stdout
+    table = rows(os.path.join(root, "keyboard", "metrics.csv"))
+    for column in ("train/accuracy", "train/top3_accuracy", "train/perplexity", "train/num_tokens", "privacy/epsilon"):
+        assert table[-1][column] != "", column
+    assert 0 <= float(table[-1]["eval/accuracy"]) <= float(table[-1]["eval/top3_accuracy"]) <= 1
+    # Perplexity is exp(mean cross-entropy over real tokens).
+    assert float(table[-1]["eval/perplexity"]) == pytest.approx(math.exp(float(table[-1]["eval/loss"])), rel=0.05)
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(root, "keyboard", "tensorboard"), size_guidance={"tensors": 0}
+    )
+    acc.Reload()
+    assert any(t.startswith("clients/") for t in acc.Tags()["tensors"])  # users' messages as text summaries
+
+
+def test_keyboard_bad_inputs_each_give_one_error_line(tmp_path):
+    from tffpipe import configs
+    from tffpipe.tasks.keyboard import generator as keyboard_generator
+
+    cache = str(tmp_path / "cache")
+    not_sqlite, no_counts = tmp_path / "text", tmp_path / "so"
+    not_sqlite.mkdir()
+    (not_sqlite / "stackoverflow.sqlite").write_bytes(b"")
+    generated = keyboard_generator.ensure_generated(cache, configs.TextPopulationConfig(12, 0, 8), workers=1)
+    no_counts.mkdir()
+    shutil.copy(os.path.join(generated, "stackoverflow.sqlite"), no_counts)  # a good file, but no word counts
+    cases = [
+        (["--vocab_size=0"], "--vocab_size=0: vocab_size must be >= 1"),
+        (["--model=small_cnn"], "--model=small_cnn: unknown model 'small_cnn' for the keyboard task"),
+        (["--vocab_size=100000"], "--vocab_size=100000: vocab_size=100000 exceeds the"),
+        ([f"--data_dir={not_sqlite}"], "stackoverflow.sqlite is not an SQLite database"),
+        ([f"--data_dir={no_counts}"], "stackoverflow.word_count"),
+    ]
+    for flags, message in cases:
+        proc = train("--rounds=1", *KEYBOARD_FLAGS, *flags, "--experiment=bad", cache=cache, root=str(tmp_path / "r"))
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, proc.stderr[-1500:])
+    assert not os.path.exists(tmp_path / "r")
