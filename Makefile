@@ -44,6 +44,7 @@ tensorboard: env
 bench: env
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.wall --repeats=3
+	$(PY) -m benchmarks.workers
 
 bench-quick: env
 	$(PY) -m benchmarks.run --quick

@@ -1,0 +1,84 @@
+"""Several workers on one machine: what a second worker buys, and what the remote path costs.
+
+  python -m benchmarks.workers                        # part of make bench
+  python -m benchmarks.workers --workloads=w1 --repeats=3
+
+Times `experiments.train` from outside as `benchmarks.wall` does, per workload, in
+these configurations, alternated within each pass so that the machine's drift hits all
+of them alike:
+
+  local       the default: one local worker, not pinned
+  remote 1    one `experiments.worker` service on loopback (`--workers=`): the distributed path
+  1 pinned    `--local_workers=1 --pin_workers`: one worker on one CPU
+  2 pinned    `--local_workers=2 --pin_workers`: two workers on one CPU each
+
+and reports each with the speedup of "2 pinned" over "1 pinned" and the overhead of
+"remote 1" over "local" (ratios of the median wall time between rounds). The coordinator
+is not pinned: with two pinned workers it shares their CPUs, as it would not on a cluster,
+so its CPU per round is reported too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from benchmarks import wall
+
+# benchmarks.wall's flags (--workloads, --repeats, --cache_dir, --out_dir, --repo), other defaults.
+FLAGS = flags.FLAGS
+FLAGS.set_default("workloads", ["w2", "w1", "w1e5"])
+FLAGS.set_default("repeats", 2)
+
+# name: (training flags, remote workers)
+CONFIGS = {
+    "local": ([], 0),
+    "remote 1": ([], 1),
+    "1 pinned": (["--local_workers=1", "--pin_workers"], 0),
+    "2 pinned": (["--local_workers=2", "--pin_workers"], 0),
+}
+
+
+def _median_wall(summary: dict) -> float:
+    return summary["wall_between_rounds"]["median"]
+
+
+def main(argv) -> None:
+    del argv
+    print(wall.HEADER.replace("| workload |", "| workload, workers |"), flush=True)
+    results = {}
+    for name in FLAGS.workloads:
+        w = wall.WORKLOADS[name]
+        wall.generate(w, FLAGS.cache_dir, FLAGS.repo)
+        runs = {config: [] for config in CONFIGS}
+        for _ in range(FLAGS.repeats):
+            for config, (extra, remote) in CONFIGS.items():
+                runs[config].append(wall.run_once(w, FLAGS.cache_dir, FLAGS.repo, extra, remote))
+        summaries = {config: wall.summarize(w, r) for config, r in runs.items()}
+        for config, summary in summaries.items():
+            print(wall.row(f"{name}, {config}", summary), flush=True)
+        speedup = _median_wall(summaries["1 pinned"]) / _median_wall(summaries["2 pinned"])
+        overhead = _median_wall(summaries["remote 1"]) / _median_wall(summaries["local"]) - 1
+        per_pass = [
+            float(np.median(a["wall_seconds"]) / np.median(b["wall_seconds"]))
+            for a, b in zip(runs["1 pinned"], runs["2 pinned"], strict=True)
+        ]
+        print(
+            f"{name}: 1 -> 2 pinned workers {speedup:.2f}x (per pass {', '.join(f'{x:.2f}' for x in per_pass)}); "
+            f"remote 1 worker vs local {overhead:+.1%}",
+            flush=True,
+        )
+        results[name] = {"summaries": summaries, "speedup_1_to_2_pinned": speedup, "remote_overhead": overhead}
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    path = os.path.join(FLAGS.out_dir, time.strftime("workers-%Y%m%d-%H%M%S") + ".json")
+    with open(path, "w") as f:
+        json.dump({"flags": FLAGS.flag_values_dict(), "results": results}, f, indent=2)
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
