@@ -71,6 +71,29 @@ IPV4_LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
 
 
 @pytest.mark.skipif(not os.path.isfile(runtime.LOOPBACK_SHIM), reason="shim not built (make env builds it)")
+class _FakeExecutor:
+    def __init__(self, clients: int):
+        self.clients, self.closed = clients, False
+
+    def close(self):
+        self.closed = True
+
+
+def test_executors_of_cohort_sizes_no_longer_used_are_closed():
+    # TFF's factory drops old executors without closing them, so the worker keeps every
+    # executor stack it ever built: one per cohort size, which Poisson sampling changes each round.
+    made = []
+    factory = runtime.ExecutorPerCohortSize(lambda c: made.append(_FakeExecutor(c["clients"])) or made[-1], kept=2)
+    five = factory.create_executor({"clients": 5})
+    seven = factory.create_executor({"clients": 7})
+    assert factory.create_executor({"clients": 5}) is five  # reused, now the most recent
+    nine = factory.create_executor({"clients": 9})
+    assert seven.closed and not five.closed and not nine.closed
+    assert [e.clients for e in made] == [5, 7, 9]
+    factory.clean_up_executor({"clients": 9})
+    assert nine.closed
+
+
 def test_worker_listens_on_127_0_0_1_only(tff_context):
     addresses = _listening_addresses(tff_context.pid)
     assert addresses, "the worker should be listening"
