@@ -21,6 +21,21 @@ def test_results_come_in_order_from_worker_processes():
     assert list(processes.map_in_processes(_square, [(3,)], processes=1)) == [(9, os.getpid())]
 
 
+def _indices(offset: int, indices: range) -> list[int]:
+    return [offset + i for i in indices]
+
+
+def test_ranges_cover_the_total_in_order_and_progress_counts_what_was_consumed():
+    seen, calls = [], []
+    for result in processes.map_over_ranges(
+        _indices, 100, 7, chunk=3, processes=1, progress=lambda *a: calls.append(a)
+    ):
+        seen += result
+        calls.append(("consumed", len(seen)))
+    assert seen == [100, 101, 102, 103, 104, 105, 106]
+    assert calls == [("consumed", 3), (3, 7), ("consumed", 6), (6, 7), ("consumed", 7), (7, 7)]
+
+
 def test_a_stop_request_raises_interrupted_and_leaves_no_worker():
     with pytest.raises(processes.Interrupted):
         for _ in processes.map_in_processes(time.sleep, [(0.5,)] * 6, processes=2, stop_requested=lambda: True):

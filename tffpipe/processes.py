@@ -88,3 +88,28 @@ def map_in_processes(
                 if process.is_alive():
                     process.kill()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def map_over_ranges(
+    fn: Callable[[Any, range], Any],
+    config: Any,
+    total: int,
+    *,
+    chunk: int,
+    processes: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> Iterator[Any]:
+    """Yields `fn(config, r)` for consecutive ranges `r` of `chunk` indices covering `range(total)`.
+
+    In order, on worker processes (`map_in_processes`); `progress(done, total)` is called
+    after the caller has consumed each result, so "done" counts what was written.
+    """
+    ranges = [range(s, min(s + chunk, total)) for s in range(0, total, chunk)]
+    results = map_in_processes(fn, [(config, r) for r in ranges], processes=processes, stop_requested=stop_requested)
+    done = 0
+    for indices, result in zip(ranges, results, strict=True):
+        yield result
+        done += len(indices)
+        if progress is not None:
+            progress(done, total)

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -41,3 +42,46 @@ def test_only_temporary_files_of_dead_writers_are_removed(tmp_path):
         open(name, "wb").close()
     assert sql_files.remove_stale_temporaries(path) == [stale]
     assert os.path.exists(live)
+
+
+def test_files_are_replaced_together_only_when_every_one_was_written(tmp_path):
+    paths = [str(tmp_path / "a.txt"), str(tmp_path / "b.sqlite")]
+    for path in paths:
+        with open(path, "w") as f:
+            f.write("old")
+    with pytest.raises(RuntimeError), sql_files.replaced_atomically(*paths) as temporaries:
+        for tmp in temporaries:
+            with open(tmp, "w") as f:
+                f.write("new")
+        raise RuntimeError("the block failed")
+    assert [_read(p) for p in paths] == ["old", "old"]
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.sqlite"]
+
+    with sql_files.replaced_atomically(*paths) as temporaries:
+        for tmp in temporaries:
+            with open(tmp, "w") as f:
+                f.write("new")
+    assert [_read(p) for p in paths] == ["new", "new"]
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.sqlite"]
+
+
+def test_a_new_database_records_its_generator_only_when_its_rows_were_written(tmp_path):
+    path = str(tmp_path / "d.sqlite")
+    with pytest.raises(RuntimeError), sql_files.new_database(path, 3, _Config(seed=1)):
+        raise RuntimeError("the block failed")
+    assert sql_files.recorded_config(path, 3, _Config) is None
+    os.remove(path)
+    with sql_files.new_database(path, 3, _Config(seed=1)) as con:
+        con.execute("INSERT INTO examples VALUES ('train', 'c0', x'00')")
+    assert sql_files.recorded_config(path, 3, _Config) == _Config(seed=1)
+    assert sqlite3.connect(path).execute("SELECT COUNT(*) FROM examples").fetchone() == (1,)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    seed: int

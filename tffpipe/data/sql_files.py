@@ -198,6 +198,46 @@ def temporary_path(path: str) -> str:
     return f"{path}{TEMP_INFIX}{os.getpid()}"
 
 
+@contextlib.contextmanager
+def replaced_atomically(*paths: str) -> Iterator[list[str]]:
+    """Yields temporary paths beside `paths` to write; renames them over `paths`, in order, if the block succeeds.
+
+    If the block raises (or is interrupted), the temporaries are removed and `paths`
+    are untouched. Put the file that marks the set as complete last.
+    """
+    temporaries = [temporary_path(p) for p in paths]
+    for tmp in temporaries:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+    try:
+        yield temporaries
+    except BaseException:
+        for tmp in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        raise
+    for tmp, path in zip(temporaries, paths, strict=True):
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def new_database(path: str, version: int, config) -> Iterator[sqlite3.Connection]:
+    """A connection to a new file in TFF's layout; the block inserts the clients' rows.
+
+    When the block succeeds the file is indexed, records the generator `version` and
+    its `config`, and is committed; it is closed either way.
+    """
+    con = sqlite3.connect(path)
+    try:
+        create_layout(con)
+        yield con
+        index_layout(con)
+        record_generator(con, version, config)
+        con.commit()
+    finally:
+        con.close()
+
+
 def remove_stale_temporaries(path: str) -> list[str]:
     """Deletes `<path>.tmp-<pid>` files of processes that no longer run (a crashed writer's)."""
     removed = []

@@ -155,10 +155,6 @@ def _writer_chunk(config: PopulationConfig, indices: Sequence[int]) -> list[tupl
     return [(i, _writer_examples(config, i)) for i in indices]
 
 
-def _writer_chunks(config: PopulationConfig) -> list[range]:
-    return [range(s, min(s + _CHUNK, config.num_writers)) for s in range(0, config.num_writers, _CHUNK)]
-
-
 def generate(
     config: PopulationConfig,
     path: str,
@@ -176,31 +172,18 @@ def generate(
       progress: called with (writers done, writers) as chunks complete.
       stop_requested: polled between chunks; True abandons the file (`processes.Interrupted`).
     """
-    tmp = sql_files.temporary_path(path)
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    con = sqlite3.connect(tmp)
-    try:
-        sql_files.create_layout(con)
-        chunks = _writer_chunks(config)
-        done = 0
-        for result in processes.map_in_processes(
-            _writer_chunk, [(config, chunk) for chunk in chunks], processes=workers, stop_requested=stop_requested
+    with sql_files.replaced_atomically(path) as (tmp,), sql_files.new_database(tmp, GENERATOR_VERSION, config) as con:
+        for result in processes.map_over_ranges(
+            _writer_chunk,
+            config,
+            config.num_writers,
+            chunk=_CHUNK,
+            processes=workers,
+            progress=progress,
+            stop_requested=stop_requested,
         ):
             for index, rows in result:
                 _insert_writer(con, writer_id(index), rows)
-            done += len(result)
-            if progress is not None:
-                progress(done, config.num_writers)
-        sql_files.index_layout(con)
-        sql_files.record_generator(con, GENERATOR_VERSION, config)
-        con.commit()
-    except BaseException:
-        con.close()
-        os.remove(tmp)
-        raise
-    con.close()
-    os.replace(tmp, path)
 
 
 def _writer_chunk(config: PopulationConfig, indices: Sequence[int]) -> list[tuple[int, list]]:

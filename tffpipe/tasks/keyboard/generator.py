@@ -599,10 +599,6 @@ def _user_chunk(config: TextPopulationConfig, indices: Sequence[int]) -> list[Us
     return [_user_rows(config, i) for i in indices]
 
 
-def _user_chunks(config: TextPopulationConfig) -> list[range]:
-    return [range(s, min(s + _CHUNK, config.num_users)) for s in range(0, config.num_users, _CHUNK)]
-
-
 def _insert_user(con: sqlite3.Connection, user: UserRows) -> None:
     cid = user_id(user.index)
     con.executemany("INSERT INTO examples VALUES (?, ?, ?)", [(split, cid, blob) for split, blob in user.rows])
@@ -638,45 +634,27 @@ def generate(
     """
     words.package_dir()  # a missing word source fails here, not in a worker
     paths = [os.path.join(data_dir, name) for name in (WORD_COUNT_FILE, TAG_COUNT_FILE, FILE_NAME)]
-    temporaries = [sql_files.temporary_path(p) for p in paths]
-    for tmp in temporaries:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    con = sqlite3.connect(temporaries[2])
-    try:
-        sql_files.create_layout(con)
-        users_per_word: collections.Counter = collections.Counter()
-        users_per_tag: collections.Counter = collections.Counter()
-        done = 0
-        for result in processes.map_in_processes(
-            _user_chunk,
-            [(config, chunk) for chunk in _user_chunks(config)],
-            processes=workers,
-            stop_requested=stop_requested,
-        ):
-            for user in result:
-                _insert_user(con, user)
-                users_per_word.update(user.train_words)
-                users_per_tag.update(user.tags)  # every user has train messages, all with their tags
-            done += len(result)
-            if progress is not None:
-                progress(done, config.num_users)
-        sql_files.index_layout(con)
-        sql_files.record_generator(con, GENERATOR_VERSION, config)
-        con.commit()
-        con.close()
-        with open(temporaries[0], "w", encoding="utf-8") as f:
+    users_per_word: collections.Counter = collections.Counter()
+    users_per_tag: collections.Counter = collections.Counter()
+    with sql_files.replaced_atomically(*paths) as (word_count_tmp, tag_count_tmp, sqlite_tmp):
+        with sql_files.new_database(sqlite_tmp, GENERATOR_VERSION, config) as con:
+            for result in processes.map_over_ranges(
+                _user_chunk,
+                config,
+                config.num_users,
+                chunk=_CHUNK,
+                processes=workers,
+                progress=progress,
+                stop_requested=stop_requested,
+            ):
+                for user in result:
+                    _insert_user(con, user)
+                    users_per_word.update(user.train_words)
+                    users_per_tag.update(user.tags)  # every user has train messages, all with their tags
+        with open(word_count_tmp, "w", encoding="utf-8") as f:
             f.writelines(word_count_lines(users_per_word))
-        with open(temporaries[1], "w", encoding="utf-8") as f:
+        with open(tag_count_tmp, "w", encoding="utf-8") as f:
             json.dump(dict(sorted(users_per_tag.items(), key=lambda item: (-item[1], item[0]))), f)
-    except BaseException:
-        con.close()
-        for tmp in temporaries:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    for tmp, path in zip(temporaries, paths, strict=True):
-        os.replace(tmp, path)
 
 
 def read_config(path: str) -> TextPopulationConfig | None:
