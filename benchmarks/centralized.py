@@ -67,8 +67,14 @@ def train_keyboard(
     cache_dir: str,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Adam on every user's training sequences pooled; the task's own metrics on the pooled test split."""
-    from tffpipe import program
+    """Adam on every user's training messages pooled; the task's own metrics on the pooled test split.
+
+    The messages go through the task's own preprocessing (TFF's token ids), applied once
+    to all rows of a split rather than once per user.
+    """
+    from tffpipe import tasks
+    from tffpipe.tasks.keyboard import files as keyboard_files
+    from tffpipe.tasks.keyboard import task as keyboard_task
 
     config = configs.build(
         {
@@ -76,27 +82,31 @@ def train_keyboard(
             "model": model_name,
             "data.cache_dir": cache_dir,
             "preprocess.epochs": 1,
-            "preprocess.shuffle_buffer": 1,
+            "preprocess.batch_size": 1024,
             "dp.mechanism": configs.Mechanism.NONE,
         }
     )
-    task = program.prepare(config).task
+    data = tasks.data_source(config)
+    data_dir = data.prepare()
+    text = config.data.text
+    vocab = keyboard_files.read_vocabulary(data_dir, text.vocab_size)
+    path = keyboard_files.database_path(data_dir)
 
-    def pooled(data) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        for cid in data.client_ids:
-            for x, y in data.create_tf_dataset_for_client(cid):
-                xs.append(x.numpy())
-                ys.append(y.numpy())
+    def pooled(split: str) -> tuple[np.ndarray, np.ndarray]:
+        rows = tf.data.experimental.SqlDataset(
+            "sqlite", path, f"SELECT serialized_example_proto FROM examples WHERE split_name = '{split}'", tf.string
+        )
+        batches = keyboard_task.create_eval_fn(text, vocab)(rows)
+        xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in batches], strict=True)
         return np.concatenate(xs), np.concatenate(ys)
 
-    (x, y), (tx, ty) = pooled(task.train_data), pooled(task.test_data)
+    (x, y), (tx, ty) = pooled("train"), pooled("test")
     tf.keras.utils.set_random_seed(seed)
-    model = task.create_keras_model()
-    metrics = task.metrics_fn()
+    model = models.create_model(model_name, configs.Task.KEYBOARD, data.num_classes)
+    metrics = keyboard_task.create_metrics(text)
     model.compile(
         tf.keras.optimizers.Adam(learning_rate),
-        task.loss_fn(),
+        keyboard_task.MaskedCrossEntropy(keyboard_task.special_tokens(text).padding),
         metrics=[metrics["accuracy"], metrics["top3_accuracy"], metrics["perplexity"]],
     )
     began = time.perf_counter()
