@@ -607,8 +607,13 @@ def test_keyboard_bad_inputs_each_give_one_error_line(tmp_path):
         ([f"--data_dir={not_sqlite}"], "stackoverflow.sqlite is not an SQLite database"),
         ([f"--data_dir={no_counts}"], "stackoverflow.word_count"),
     ]
-    for flags, message in cases:
-        proc = train("--rounds=1", *KEYBOARD_FLAGS, *flags, "--experiment=bad", cache=cache, root=str(tmp_path / "r"))
+
+    def attempt(flags):
+        return train("--rounds=1", *KEYBOARD_FLAGS, *flags, "--experiment=bad", cache=cache, root=str(tmp_path / "r"))
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(attempt, [flags for flags, _ in cases]))
+    for (flags, message), proc in zip(cases, results, strict=True):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, proc.stderr[-1500:])
     assert not os.path.exists(tmp_path / "r")

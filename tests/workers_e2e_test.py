@@ -20,14 +20,19 @@ DATA = [f for f in TINY_FLAGS if f.split("=")[0] in ("--num_writers", "--median_
 COMPARED = ("train/loss", "train/accuracy", "eval/accuracy", "privacy/epsilon")
 
 
-def start_worker(cache: str, *flags: str) -> tuple[subprocess.Popen, int]:
-    port = portpicker.pick_unused_port()
-    cmd = [sys.executable, "-m", "experiments.worker", f"--port={port}", f"--cache_dir={cache}", *DATA, *flags]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    assert line.startswith(f"worker serving on 127.0.0.1:{port}"), line
-    proc.stdout.readline()  # the data fingerprint
-    return proc, port
+def start_workers(cache: str, count: int) -> list[tuple[subprocess.Popen, int]]:
+    """`count` experiments.worker services on loopback, started together; returns each with its port."""
+    started = []
+    for _ in range(count):
+        port = portpicker.pick_unused_port()
+        cmd = [sys.executable, "-m", "experiments.worker", f"--port={port}", f"--cache_dir={cache}", *DATA]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        started.append((proc, port))
+    for proc, port in started:
+        line = proc.stdout.readline()
+        assert line.startswith(f"worker serving on 127.0.0.1:{port}"), line
+        proc.stdout.readline()  # the data fingerprint
+    return started
 
 
 def service_of(worker: subprocess.Popen) -> int:
@@ -44,7 +49,7 @@ def _parent(pid: int) -> int:
 def space(tmp_path_factory):
     root = tmp_path_factory.mktemp("workers")
     cache, runs = str(root / "cache"), str(root / "runs")
-    reference = train("--rounds=8", "--experiment=one_worker", cache=cache, root=runs)  # also generates the data
+    reference = train("--rounds=6", "--experiment=one_worker", cache=cache, root=runs)  # also generates the data
     assert reference.returncode == 0, reference.stderr
     return cache, runs, rows(os.path.join(runs, "one_worker", "metrics.csv"))
 
@@ -66,17 +71,17 @@ def _kill_during(run: subprocess.Popen, round_prefix: str, pid: int) -> None:
 
 def test_a_worker_killed_during_a_run_is_dropped_and_its_round_run_again(space):
     cache, runs, reference = space
-    (a, port_a), (b, port_b) = start_worker(cache), start_worker(cache)
+    (a, port_a), (b, port_b) = start_workers(cache, 2)
     try:
         run = subprocess.Popen(
             [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS]
-            + ["--rounds=8", "--experiment=two_workers", f"--workers=127.0.0.1:{port_a},127.0.0.1:{port_b}"],
+            + ["--rounds=6", "--experiment=two_workers", f"--workers=127.0.0.1:{port_a},127.0.0.1:{port_b}"],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        _kill_during(run, "round 3/8", service_of(b))
+        _kill_during(run, "round 3/6", service_of(b))
         _, err = run.communicate(timeout=240)
         assert run.returncode == 0, err
         assert f"worker 127.0.0.1:{port_b} stopped during a round; retrying on 1 worker(s)" in err
@@ -95,14 +100,14 @@ def test_without_retries_the_run_stops_at_its_checkpoint_and_the_rerun_resumes_e
     cache, runs, reference = space
     run = subprocess.Popen(
         [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS]
-        + ["--rounds=8", "--experiment=stopped", "--local_workers=2", "--worker_retries=0"],
+        + ["--rounds=6", "--experiment=stopped", "--local_workers=2", "--worker_retries=0"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     for line in run.stdout:
-        if line.startswith("round 3/8"):
+        if line.startswith("round 3/6"):
             children = [p for p in conftest.worker_pids() if _parent(p) == run.pid]
             os.kill(children[1], signal.SIGKILL)
             break
@@ -110,7 +115,7 @@ def test_without_retries_the_run_stops_at_its_checkpoint_and_the_rerun_resumes_e
     assert run.returncode == 1, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "stopped during a round" in lines[0] and "rerun the same command to resume" in lines[0]
-    again = train("--rounds=8", "--experiment=stopped", "--local_workers=2", cache=cache, root=runs)
+    again = train("--rounds=6", "--experiment=stopped", "--local_workers=2", cache=cache, root=runs)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stdout
     _same_metrics(rows(os.path.join(runs, "stopped", "metrics.csv")), reference)
