@@ -289,8 +289,13 @@ def main(argv) -> None:
     print(HEADER, flush=True)
     print(f"train flags: {' '.join(FLAGS.train_flags) or '(defaults)'}; remote workers: {FLAGS.remote_workers}")
     results = measure(FLAGS.workloads, FLAGS.repeats, FLAGS.cache_dir, FLAGS.repo, FLAGS.train_flags)
+    save_results("wall", results)
+
+
+def save_results(kind: str, results: dict) -> None:
+    """Writes the flags and `results` to `--out_dir/<kind>-<time>.json` and says where."""
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    path = os.path.join(FLAGS.out_dir, time.strftime("wall-%Y%m%d-%H%M%S") + ".json")
+    path = os.path.join(FLAGS.out_dir, time.strftime(f"{kind}-%Y%m%d-%H%M%S") + ".json")
     with open(path, "w") as f:
         json.dump({"flags": FLAGS.flag_values_dict(), "results": results}, f, indent=2)
     print(f"results: {path}")

@@ -20,10 +20,6 @@ so its CPU per round is reported too.
 
 from __future__ import annotations
 
-import json
-import os
-import time
-
 import numpy as np
 from absl import app, flags
 
@@ -73,11 +69,7 @@ def main(argv) -> None:
             flush=True,
         )
         results[name] = {"summaries": summaries, "speedup_1_to_2_pinned": speedup, "remote_overhead": overhead}
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    path = os.path.join(FLAGS.out_dir, time.strftime("workers-%Y%m%d-%H%M%S") + ".json")
-    with open(path, "w") as f:
-        json.dump({"flags": FLAGS.flag_values_dict(), "results": results}, f, indent=2)
-    print(f"results: {path}")
+    wall.save_results("workers", results)
 
 
 if __name__ == "__main__":
