@@ -12,7 +12,7 @@ from tensorflow_federated.python.simulation.datasets import emnist as tff_emnist
 from tests import conftest
 from tffpipe import processes
 from tffpipe.tasks.emnist import files as emnist_files
-from tffpipe.tasks.emnist import generator, glyphs
+from tffpipe.tasks.emnist import generator
 
 
 def _db(data_dir: str) -> str:
@@ -104,13 +104,12 @@ def test_writers_differ_more_between_than_within_in_style_statistics():
 
 
 def _label_entropy_and_sizes(config: generator.PopulationConfig) -> tuple[float, float]:
+    """Mean entropy of the writers' label distributions, and the coefficient of variation of their sizes."""
     entropies, sizes = [], []
     for i in range(config.num_writers):
-        rng = np.random.default_rng([config.seed, i])
-        generator.sample_style(rng)
-        n = int(np.exp(rng.normal(np.log(config.median_examples), config.quantity_sigma)))
-        sizes.append(max(config.min_examples, min(n, 10 * config.median_examples)))
-        p = rng.dirichlet(config.label_concentration * glyphs.NUM_CLASSES * generator.base_class_frequency())
+        plan = generator.writer_plan(config, i)  # the draws the generator renders from
+        sizes.append(len(plan.labels))
+        p = plan.class_probs
         entropies.append(-(p * np.log(np.maximum(p, 1e-12))).sum())
     return float(np.mean(entropies)), float(np.std(sizes) / np.mean(sizes))
 

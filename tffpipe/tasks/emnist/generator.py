@@ -19,6 +19,7 @@ import dataclasses
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -102,8 +103,18 @@ def writer_id(index: int) -> str:
     return f"w{index:05d}"
 
 
-def _writer_plan(config: PopulationConfig, index: int) -> tuple[np.random.Generator, WriterStyle, np.ndarray, int]:
-    """One writer's (rng, style, labels, test examples): every draw made before any rendering."""
+class WriterPlan(NamedTuple):
+    """One writer's draws, all made before any rendering; `rng` then renders their examples."""
+
+    rng: np.random.Generator
+    style: WriterStyle
+    class_probs: np.ndarray  # the writer's label distribution (Dirichlet around the class prior)
+    labels: np.ndarray  # one per example, train examples first
+    n_test: int
+
+
+def writer_plan(config: PopulationConfig, index: int) -> WriterPlan:
+    """The draws that decide writer `index`'s style, label skew and example count."""
     rng = np.random.default_rng([config.seed, index])
     style = sample_style(rng, config.style_spread)
     n = int(np.exp(rng.normal(np.log(config.median_examples), config.quantity_sigma)))
@@ -111,12 +122,12 @@ def _writer_plan(config: PopulationConfig, index: int) -> tuple[np.random.Genera
     class_probs = rng.dirichlet(config.label_concentration * glyphs.NUM_CLASSES * base_class_frequency())
     labels = rng.choice(glyphs.NUM_CLASSES, size=n, p=class_probs)
     n_test = min(n - 1, max(1, int(round(n * config.test_fraction))))
-    return rng, style, labels, n_test
+    return WriterPlan(rng, style, class_probs, labels, n_test)
 
 
 def _writer_examples(config: PopulationConfig, index: int) -> list[tuple[str, int, bytes]]:
     """All rows of one writer as (split, label, serialized example); train rows first."""
-    rng, style, labels, n_test = _writer_plan(config, index)
+    rng, style, _, labels, n_test = writer_plan(config, index)
     n = len(labels)
     rows = []
     for i, label in enumerate(labels):
@@ -136,8 +147,8 @@ def train_clients(config: PopulationConfig, only_digits: bool) -> int:
         return config.num_writers  # every writer keeps at least one training example
     count = 0
     for index in range(config.num_writers):
-        _, _, labels, n_test = _writer_plan(config, index)
-        train_labels = labels[: len(labels) - n_test]
+        plan = writer_plan(config, index)
+        train_labels = plan.labels[: len(plan.labels) - plan.n_test]
         count += bool(config.label_noise > 0 or (train_labels < _DIGITS).any())
     return count
 
@@ -184,10 +195,6 @@ def generate(
         ):
             for index, rows in result:
                 _insert_writer(con, writer_id(index), rows)
-
-
-def _writer_chunk(config: PopulationConfig, indices: Sequence[int]) -> list[tuple[int, list]]:
-    return [(i, _writer_examples(config, i)) for i in indices]
 
 
 def _insert_writer(con: sqlite3.Connection, cid: str, rows: Sequence[tuple[str, int, bytes]]) -> None:
