@@ -85,3 +85,18 @@ def _read(path: str) -> str:
 @dataclasses.dataclass(frozen=True)
 class _Config:
     seed: int
+
+
+@pytest.mark.parametrize("directory", ["data#1", "data?mode=rw", "data%41", "da ta"])
+def test_a_directory_named_with_uri_characters_is_read_where_it_is_and_nothing_is_created(
+    tiny_data_dir, tmp_path, directory
+):
+    os.makedirs(tmp_path / directory)
+    path = str(tmp_path / directory / "emnist_all.sqlite")
+    shutil.copy(files.database_path(tiny_data_dir), path)
+    # Unescaped, SQLite read "data#1/..." as the file "data" (created, empty, writable) and "%41" as "A".
+    assert sql_files.check_database(path, ["all_train"], "") == {"all_train": 12}
+    assert sorted(os.listdir(tmp_path)) == [directory]
+    assert sql_files.read_only_uri(path).endswith("?mode=ro") and "#" not in sql_files.read_only_uri(path)
+    with sql_files.connect(path) as con, pytest.raises(sqlite3.OperationalError, match="readonly"):
+        con.execute("DELETE FROM examples")

@@ -17,6 +17,7 @@ import glob
 import hashlib
 import json
 import os
+import pathlib
 import sqlite3
 from collections.abc import Iterator, Sequence
 
@@ -30,10 +31,21 @@ class DataFileError(ValueError):
     field = "data.data_dir"
 
 
+def read_only_uri(path: str) -> str:
+    """The SQLite URI that opens `path` read-only: the one place such a URI is built.
+
+    The path is percent-escaped (`pathlib`'s `as_uri`): SQLite reads `?` as the start
+    of the parameters, `#` as a fragment and `%XX` as an escape, so an unescaped
+    `/data#1/x.sqlite` opened (and created) `/data`, dropping `?mode=ro`. TF's
+    `SqlDataset` takes a plain path, not a URI, and needs no escaping.
+    """
+    return f"{pathlib.Path(os.path.abspath(path)).as_uri()}?mode=ro"
+
+
 @contextlib.contextmanager
 def connect(path: str) -> Iterator[sqlite3.Connection]:
     """A read-only connection that is always closed."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    con = sqlite3.connect(read_only_uri(path), uri=True)
     try:
         yield con
     finally:
