@@ -40,5 +40,16 @@ def test_a_section_prefixes_the_field_path():
 def test_names_and_files():
     with pytest.raises(validation.ConfigError, match="experiment must be a plain directory name"):
         validation.plain_name(experiment="..")
+    assert validation.plain_name(experiment="run-1.b") == "run-1.b"
+
+
+@pytest.mark.parametrize("name", ["a\nb", ".hidden", "tab\there", "a/b", ""])
+def test_an_experiment_name_must_be_one_visible_printable_directory(name):
+    with pytest.raises(validation.ConfigError, match="experiment must be a plain directory name") as e:
+        validation.plain_name(experiment=name)
+    assert e.value.field == "experiment" and "\n" not in str(e.value)
+
+
+def test_files():
     with pytest.raises(validation.ConfigError, match="device_profiles: no file at /nonexistent"):
         validation.readable_file(device_profiles="/nonexistent")

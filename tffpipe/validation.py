@@ -77,10 +77,14 @@ def integer(minimum: int | None = None, **kwargs: int) -> int:
 
 
 def plain_name(**kwargs: str) -> str:
-    """A single directory name: no separators, not empty, not '.' or '..'."""
+    """A single visible directory name: printable, no separators, not starting with '.' ('.', '..', hidden)."""
     name, value = _one(kwargs)
-    if not value or os.sep in value or "/" in value or value in (".", ".."):
-        raise ConfigError(name, f"{name} must be a plain directory name, got {value!r}")
+    if not value or os.sep in value or "/" in value or value.startswith(".") or not value.isprintable():
+        raise ConfigError(
+            name,
+            f"{name} must be a plain directory name (printable characters, no '/', not starting with '.'), "
+            f"got {value!r}",
+        )
     return value
 
 
