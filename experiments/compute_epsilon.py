@@ -54,7 +54,7 @@ def main() -> None:
     plan = accounting.create_plan(config, population + config.privacy.canaries)
     budget = config.privacy.max_epsilon
     if budget is not None:
-        allowed = accounting.rounds_within_budget(plan, budget, plan.rounds)
+        allowed = accounting.budgeted_rounds(plan, budget, plan.rounds)  # refuses what train refuses
         more = " (or more: raise --rounds to look further)" if allowed == plan.rounds else ""
         print(f"a budget of epsilon {budget:g} allows {allowed} rounds{more}")
         plan = dataclasses.replace(plan, rounds=allowed)

@@ -119,3 +119,14 @@ def test_description_names_every_assumption():
     text = accounting.describe(BASE)
     for part in ("fixed clipping", "z=1", "Poisson sampling q=0.01471", "delta=1e-05", "RDP accountant"):
         assert part in text
+
+
+def test_a_budget_gives_the_last_round_within_it_and_refuses_one_that_allows_none():
+    # One check for train and compute_epsilon: a budget between rounds 2 and 3 allows 2 rounds.
+    between = (accounting.epsilon(BASE, 2) + accounting.epsilon(BASE, 3)) / 2
+    assert accounting.budgeted_rounds(BASE, between, 100) == 2
+    assert accounting.budgeted_rounds(BASE, 1e6, 100) == 100  # never more than asked for
+    with pytest.raises(accounting.AccountingError, match="max_epsilon=1e-09 allows no round: round 1 alone") as e:
+        accounting.budgeted_rounds(BASE, 1e-9, 100)
+    assert e.value.field == "privacy.max_epsilon"
+    assert f"takes epsilon to {accounting.epsilon(BASE, 1):.4g}" in str(e.value)

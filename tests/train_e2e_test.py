@@ -236,6 +236,8 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         (["--target_epsilon=-1", "--dp=tree"], "--target_epsilon=-1.0: target_epsilon must be positive"),
         (["--delta=2"], "--delta=2.0: delta must be in (0, 1)"),
         (["--experiment=a/b"], "--experiment=a/b: experiment must be a plain directory name"),
+        (["--experiment=.hidden"], "--experiment=.hidden: experiment must be a plain directory name"),
+        (["--experiment=a\nb"], "--experiment=a b: experiment must be a plain directory name (printable"),
         # NaN and infinity, everywhere a float goes.
         (["--noise_multiplier=nan"], "--noise_multiplier=nan: noise_multiplier must be a finite number"),
         (["--noise_multiplier=inf"], "--noise_multiplier=inf: noise_multiplier must be a finite number"),
@@ -298,6 +300,8 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         ("compute_epsilon", ["--data_dir=/nonexistent"], "data file not found"),
         ("compute_epsilon", ["--rounds=x"], "--rounds=x: invalid literal for int()"),
         ("compute_epsilon", ["--dp=none", "--max_epsilon=3"], "--max_epsilon=3.0: max_epsilon needs a DP mechanism"),
+        # The budget check train makes (--max_epsilon=0.5 above), not "allows 0 rounds".
+        ("compute_epsilon", ["--max_epsilon=1e-9"], "--max_epsilon=1e-09: max_epsilon=1e-09 allows no round: round 1"),
         ("evaluate", [*_eval_flags(cache, runs), f"--model_path={not_a_model}"], "is not a loadable Keras model"),
         ("evaluate", [*_eval_flags(cache, runs), "--model_path=/nonexistent.keras"], "no Keras model file at"),
         ("evaluate", [*_eval_flags(cache, runs), "--max_clients=0"], "--max_clients=0: must be positive or -1"),

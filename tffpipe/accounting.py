@@ -330,3 +330,19 @@ def rounds_within_budget(plan: PrivacyPlan, max_epsilon: float, limit: int) -> i
         else:
             high = middle
     return low
+
+
+def budgeted_rounds(plan: PrivacyPlan, max_epsilon: float, limit: int) -> int:
+    """The rounds a run may take within `max_epsilon` (up to `limit`): the one check train and compute_epsilon share.
+
+    Raises:
+      AccountingError: naming `privacy.max_epsilon` when not even round 1 fits the budget.
+    """
+    rounds = rounds_within_budget(plan, max_epsilon, limit)
+    if rounds == 0:
+        raise AccountingError(
+            "privacy.max_epsilon",
+            f"max_epsilon={max_epsilon:g} allows no round: round 1 alone takes epsilon to "
+            f"{epsilon(plan, 1):.4g} ({describe(plan)}); raise max_epsilon",
+        )
+    return rounds

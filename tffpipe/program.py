@@ -259,13 +259,7 @@ def _within_budget(config: configs.ExperimentConfig, plan: accounting.PrivacyPla
     budget = config.privacy.max_epsilon
     if budget is None:
         return config.loop
-    rounds = accounting.rounds_within_budget(plan, budget, config.loop.rounds)
-    if rounds == 0:
-        raise accounting.AccountingError(
-            "privacy.max_epsilon",
-            f"max_epsilon={budget:g} allows no round: round 1 alone takes epsilon to "
-            f"{accounting.epsilon(plan, 1):.4g} ({accounting.describe(plan)})",
-        )
+    rounds = accounting.budgeted_rounds(plan, budget, config.loop.rounds)
     return dataclasses.replace(config.loop, rounds=rounds)
 
 
