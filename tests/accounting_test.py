@@ -51,19 +51,40 @@ def test_adaptive_is_accounted_by_pld_too():
     assert accounting.epsilon(adaptive, 100) == pytest.approx(accounting.epsilon(fixed, 100), rel=1e-3)
 
 
-@pytest.mark.parametrize(
-    "plan",
-    [
-        dataclasses.replace(BASE, accountant=configs.Accountant.PLD),
+def _poisson_rounds(rounds: int) -> dp_accounting.DpEvent:
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(50 / 3400, dp_accounting.GaussianDpEvent(1.0)), rounds
+    )
+
+
+TRACKED = {
+    # plan: (a fresh dp_accounting accountant, the event of r rounds), built here, not through tffpipe.
+    "pld fixed": (dataclasses.replace(BASE, accountant=configs.Accountant.PLD), pld.PLDAccountant, _poisson_rounds),
+    # Adaptive clipping's two Gaussians compose back to one Gaussian(z) (the test above).
+    "pld adaptive": (
         dataclasses.replace(BASE, mechanism=M.ADAPTIVE, accountant=configs.Accountant.PLD),
-        BASE,
+        pld.PLDAccountant,
+        _poisson_rounds,
+    ),
+    "rdp fixed": (BASE, rdp.RdpAccountant, _poisson_rounds),
+    # The device model: every round the full Gaussian mechanism (no amplification by sampling);
+    # r Gaussians of std z on a sensitivity-1 sum are one Gaussian of std z / sqrt(r).
+    "pld device": (
         dataclasses.replace(BASE, sampling=S.DEVICE, accountant=configs.Accountant.PLD),
-    ],
-)
-def test_per_round_tracker_gives_the_accountants_numbers(plan):
+        pld.PLDAccountant,
+        lambda rounds: dp_accounting.GaussianDpEvent(1.0 / math.sqrt(rounds)),
+    ),
+}
+
+
+@pytest.mark.parametrize("plan, make_accountant, after", TRACKED.values(), ids=TRACKED.keys())
+def test_per_round_tracker_gives_dp_accountings_numbers(plan, make_accountant, after):
     tracker = accounting.EpsilonTracker(plan)
     for rounds in (0, 1, 7, 300):
-        assert tracker(rounds) == pytest.approx(accounting.epsilon(plan, rounds), rel=1e-6, abs=1e-12)
+        direct = make_accountant()
+        if rounds:  # an accountant that has composed nothing gives 0, as the tracker must before round 1
+            direct.compose(after(rounds))
+        assert tracker(rounds) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-3, abs=1e-12), rounds
 
 
 def test_tree_equals_single_epoch_tree_event():
