@@ -7,9 +7,13 @@ flags (absl's own parse errors become one `error:` line and exit 2 as well), pri
 the binary's flags by group for --help/--helpshort, and runs `main`, mapping what it
 raises to one line and an exit code:
 
-  ValueError (bad input: flags, files, builders, checkpoints)  -> 2
+  tffpipe.errors.InputError (bad input: flags, files, builders,
+    checkpoints; the boundary's checks raise it)               -> 2
   tffpipe.errors.Fault (a fault while running)                 -> its exit_code (1, 3, ...)
   KeyboardInterrupt, processes.Interrupted (a stop asked for)  -> 130 (SIGINT) / 143 (SIGTERM)
+  anything else, a plain ValueError from TF or TFF included    -> 1: "internal error: ..." naming
+    a log file with the traceback (`internal_error.log` in the experiment directory if it
+    exists, else a temporary file)
 
 With --verbosity >= 0 the traceback is printed too.
 """
@@ -22,7 +26,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-_HELP = ("--help", "-h", "--helpshort", "-?")
+_HELP = ("--help", "-h", "--helpshort", "-?", "--helpfull")
 
 
 def _verbose(argv: Sequence[str]) -> bool:
@@ -105,8 +109,17 @@ def start(main: Callable[[], int | None], *, doc: str, own_flags: Sequence[str] 
     sys.exit(run_guarded(main, verbose=verbose))
 
 
-def run_guarded(main: Callable[[], int | None], *, verbose: bool = False) -> int:
-    """Runs `main`, turning errors into one `error:` line and an exit code."""
+def run_guarded(
+    main: Callable[[], int | None], *, verbose: bool = False, log_dir: Callable[[], str | None] | None = None
+) -> int:
+    """Runs `main`, turning errors into one line and an exit code (see the module doc).
+
+    Args:
+      main: the binary's work.
+      verbose: also print the traceback.
+      log_dir: where an internal error's traceback goes (None: a temporary file);
+        by default the experiment directory of the parsed flags, if it exists.
+    """
     from tffpipe import errors, processes
 
     try:
@@ -122,13 +135,55 @@ def run_guarded(main: Callable[[], int | None], *, verbose: bool = False) -> int
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except ValueError as e:
+    except errors.InputError as e:
         if verbose:
             traceback.print_exc()
         from experiments import flag_groups
 
         print(f"error: {_one_line(flag_groups.to_flag_error(e))}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001  (anything else is a bug, ours or a library's, not the user's input)
+        if verbose:
+            traceback.print_exc()
+        path = _save_traceback((log_dir or _experiment_dir)())
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(
+            f"internal error: {type(e).__name__}: {first} -- a bug in tffpipe or a library it uses, not a problem "
+            f"with your input; the traceback is in {path}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _experiment_dir() -> str | None:
+    """<root_dir>/<experiment> of the parsed flags, if the binary has them and the directory exists."""
+    from absl import flags
+
+    values = flags.FLAGS
+    if not values.is_parsed() or "root_dir" not in values or "experiment" not in values:
+        return None
+    path = os.path.join(values.root_dir, values.experiment)
+    return path if os.path.isdir(path) else None
+
+
+def _save_traceback(directory: str | None) -> str:
+    """Appends the current exception's traceback to <directory>/internal_error.log (or a temporary file)."""
+    import tempfile
+    import time
+
+    text = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {' '.join(sys.argv)}\n{traceback.format_exc()}\n"
+    if directory is not None:
+        path = os.path.join(directory, "internal_error.log")
+        try:
+            with open(path, "a") as f:
+                f.write(text)
+            return path
+        except OSError:
+            pass  # a full disk or a read-only directory: the temporary file below
+    fd, path = tempfile.mkstemp(prefix="tffpipe-internal-error-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 def _one_line(error: Exception) -> str:

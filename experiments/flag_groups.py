@@ -15,7 +15,7 @@ from typing import Any
 
 from absl import flags
 
-from tffpipe import configs, validation
+from tffpipe import configs, errors, validation
 
 FLAGS = flags.FLAGS
 _FROM_CONFIG = object()
@@ -181,7 +181,7 @@ def define_all(flag_values: flags.FlagValues = FLAGS) -> None:
     define(*GROUPS, flag_values=flag_values)
 
 
-class FlagError(ValueError):
+class FlagError(errors.InputError):
     """A flag value the configuration rejects; the message names the flag."""
 
 
@@ -232,16 +232,22 @@ def experiment_config(flag_values: flags.FlagValues = FLAGS) -> configs.Experime
         raise to_flag_error(e, flag_values) from None
 
 
-def help_text(program: str, doc: str, own: Sequence[str] = ()) -> str:
-    """The binary's flags by group, with their defaults (what --helpshort prints)."""
+def help_text(program: str, doc: str, own: Sequence[str] = (), *, full: bool = False) -> str:
+    """The binary's flags by group, with their defaults (--helpshort); `full` adds absl's own (--helpfull)."""
     lines = [doc.strip(), "", f"Flags of {program}, by group (--helpfull adds absl's own):"]
     sections = [(group, [f.name for f in defined]) for group, defined in _DEFINED.items()]
     if own:
         sections.append((program, list(own)))
+    if full:
+        listed = {name for _, names in sections for name in names}
+        sections.append(("absl's own", sorted({FLAGS[name].name for name in FLAGS} - listed)))
     for title, names in sections:
         lines.append(f"\n  {title}:")
         for name in names:
             default = FLAGS[name].default
             shown = "unset" if default is None else repr(default) if isinstance(default, str) else default
             lines.append(f"    --{name} (default {shown}): {FLAGS[name].help}")
+    if full:
+        lines.append("    --flagfile=<file>: read flags from a file, one --name=value a line (presets/*.flags)")
+        lines.append("    --undefok=<name,...>: flags that may be given although this binary does not define them")
     return "\n".join(lines)

@@ -9,6 +9,8 @@ import sys  # noqa: E402
 
 from absl import flags  # noqa: E402
 
+from tffpipe import errors  # noqa: E402
+
 flags.DEFINE_string("root", "runs", "Root directory of experiments.")
 flags.DEFINE_integer("port", 6006, "Port on 127.0.0.1.")
 FLAGS = flags.FLAGS
@@ -16,9 +18,9 @@ FLAGS = flags.FLAGS
 
 def main() -> None:
     if not os.path.isdir(FLAGS.root):
-        raise ValueError(f"--root={FLAGS.root}: no such directory yet; run `make train` first")
+        raise errors.InputError(f"--root={FLAGS.root}: no such directory yet; run `make train` first")
     if not 0 < FLAGS.port < 65536:
-        raise ValueError(f"--port={FLAGS.port}: must be in 1-65535")
+        raise errors.InputError(f"--port={FLAGS.port}: must be in 1-65535")
     print(f"TensorBoard for {FLAGS.root}: http://127.0.0.1:{FLAGS.port}/  (Ctrl-C stops it)", flush=True)
     os.execv(
         sys.executable,

@@ -352,6 +352,16 @@ def test_help_lists_the_flags_by_group_with_their_defaults():
     assert "fedadam 0.00316" in out and "--tensorboard (default False)" in out
 
 
+@pytest.mark.parametrize("binary", ["train", "compute_epsilon", "tensorboard"])
+def test_helpfull_as_the_help_advertises_adds_absls_own_flags(binary):
+    command = [sys.executable, "-m", f"experiments.{binary}", "--helpfull"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "(--helpfull adds absl's own)" in proc.stdout
+    own = proc.stdout.split("\n  absl's own:\n")[1]
+    assert "--verbosity (default -1)" in own and "--flagfile=<file>" in own and "--root_dir" not in own
+
+
 def test_evaluate_gives_the_same_accuracy_from_the_exported_model_and_the_checkpoint(workspace, finished_run):
     cache, runs = workspace
 

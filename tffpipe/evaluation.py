@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from tffpipe import errors
+
 
 @dataclasses.dataclass(frozen=True)
 class Distribution:
@@ -38,12 +40,12 @@ class Distribution:
 
 
 def load_keras_model(path: str) -> tf.keras.Model:
-    """A saved Keras model, or a ValueError saying why the file is not one."""
+    """A saved Keras model, or an `errors.InputError` saying why the file is not one."""
     try:
         return tf.keras.models.load_model(path)
     except Exception as e:  # noqa: BLE001  (Keras raises many types on a file that is not a model)
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path} is not a loadable Keras model ({type(e).__name__}: {first})") from e
+        raise errors.InputError(f"{path} is not a loadable Keras model ({type(e).__name__}: {first})") from e
 
 
 def per_client_metrics(
@@ -76,7 +78,7 @@ def per_client_metrics(
 
 def summarize(accuracies: np.ndarray, counts: np.ndarray, name: str = "accuracy") -> Distribution:
     if len(accuracies) == 0:
-        raise ValueError("no client had any test example")
+        raise errors.InputError("no client had any test example")
     ordered = np.sort(accuracies)
     worst = ordered[: max(1, len(ordered) // 10)]
     return Distribution(

@@ -19,13 +19,13 @@ from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
-from tffpipe import configs
+from tffpipe import configs, errors
 
 INPUT_SHAPE = (28, 28, 1)
 ModelBuilder = Callable[[int], tf.keras.Model]
 
 
-class ModelBuilderError(ValueError):
+class ModelBuilderError(errors.InputError):
     """A model name or import path that does not give a usable builder."""
 
     field = "model"

@@ -54,7 +54,7 @@ def _run(coroutine):
     return loop.run_until_complete(coroutine)
 
 
-class OutputError(ValueError):
+class OutputError(errors.InputError):
     """The experiment directory cannot be used as asked; nothing in it was changed."""
 
     field = "experiment"
@@ -240,7 +240,7 @@ def write_json(path: str, value: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.InputError):
     """A checkpoint cannot be loaded or does not fit the current model."""
 
 

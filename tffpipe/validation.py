@@ -16,8 +16,10 @@ import math
 import os
 from typing import Any
 
+from tffpipe import errors
 
-class ConfigError(ValueError):
+
+class ConfigError(errors.InputError):
     """A configuration value that cannot be used; `field` is its path in the config."""
 
     def __init__(self, field: str, message: str):

@@ -21,11 +21,13 @@ import pathlib
 import sqlite3
 from collections.abc import Iterator, Sequence
 
+from tffpipe import errors
+
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 TEMP_INFIX = ".tmp-"  # `<file>.tmp-<pid>`: a file being written by process <pid>
 
 
-class DataFileError(ValueError):
+class DataFileError(errors.InputError):
     """A data file that is missing, not SQLite, or lacks the expected tables, splits or content."""
 
     field = "data.data_dir"

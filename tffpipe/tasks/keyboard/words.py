@@ -24,6 +24,8 @@ import re
 
 import numpy as np
 
+from tffpipe import errors
+
 PACKAGE = "symspellpy"
 UNIGRAM_FILE = "frequency_dictionary_en_82_765.txt"
 BIGRAM_FILE = "frequency_bigramdictionary_en_243_342.txt"
@@ -56,15 +58,17 @@ def package_dir() -> str:
     """The directory of the installed symspellpy package (its data files), without importing it.
 
     Raises:
-      ValueError: if the package or its frequency files are missing.
+      errors.InputError: if the package or its frequency files are missing (`make env` installs them).
     """
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"{PACKAGE} (English word counts for the keyboard data) is not installed; run `make env`")
+        raise errors.InputError(
+            f"{PACKAGE} (English word counts for the keyboard data) is not installed; run `make env`"
+        )
     directory = list(spec.submodule_search_locations)[0]
     for name in (UNIGRAM_FILE, BIGRAM_FILE):
         if not os.path.isfile(os.path.join(directory, name)):
-            raise ValueError(f"{PACKAGE} in {directory} lacks {name}; reinstall it with `make env`")
+            raise errors.InputError(f"{PACKAGE} in {directory} lacks {name}; reinstall it with `make env`")
     return directory
 
 

@@ -1,0 +1,127 @@
+"""experiments/cli.py: bad input is one `error:` line and exit 2; anything else is an internal error, exit 1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+from experiments import cli, flag_groups
+from tffpipe import accounting, devices, errors, evaluation, models, outputs, validation
+from tffpipe.data import sql_files
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _raise(error: Exception):
+    def main():
+        raise error
+
+    return main
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        validation.ConfigError("dp.clip", "clip must be positive, got 0"),
+        accounting.AccountingError("privacy.delta", "delta must be in (0, 1), got 2"),
+        devices.ProfileError("profiles.csv line 2: tier is 'ultra'"),
+        flag_groups.FlagError("--max_clients=0: must be positive or -1 (all)"),
+        models.ModelBuilderError("unknown model 'resnet' for the emnist task"),
+        sql_files.DataFileError("data file not found: /nonexistent/emnist_all.sqlite"),
+        outputs.CheckpointError("checkpoint of round 3 in /x is unreadable"),
+        outputs.OutputError("cannot create the experiment directory /x"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_each_boundary_error_is_one_error_line_and_exit_2(error, capsys, tmp_path):
+    assert cli.run_guarded(_raise(error), log_dir=lambda: str(tmp_path)) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"error: {error}"]
+    assert os.listdir(tmp_path) == []  # bad input writes nothing
+
+
+def test_a_file_that_is_not_a_keras_model_is_bad_input(tmp_path, capsys):
+    path = tmp_path / "model.keras"
+    path.write_text("not a model")
+    assert cli.run_guarded(lambda: evaluation.load_keras_model(str(path))) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and "is not a loadable Keras model" in line
+
+
+def test_a_plain_value_error_is_an_internal_error_with_its_traceback_in_the_experiment_dir(capsys, tmp_path):
+    def fails_like_tf():  # as Keras does in the middle of a round
+        raise ValueError("Shapes (1, 62) and (1, 63) are incompatible")
+
+    assert cli.run_guarded(fails_like_tf, log_dir=lambda: str(tmp_path)) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    log = tmp_path / "internal_error.log"
+    assert line.startswith("internal error: ValueError: Shapes (1, 62) and (1, 63) are incompatible")
+    assert "not a problem with your input" in line and line.endswith(f"the traceback is in {log}")
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "in fails_like_tf" in text
+
+
+def test_an_internal_error_without_an_experiment_dir_goes_to_a_temporary_file(capsys):
+    assert cli.run_guarded(_raise(KeyError("tier 'ultra'"))) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    path = line.rsplit("the traceback is in ", 1)[1]
+    try:
+        assert os.path.basename(path).startswith("tffpipe-internal-error-")
+        with open(path) as f:
+            assert "KeyError: \"tier 'ultra'\"" in f.read()
+    finally:
+        os.remove(path)
+
+
+def test_faults_keep_their_own_exit_code(capsys):
+    class Diverged(errors.Fault):
+        exit_code = 3
+
+    assert cli.run_guarded(_raise(Diverged("round 2 produced a non-finite loss"))) == 3
+    assert capsys.readouterr().err.splitlines() == ["error: round 2 produced a non-finite loss"]
+
+
+class _FailsWhenTraining(tf.keras.layers.Layer):
+    """Passes the builder's check (called without `training`), fails as TF would once TFF traces training."""
+
+    def call(self, inputs, training=None):
+        if training:
+            raise ValueError("Shapes (None, 62) and (None, 63) are incompatible")
+        return inputs
+
+
+def fails_when_training(num_classes):
+    return tf.keras.Sequential(
+        [tf.keras.layers.Flatten(input_shape=(28, 28, 1)), tf.keras.layers.Dense(num_classes), _FailsWhenTraining()]
+    )
+
+
+def test_a_value_error_raised_by_tf_mid_run_exits_1_and_names_the_log(tmp_path):
+    root = tmp_path / "runs"
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        f"--cache_dir={tmp_path / 'cache'}",
+        f"--root_dir={root}",
+        "--num_writers=12",
+        "--median_examples=24",
+        "--clients_per_round=3",
+        "--eval_clients=0",
+        "--rounds=1",
+        "--dp=none",
+        "--noise_multiplier=0",
+        "--model=tests.cli_test:fails_when_training",
+        "--experiment=internal",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    log = root / "internal" / "internal_error.log"
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert lines[-1].startswith("internal error: ValueError:") and lines[-1].endswith(f"traceback is in {log}")
+    assert not any(line.startswith("error:") for line in lines)
+    assert "Shapes (None, 62) and (None, 63) are incompatible" in log.read_text()
