@@ -88,7 +88,8 @@ def start(main: Callable[[], int | None], *, doc: str, own_flags: Sequence[str] 
     program = os.path.basename(sys.argv[0]).removesuffix(".py")
     if any(arg in _HELP for arg in sys.argv[1:]):
         try:
-            print(flag_groups.help_text(f"experiments.{program}", doc, own_flags), flush=True)
+            full = "--helpfull" in sys.argv[1:]
+            print(flag_groups.help_text(f"experiments.{program}", doc, own_flags, full=full), flush=True)
         except BrokenPipeError:  # `--helpshort | head`
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
