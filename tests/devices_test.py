@@ -114,6 +114,20 @@ def test_profiles_round_trip_through_csv_and_missing_rows_are_named(tmp_path):
         devices.load_profiles(str(tmp_path / "nan.csv"), ["a"])
 
 
+def test_an_unknown_tier_is_refused_when_the_profiles_are_loaded(tmp_path):
+    path = tmp_path / "p.csv"
+    devices.save_profiles(devices.create_profiles(["a", "b"], seed=3), str(path))
+    header, *lines = path.read_text().splitlines()
+    row = lines[1].split(",")
+    row[header.split(",").index("tier")] = "ultra"
+    path.write_text("\n".join([header, lines[0], ",".join(row)]))
+    # Before training starts (program.check loads the file), not in participation_by_tier after the last round.
+    with pytest.raises(
+        devices.ProfileError, match=r"p.csv line 3: device b: tier is 'ultra'; use one of low, mid, high"
+    ):
+        devices.load_profiles(str(path), [])
+
+
 def test_the_privacy_label_and_bound_change_when_the_device_model_is_on():
     ideal = configs.ExperimentConfig(dp=configs.DpConfig(configs.Mechanism.FIXED, 0.7))
     mobile = dataclasses.replace(ideal, devices=configs.DeviceConfig())

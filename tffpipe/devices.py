@@ -20,7 +20,8 @@ Profile CSV schema (one row per client, header required):
   client_id, tier, examples_per_second, upload_bytes_per_second,
   download_bytes_per_second, utc_offset_hours, window_start_hour, window_hours,
   dropout_probability
-where window_start_hour is local time in [0, 24) and the window may wrap past midnight.
+where tier is low, mid or high (participation is reported per tier), window_start_hour is
+local time in [0, 24) and the window may wrap past midnight.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class DeviceProfile:
     dropout_probability: float
 
     def __post_init__(self):
+        if self.tier not in TIERS:
+            # Participation is reported per tier; an unknown one would only fail once training is done.
+            raise ProfileError(f"device {self.client_id}: tier is {self.tier!r}; use one of {', '.join(TIERS)}")
         try:
             validation.positive(examples_per_second=self.examples_per_second)
             validation.positive(upload_bytes_per_second=self.upload_bytes_per_second)
