@@ -5,6 +5,7 @@ import sys
 import textwrap
 import time
 
+import psutil
 import pytest
 
 from tffpipe import processes
@@ -37,9 +38,23 @@ def test_ranges_cover_the_total_in_order_and_progress_counts_what_was_consumed()
 
 
 def test_a_stop_request_raises_interrupted_and_leaves_no_worker():
+    def pool_workers() -> set[int]:  # spawned workers run spawn_main (multiprocessing's resource tracker does not)
+        return {p.pid for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())}
+
+    before = pool_workers()
+    pool = set()
+
+    def stop_requested() -> bool:  # first polled once the tasks are submitted, so the pool is running
+        pool.update(pool_workers() - before)
+        return True
+
+    began = time.monotonic()
     with pytest.raises(processes.Interrupted):
-        for _ in processes.map_in_processes(time.sleep, [(0.5,)] * 6, processes=2, stop_requested=lambda: True):
+        for _ in processes.map_in_processes(time.sleep, [(30,)] * 6, processes=2, stop_requested=stop_requested):
             pass
+    assert len(pool) == 2  # the pool's two workers, each busy with a 30 s task
+    assert time.monotonic() - began < 15  # they were stopped, not waited for
+    assert {p.pid for p in psutil.Process().children()} & pool == set()  # and reaped: not even a zombie
 
 
 def test_pool_workers_die_with_a_sigkilled_parent(tmp_path):
