@@ -614,12 +614,28 @@ def test_keyboard_bad_inputs_each_give_one_error_line(tmp_path):
     generated = keyboard_generator.ensure_generated(cache, configs.TextPopulationConfig(12, 0, 8), workers=1)
     no_counts.mkdir()
     shutil.copy(os.path.join(generated, "stackoverflow.sqlite"), no_counts)  # a good file, but no word counts
+
+    def with_word_counts(name, edit):
+        """The generated files, with the word counts' lines changed by `edit`."""
+        directory = tmp_path / name
+        directory.mkdir()
+        shutil.copy(os.path.join(generated, "stackoverflow.sqlite"), directory)
+        with open(os.path.join(generated, "stackoverflow.word_count"), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        edit(lines)
+        (directory / "stackoverflow.word_count").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return directory
+
+    twice = with_word_counts("twice", lambda lines: lines.__setitem__(6, lines[5]))
+    superscript = with_word_counts("sup", lambda lines: lines.__setitem__(2, lines[2].split()[0] + "\t\u00b2"))
     cases = [
         (["--vocab_size=0"], "--vocab_size=0: vocab_size must be >= 1"),
         (["--model=small_cnn"], "--model=small_cnn: unknown model 'small_cnn' for the keyboard task"),
         (["--vocab_size=100000"], "--vocab_size=100000: vocab_size=100000 exceeds the"),
         ([f"--data_dir={not_sqlite}"], "stackoverflow.sqlite is not an SQLite database"),
         ([f"--data_dir={no_counts}"], "stackoverflow.word_count"),
+        ([f"--data_dir={twice}"], "stackoverflow.word_count line 7: the word"),  # TF's table refused it mid-run
+        ([f"--data_dir={superscript}"], "stackoverflow.word_count line 3 is"),  # int('²') named no file
     ]
 
     def attempt(flags):

@@ -135,12 +135,25 @@ def test_word_count_shorter_than_the_vocabulary_is_rejected(copy_dir):
         ("the\t9\nof\t8.5\n", r"line 2 .* integer count"),
         ("the\t9 extra\n", r"line 1 .* integer count"),
         ("the\t3\nof\t8\n", r"line 2: count 8 is larger than the line before \(3\)"),
+        # Non-ASCII digits: '²' passed isdigit() and failed in int() naming no file; '١٠' was read as 10.
+        ("the\t9\nof\t\u00b2\n", r"word_count line 2 is 'of\\t²', not 'word count' .* digits 0-9"),
+        ("the\t\u0661\u0660\n", r"word_count line 1 is 'the\\t١٠', not 'word count' .* digits 0-9"),
+        # TF's vocabulary table fails mid-run on a word with two ids.
+        ("the\t9\nof\t8\nthe\t7\n", r"word_count line 3: the word 'the' is already on line 1; each word"),
     ],
 )
-def test_malformed_word_counts_name_the_line(copy_dir, content, match):
-    with open(files.word_count_path(copy_dir), "w") as f:
+def test_malformed_word_counts_name_the_file_and_line(copy_dir, content, match):
+    with open(files.word_count_path(copy_dir), "w", encoding="utf-8") as f:
         f.write(content)
-    _one_error(copy_dir, match)
+    assert files.word_count_path(copy_dir) in _one_error(copy_dir, match)
+
+
+def test_a_word_twice_after_the_vocabulary_is_not_read_and_passes(copy_dir):
+    path = files.word_count_path(copy_dir)
+    first_word = files.read_vocabulary(copy_dir, 1)[0]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{first_word}\t0\n")  # on a line after the first vocab_size: not in the vocabulary
+    assert files.check_word_counts(path, VOCAB) > VOCAB
 
 
 def _spoil_client(data_dir: str, client: str, tokens: bytes) -> None:

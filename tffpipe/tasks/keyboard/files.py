@@ -91,8 +91,10 @@ def example_problem(blob: bytes) -> str | None:
 def check_word_counts(path: str, vocab_size: int, how_to_get: str = HOW_TO_GET) -> int:
     """Checks a word-count file as TFF's `load_word_counts` reads it; returns its lines.
 
-    Each line is "word<whitespace>count" with an integer count, counts never rising, and
-    at least `vocab_size` lines (the vocabulary is the first `vocab_size` words).
+    Each line is "word<whitespace>count" with a count in ASCII digits, counts never
+    rising, at least `vocab_size` lines (the vocabulary is the first `vocab_size`
+    words) and no word twice among them: TF's vocabulary table refuses a key given two
+    ids, mid-run (FailedPreconditionError).
 
     Raises:
       DataFileError: naming the file, the line and how to get a good one.
@@ -100,15 +102,24 @@ def check_word_counts(path: str, vocab_size: int, how_to_get: str = HOW_TO_GET) 
     if not os.path.isfile(path):
         raise DataFileError(f"word-count file not found: {path}. {how_to_get}")
     previous, lines = None, 0
+    first_line: dict[str, int] = {}  # vocabulary word -> its line; bounded by vocab_size
     try:
         with open(path, encoding="utf-8") as f:
             for lines, line in enumerate(f, start=1):
                 parts = line.split()
-                if len(parts) != 2 or not parts[1].isdigit():
+                # isdigit() alone admits '²' (int() then fails) and '١' (read as 1): ASCII digits only.
+                if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
                     raise DataFileError(
-                        f"{path} line {lines} is {line.rstrip()!r}, not 'word count' with an integer count. "
-                        f"{how_to_get}"
+                        f"{path} line {lines} is {line.rstrip()!r}, not 'word count' with an integer count in the "
+                        f"digits 0-9. {how_to_get}"
                     )
+                if lines <= vocab_size:
+                    seen = first_line.setdefault(parts[0], lines)
+                    if seen != lines:
+                        raise DataFileError(
+                            f"{path} line {lines}: the word {parts[0]!r} is already on line {seen}; each word must "
+                            f"appear once. {how_to_get}"
+                        )
                 count = int(parts[1])
                 if previous is not None and count > previous:
                     raise DataFileError(
