@@ -69,6 +69,14 @@ def test_half_written_checkpoints_of_a_killed_run_are_removed_on_resume(tmp_path
     assert os.listdir(dirs.checkpoints) == ["program_state_1"]
 
 
+def test_the_last_checkpointed_round_is_the_newest_complete_checkpoint(tmp_path):
+    dirs = _dirs(tmp_path)
+    assert outputs.last_checkpointed_round(dirs) == 0  # no directory at all
+    for name in ("program_state_3", "program_state_10", "program_state_11_temp4711", "notes"):
+        os.makedirs(os.path.join(dirs.checkpoints, name))
+    assert outputs.last_checkpointed_round(dirs) == 10  # numerically, and a half-written 11 does not count
+
+
 def test_other_configuration_is_refused_and_nothing_is_touched(tmp_path):
     dirs = _dirs(tmp_path)
     outputs.prepare(dirs, {"model": "linear", "loop.rounds": 5})

@@ -218,6 +218,11 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
     bad = str(tmp_path)
     not_a_model = tmp_path / "model.keras"
     not_a_model.write_text("not a model")
+    busy = socket.socket()  # a port in use: held by this test while the cases run
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+    closed_port = portpicker.pick_unused_port()  # nothing listens there
     short_pixels = _data_dir_with(bad, "short", cache, example={"label": [1], "pixels": np.zeros(700, "f4")})
     bad_label = _data_dir_with(bad, "label", cache, example={"label": [99], "pixels": np.zeros(784, "f4")})
     train_cases = [
@@ -267,6 +272,11 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         (["--canaries=1"], "--canaries=1: canaries must be 0 (no audit) or at least 2"),
         (["--workers=localhost"], "--workers=localhost: workers: 'localhost' is not host:port"),
         (["--local_workers=0"], "--local_workers=0: local_workers must be >= 1"),
+        (["--local_workers=1000"], "--local_workers=1000: local_workers must be <= "),
+        (["--workers=http://127.0.0.1:18731"], "--workers=http://127.0.0.1:18731: workers: 'http://127.0.0.1:18731' is"),
+        (["--workers=::1"], "--workers=::1: workers: '::1': write an IPv6 address in brackets"),
+        # Worker services that cannot serve: found before anything is written, so bad input too.
+        ([f"--workers=127.0.0.1:{closed_port}"], f"worker 127.0.0.1:{closed_port} is unreachable (Connection refused)"),
         (["--workers=127.0.0.1:1", "--local_workers=2"], "--local_workers=2: give remote workers or local_workers"),
         (["--canaries=5", "--device_model"], "--canaries=5: canaries are sampled like every client"),
         (["--max_epsilon=nan"], "--max_epsilon=nan: max_epsilon must be a finite number"),
@@ -292,6 +302,7 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         ([f"--root_dir={blocker}"], "cannot create the experiment directory"),
         (["--experiment=base", "--model=linear"], "was run with another configuration (model: 'small_cnn' -> 'linear'"),
         (["--experiment=corrupt", "--rounds=3"], "checkpoint of round 3"),
+        (["--experiment=base", "--rounds=2"], f"--rounds=2: experiment {exp} is already at round 3, past rounds=2"),
     ]
     other_cases = [
         ("compute_epsilon", ["--noise_multiplier=nan"], "--noise_multiplier=nan: noise_multiplier must be a finite"),
@@ -312,6 +323,12 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         ("worker", ["--bind=8.8.8.8"], "--bind=8.8.8.8: a public address exposes an unauthenticated service"),
         ("worker", ["--bind=myhost"], "--bind=myhost: not an IP address"),
         ("worker", ["--port=0"], "--port=0: must be in 1-65535"),
+        ("worker", ["--bind=::ffff:0.0.0.0"], "--bind=::ffff:0.0.0.0: a wildcard address (0.0.0.0 once normalized)"),
+        ("worker", ["--bind=[::]"], "--bind=[::]: a wildcard address (:: once normalized) exposes"),
+        ("worker", ["--bind=::ffff:8.8.8.8"], "--bind=::ffff:8.8.8.8: a public address (8.8.8.8 once normalized)"),
+        ("worker", ["--max_concurrent_calls=0"], "--max_concurrent_calls=0: must be -1 (no limit) or a positive"),
+        ("worker", [f"--port={busy_port}"], f"--port={busy_port}: port {busy_port} is already in use on 127.0.0.1"),
+        ("worker", ["--bind=10.99.99.99"], "--bind=10.99.99.99: this host has no such address"),
     ]
     before = {path: tree_digest(path) for path in (runs, cache)}
 

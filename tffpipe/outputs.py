@@ -125,6 +125,18 @@ def has_completed_round(dirs: ExperimentDirs) -> bool:
     )
 
 
+def last_checkpointed_round(dirs: ExperimentDirs) -> int:
+    """The round of the newest complete checkpoint (0: none), from the directory names alone."""
+    if not os.path.isdir(dirs.checkpoints):
+        return 0
+    rounds = [
+        int(name[len(_CHECKPOINT_PREFIX) :])
+        for name in os.listdir(dirs.checkpoints)
+        if name.startswith(_CHECKPOINT_PREFIX) and name[len(_CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return max(rounds, default=0)
+
+
 def changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """hparams keys whose values differ, ignoring what may change on resume.
 

@@ -33,6 +33,7 @@ from tffpipe import (
     runtime,
     tasks,
     training_loop,
+    validation,
 )
 from tffpipe.data import sampling
 from tffpipe.tasks import base
@@ -166,9 +167,11 @@ def run(
 ) -> training_loop.LoopResult:
     """Runs (or resumes) the experiment in <root_dir>/<experiment>; see `outputs` for the layout."""
     report = progress.Progress(stream)
+    dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
+    _check_not_past(dirs, config.loop.rounds, "loop.rounds")
     prepared = prepare(config, report=report, stop_requested=stop_requested)
     task, plan, loop = prepared.task, prepared.plan, prepared.loop
-    dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
+    _check_not_past(dirs, loop.rounds, "privacy.max_epsilon")  # the rounds the budget allows
     recorded = hparams(prepared)
     workers = create_workers(prepared, dirs)
     if workers.remote:  # an unreachable worker, or one serving other data, changes nothing
@@ -261,6 +264,26 @@ def _within_budget(config: configs.ExperimentConfig, plan: accounting.PrivacyPla
         return config.loop
     rounds = accounting.budgeted_rounds(plan, budget, config.loop.rounds)
     return dataclasses.replace(config.loop, rounds=rounds)
+
+
+def _check_not_past(dirs: outputs.ExperimentDirs, rounds: int, field: str) -> None:
+    """Refuses to run an experiment already past `rounds`: it would rewrite its outputs with nothing to train.
+
+    Raises:
+      validation.ConfigError: naming `field`, what limits the rounds (rounds, or the budget).
+    """
+    done = outputs.last_checkpointed_round(dirs)
+    if done > rounds:
+        limit, fix = (
+            (f"rounds={rounds}", f"give rounds >= {done} to resume or extend it")
+            if field == "loop.rounds"
+            else (f"the {rounds} rounds max_epsilon allows", "raise max_epsilon to continue it")
+        )
+        raise validation.ConfigError(
+            field,
+            f"experiment {dirs.path} is already at round {done}, past {limit}; nothing was changed. "
+            f"Evaluate it with experiments.evaluate, or {fix}",
+        )
 
 
 def _canary_note(config: configs.ExperimentConfig) -> str:
