@@ -1,0 +1,167 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests import conftest
+from tffpipe import aggregation, algorithms, client_groups, configs
+
+FEDAVG, FEDADAM, FEDYOGI = configs.Algorithm.FEDAVG, configs.Algorithm.FEDADAM, configs.Algorithm.FEDYOGI
+NONE, FIXED = configs.Mechanism.NONE, configs.Mechanism.FIXED
+
+# z small enough that the (identical, seeded) noise does not drown a wrong clipped sum
+# (noise std zC/m = 0.0016 per coordinate of the mean); a clip that binds for some members
+# only (first round, batch 8, lr 0.1: update norms 0.66-1.21 linear, 0.51-0.96 mlp).
+NOISE, CLIP = 0.01, 0.8
+IDS = 5  # real clients per round: groups of 2, 2, 1 at K = 2
+
+
+def _task(data_dir, model):
+    return conftest.emnist_task(data_dir, model, batch_size=8)
+
+
+def _processes(task, algorithm, mechanism, group_size):
+    """(per-client process, grouped process) of the same algorithm, mechanism and noise seed."""
+    config = algorithms.AlgorithmConfig(algorithm=algorithm)
+    dp = configs.DpConfig(mechanism=mechanism, clip=CLIP)
+    plan = conftest.plan(mechanism, NOISE if mechanism is FIXED else 0.0, IDS)
+    per_client = task.compose_train(
+        algorithms.build_training_process(
+            task.learning_model(), config, aggregator=aggregation.build_factory(dp, plan, noise_seed=11)
+        )
+    )
+    grouped_factory = client_groups.build_factory(dp, plan, noise_seed=11)
+    grouped = client_groups.build_training_process(
+        task.learning_model(),
+        config,
+        task.train_data.serializable_dataset_fn,
+        group_size,
+        aggregator=grouped_factory,
+        clip=None if grouped_factory is None else CLIP,
+    )
+    return per_client, grouped
+
+
+def _assert_weights_close(process_a, state_a, process_b, state_b, rtol=1e-5):
+    """Every weight tensor of b within rtol * (a's largest entry) of a's."""
+    for a, b in zip(
+        process_a.get_model_weights(state_a).trainable, process_b.get_model_weights(state_b).trainable, strict=True
+    ):
+        assert np.max(np.abs(a - b)) <= rtol * np.max(np.abs(a)), np.max(np.abs(a - b))
+
+
+def _run(process, rounds, ids, state):
+    """`rounds` rounds on `ids` from `state` (each builder draws its own initial weights)."""
+    outputs = []
+    for _ in range(rounds):
+        output = process.next(state, ids)
+        outputs.append(output)
+        state = output.state
+    return outputs
+
+
+def test_pack_makes_even_groups_in_sampled_order():
+    ids = ["e", "a", "d", "b", "c"]
+    # 5 ids, K = 2: ceil(5/2) = 3 groups of 2, 2, 1, in the order sampled.
+    assert client_groups.pack(ids, 2) == [["e", "a"], ["d", "b"], ["c"]]
+    # 7 ids, K = 3: 3 groups of 3, 2, 2 (not 3, 3, 1), so workers get similar work.
+    assert [len(g) for g in client_groups.pack(list("abcdefg"), 3)] == [3, 2, 2]
+    assert client_groups.pack(ids, 10) == [ids]
+    assert client_groups.pack([], 4) == []  # Poisson sampling may pick nobody
+    with pytest.raises(ValueError, match="group_size must be positive, got 0"):
+        client_groups.pack(ids, 0)
+
+
+@pytest.mark.parametrize(
+    "algorithm, mechanism, model",
+    [(FEDAVG, NONE, "mlp"), (FEDADAM, NONE, "linear"), (FEDAVG, FIXED, "linear"), (FEDYOGI, FIXED, "mlp")],
+)
+def test_grouped_rounds_give_the_per_client_weights_and_metrics(
+    tiny_data_dir, tff_context, algorithm, mechanism, model
+):
+    task = _task(tiny_data_dir, model)
+    per_client, grouped = _processes(task, algorithm, mechanism, group_size=2)
+    ids = task.train_data.client_ids[:IDS]
+    # The grouped process takes the per-client state as it is: the checkpoints are interchangeable.
+    state = per_client.initialize()
+    expected, actual = _run(per_client, 2, ids, state), _run(grouped, 2, ids, state)
+    for e, a in zip(expected, actual, strict=True):
+        _assert_weights_close(per_client, e.state, grouped, a.state)
+        train_e, train_a = e.metrics["client_work"]["train"], a.metrics["client_work"]["train"]
+        assert list(train_a) == list(train_e)
+        np.testing.assert_allclose(list(train_a.values()), list(train_e.values()), rtol=1e-5)
+        assert a.metrics["client_work"]["groups"]["clients"] == IDS
+    if mechanism is FIXED:
+        query_e = expected[-1].metrics["aggregator"]["dp_query_metrics"]
+        query_a = actual[-1].metrics["aggregator"]["dp_query_metrics"]
+        assert query_a["clip"] == query_e["clip"] == pytest.approx(CLIP)
+        # The per-client query counts the clipped updates; the group client work counts its members'.
+        assert actual[-1].metrics["client_work"]["groups"]["clipped_count"] == query_e["clipped_count"]
+        assert 0 < query_e["clipped_count"] < IDS  # the clip binds for some members only
+
+
+@pytest.mark.parametrize("mechanism", [NONE, FIXED])
+def test_a_group_of_one_is_the_per_client_path(tiny_data_dir, tff_context, mechanism):
+    task = _task(tiny_data_dir, "linear")
+    per_client, grouped = _processes(task, FEDAVG, mechanism, group_size=1)
+    ids = task.train_data.client_ids[:3]
+    state = per_client.initialize()
+    (expected,), (actual,) = _run(per_client, 1, ids, state), _run(grouped, 1, ids, state)
+    # With DP each member's clipped update goes through unchanged: the same sum of the same terms.
+    _assert_weights_close(per_client, expected.state, grouped, actual.state, rtol=0 if mechanism is FIXED else 1e-6)
+    assert actual.metrics["client_work"]["train"] == expected.metrics["client_work"]["train"]
+
+
+@pytest.mark.parametrize("mechanism", [NONE, FIXED])
+def test_a_real_client_without_examples_changes_nothing(tiny_data_dir, tff_context, mechanism):
+    task = _task(tiny_data_dir, "linear")
+    _, grouped = _processes(task, FEDAVG, mechanism, group_size=3)
+    ids = task.train_data.client_ids[:4]
+    # "nobody" has no rows: an empty dataset, weight 0 and a zero update. It shares a group with two real clients.
+    state = grouped.initialize()
+    (without,), (with_empty,) = _run(grouped, 1, ids, state), _run(grouped, 1, [*ids[:2], "nobody", *ids[2:]], state)
+    _assert_weights_close(grouped, without.state, grouped, with_empty.state, rtol=1e-6)
+    assert with_empty.metrics["client_work"]["train"] == without.metrics["client_work"]["train"]
+    assert with_empty.metrics["client_work"]["groups"]["clients"] == 5
+
+
+def test_the_preclipped_query_sums_records_as_they_are_with_the_per_client_noise():
+    clip, z, seed = 1.0, 0.5, 3
+    preclipped = client_groups.PreclippedGaussianSumQuery(clip, z * clip, seed)
+    per_client = aggregation.SeededGaussianSumQuery(clip, z * clip, seed)
+    group_sum = [tf.constant([3.0, 4.0])]  # norm 5: two members' clipped updates cannot sum past 2C, three can reach 3C
+    state = preclipped.initial_global_state()
+    params = preclipped.derive_sample_params(state)
+    record, _ = preclipped.preprocess_record(params, group_sum)
+    np.testing.assert_array_equal(record[0], [3.0, 4.0])  # the per-client query would clip it to [0.6, 0.8]
+    np.testing.assert_allclose(per_client.preprocess_record(params, group_sum)[0][0], [0.6, 0.8], rtol=1e-6)
+    # Same noise as the per-client query on the same sum, and the same DP event (z = stddev / clip).
+    zero = [tf.zeros(2)]
+    noised_a, _, event_a = preclipped.get_noised_result((zero, tf.constant(0.0)), state)
+    noised_b, _, event_b = per_client.get_noised_result((zero, tf.constant(0.0)), per_client.initial_global_state())
+    np.testing.assert_array_equal(noised_a[0], noised_b[0])
+    assert float(event_a.noise_multiplier) == float(event_b.noise_multiplier) == z
+
+
+@pytest.mark.parametrize(
+    "dp, compression, message",
+    [
+        (configs.DpConfig(mechanism=configs.Mechanism.ADAPTIVE), False, "adaptive DP mechanism has no grouped path"),
+        (configs.DpConfig(mechanism=configs.Mechanism.TREE), False, "tree DP mechanism has no grouped path"),
+        (configs.DpConfig(zeroing_norm=5.0), False, "zeroing"),
+        (configs.DpConfig(mechanism=NONE), True, "compression"),
+    ],
+)
+def test_mechanisms_without_a_grouped_path_are_refused(dp, compression, message):
+    plan = conftest.plan(dp.mechanism, 0.0 if dp.mechanism is NONE else 0.5, IDS)
+    with pytest.raises(client_groups.GroupingError, match=message):
+        client_groups.build_factory(dp, plan, noise_seed=0, compression=compression)
+
+
+def test_models_and_algorithms_without_a_grouped_path_are_refused(tiny_data_dir):
+    task = _task(tiny_data_dir, "linear")
+    fn = task.train_data.serializable_dataset_fn
+    with pytest.raises(client_groups.GroupingError, match="Keras-wrapped"):
+        client_groups.build_training_process(task.model_fn, algorithms.AlgorithmConfig(), fn, 2)
+    with pytest.raises(client_groups.GroupingError, match="fedprox has no grouped client work"):
+        fedprox = algorithms.AlgorithmConfig(algorithm=configs.Algorithm.FEDPROX)
+        client_groups.build_training_process(task.learning_model(), fedprox, fn, 2)

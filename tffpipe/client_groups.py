@@ -1,0 +1,344 @@
+"""Client groups: many real clients trained in one TensorFlow call (issue 21).
+
+A round's sampled real-client ids are packed into groups (`pack`); one TFF client then
+carries one group, `{str*}@CLIENTS`, a sequence of its members' ids. Sampling, the
+privacy accounting and everything upstream stay per real client: a group is only how
+the round's members are handed to TensorFlow, so the C++ executor pays its per-call
+cost (dataset serialization, graph instantiation, dispatch) once per group instead of
+once per client.
+
+In the group's one call, `build_group_client_work` builds each member's dataset from
+its id (the task's `serializable_dataset_fn`, the same pipeline and seeded shuffle as
+the per-client path) and trains it with TFF's own functional client update
+(`build_functional_model_delta_update`): the same steps and optimizer arithmetic, so a
+member's update is bit-for-bit the one it would compute alone. The group returns:
+
+* without DP (weighted by examples): the example-weighted mean of its members'
+  updates and their total weight, which TFF's weighted `MeanFactory` then weights back:
+  sum_g W_g (sum_{i in g} w_i u_i / W_g) / sum_g W_g = sum_i w_i u_i / sum_i w_i, the
+  per-client mean up to float rounding;
+* with DP: the sum of its members' updates, each clipped to L2 norm C **by itself**
+  (`tf.clip_by_global_norm`, as TF Privacy clips), and the member count.
+
+**Sensitivity, with DP.** The mechanism is the per-client one: clip each real client's
+update to C, sum over the round's real clients, add N(0, (zC)^2) per coordinate once at
+the server, divide by m. The server receives sum_g S_g with S_g = sum_{i in g}
+clip_C(u_i), and sum_g S_g = sum_i clip_C(u_i) whatever the packing, so adding or
+removing one real client changes the released sum by one clipped update, of norm <= C:
+the L2 sensitivity is C, as per client, and noise of std zC gives the same Gaussian
+mechanism with the same z (the accountant's q stays m/N over real clients, since
+sampling is per real client). A group's sum S_g can have norm up to |g|*C, so TFF's DP
+factory must not clip it again to C (that would shrink honest sums and change the
+result, though not the privacy): `build_factory` gives it `PreclippedGaussianSumQuery`,
+TF Privacy's Gaussian sum query whose record preprocessing is the identity, with
+clip C and noise std zC as the per-client query has. Packing itself reads no data.
+
+What runs grouped today: functional models (tffpipe's `linear` and `mlp`: those
+`Task.learning_model` returns as a `FunctionalModel`), FedAvg and every server optimizer
+(FedAvgM, FedAdam, FedYogi, FedAdagrad: only the finalizer differs), without DP or
+with fixed-clip DP. Everything else raises `GroupingError` naming why (Keras-wrapped
+models, FedProx, FedSGD, adaptive and tree DP, zeroing, compression, canaries).
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+import tensorflow_privacy as tfp
+
+from tffpipe import accounting, aggregation, algorithms, configs
+from tffpipe.tasks import base
+
+DatasetFn = Callable[[tf.Tensor], tf.data.Dataset]
+
+# A group's member ids are read into one tensor; no group comes near this.
+_ALL = 2**31 - 1
+
+
+class GroupingError(ValueError):
+    """The configuration has no grouped path (yet); the message says which part."""
+
+    field = "client_batching"
+
+
+def pack(client_ids: Sequence[str], group_size: int) -> list[list[str]]:
+    """The round's real clients in groups of at most `group_size`, in sampled order.
+
+    The groups are as even as can be (sizes differ by at most one), so several
+    workers get similar work: ceil(n / K) groups. No clients, no groups.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    ids = list(client_ids)
+    if not ids:
+        return []
+    groups = -(-len(ids) // group_size)
+    return [chunk.tolist() for chunk in np.array_split(np.asarray(ids, dtype=object), groups)]
+
+
+class PreclippedGaussianSumQuery(aggregation.SeededGaussianSumQuery):
+    """The seeded Gaussian sum query over records already clipped per real client.
+
+    Each record is a group's sum of member updates, each member clipped to
+    `l2_norm_clip` in the client work; the record is summed as it is (see the module
+    docstring for why the sensitivity stays C). Noise, its seed and the DP event are the
+    per-client query's: N(0, stddev^2) per coordinate, `GaussianDpEvent(stddev / clip)`.
+    Members clipped are counted by the client work, not here, so the state's
+    `clipped_count` stays 0 and `derive_metrics` reports only the clip.
+    """
+
+    def preprocess_record(self, params, record):
+        return record, tf.constant(0.0)
+
+    def derive_metrics(self, global_state):
+        return collections.OrderedDict(clip=global_state.l2_norm_clip)
+
+
+def build_factory(
+    dp: configs.DpConfig, plan: accounting.PrivacyPlan, *, noise_seed: int, compression: bool = False
+) -> tff.aggregators.UnweightedAggregationFactory | None:
+    """The aggregator for group results: None (TFF's weighted mean) or fixed-clip DP.
+
+    The fixed mechanism is the per-client one of `aggregation.build_factory` (same
+    clip, noise, seed and normalization by m) with the clipping moved into the
+    client work.
+    """
+    if compression:
+        raise GroupingError("compression quantizes each update: a group's mean is not its members' updates")
+    if plan.mechanism is configs.Mechanism.NONE:
+        return None
+    if plan.mechanism is not configs.Mechanism.FIXED:
+        raise GroupingError(f"the {plan.mechanism.value} DP mechanism has no grouped path yet; only fixed clipping")
+    if dp.zeroing_norm > 0:
+        raise GroupingError("zeroing checks each update's norm: no grouped path yet")
+    z, m = plan.noise_multiplier, float(plan.clients_per_round)
+    query = tfp.NormalizedQuery(PreclippedGaussianSumQuery(dp.clip, z * dp.clip, noise_seed), m)
+    return tff.aggregators.DifferentiallyPrivateFactory(query)
+
+
+def build_group_client_work(
+    model: tff.learning.models.FunctionalModel,
+    optimizer: tff.learning.optimizers.Optimizer,
+    dataset_fn: DatasetFn,
+    *,
+    clip: float | None = None,
+    loop_implementation: tff.learning.LoopImplementation = algorithms.LOOP,
+) -> tff.learning.templates.ClientWorkProcess:
+    """`(<()@SERVER, W@CLIENTS, {str*}@CLIENTS> -> <()@SERVER, {ClientResult}@CLIENTS, M@SERVER>)`.
+
+    Args:
+      model: the functional model every member trains.
+      optimizer: the client optimizer (each member starts from its initial state).
+      dataset_fn: a member's id (a scalar string tensor) to its training dataset,
+        traceable in a graph (`ClientData.serializable_dataset_fn`).
+      clip: None for the example-weighted mean of the members' updates; C for the
+        sum of the members' updates each clipped to C (the DP path).
+      loop_implementation: TFF's local loop, as the per-client path uses.
+
+    The measurements are TFF's (`train`: the model's metrics summed over every real
+    member, then finalized) plus `groups`: `clients` (real members trained) and
+    `clipped_count` (members whose update was clipped; with DP only, not privatized).
+    """
+    weighting = tff.learning.ClientWeighting.NUM_EXAMPLES if clip is None else tff.learning.ClientWeighting.UNIFORM
+    weights_type = tff.types.tensorflow_to_type(
+        tff.learning.models.ModelWeights(
+            tuple(tf.TensorSpec(w.shape, tf.dtypes.as_dtype(w.dtype)) for w in model.initial_weights[0]),
+            tuple(tf.TensorSpec(w.shape, tf.dtypes.as_dtype(w.dtype)) for w in model.initial_weights[1]),
+        )
+    )
+    ids_type = tff.SequenceType(np.str_)
+
+    @tff.tensorflow.computation(weights_type, ids_type)
+    def group_update(initial_weights, member_ids):
+        initial = (initial_weights.trainable, initial_weights.non_trainable)
+        client_update = tff.learning.templates.model_delta_client_work.build_functional_model_delta_update(
+            model=model, weighting=weighting, loop_implementation=loop_implementation
+        )
+        ids = member_ids.batch(_ALL).concatenate(tf.data.Dataset.from_tensors(tf.constant([], tf.string)))
+        ids = ids.take(1).get_single_element()
+        count = tf.size(ids)
+        zeros = tuple(tf.zeros_like(w) for w in initial[0])
+        metrics0 = model.initialize_metrics_state()
+
+        def body(i, total, weight, metrics, clipped):
+            result, member_metrics = client_update(optimizer, initial, dataset_fn(ids[i]))
+            update = tuple(tf.nest.flatten(result.update))
+            if clip is None:
+                update = tuple(u * result.update_weight for u in update)
+                was_clipped = tf.constant(0.0)
+            else:
+                norm = tf.linalg.global_norm(update)
+                update = tuple(tf.clip_by_global_norm(list(update), clip)[0])
+                was_clipped = tf.cast(norm > clip, tf.float32)
+            total = tuple(t + u for t, u in zip(total, update, strict=True))
+            metrics = tf.nest.map_structure(tf.add, metrics, member_metrics)
+            return i + 1, total, weight + result.update_weight, metrics, clipped + was_clipped
+
+        _, total, weight, metrics, clipped = tf.while_loop(
+            lambda i, *_: i < count,
+            body,
+            (tf.constant(0), zeros, tf.constant(0.0), metrics0, tf.constant(0.0)),
+        )
+        # Weighted: the group's mean, which TFF's weighted mean weights back by `weight`.
+        update = total if clip is not None else tuple(tf.math.divide_no_nan(t, weight) for t in total)
+        update = tf.nest.pack_sequence_as(initial[0], list(update))
+        groups = collections.OrderedDict(clients=tf.cast(count, tf.float32), clipped_count=clipped)
+        return tff.learning.templates.ClientResult(update=update, update_weight=weight), metrics, groups
+
+    metrics_aggregation = tff.learning.metrics.sum_then_finalize(model.finalize_metrics)
+
+    @tff.federated_computation
+    def init_fn():
+        return tff.federated_value((), tff.SERVER)
+
+    @tff.federated_computation(
+        tff.FederatedType((), tff.SERVER),
+        tff.FederatedType(weights_type, tff.CLIENTS),
+        tff.FederatedType(ids_type, tff.CLIENTS),
+    )
+    def next_fn(state, weights, groups):
+        result, metrics, counts = tff.federated_map(group_update, (weights, groups))
+        measurements = tff.federated_zip(
+            collections.OrderedDict(train=metrics_aggregation(metrics), groups=tff.federated_sum(counts))
+        )
+        return tff.templates.MeasuredProcessOutput(state, result, measurements)
+
+    return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
+class GroupedLearningProcess(tff.learning.templates.LearningProcess):
+    """A learning process over groups whose `next` takes the round's real client ids.
+
+    `next(state, client_ids)` packs the ids into groups of at most `group_size` and runs
+    the composed process once; `next.type_signature` is the composed one
+    (`(<S@SERVER, {str*}@CLIENTS> -> <S@SERVER, M@SERVER>)`). Everything else is the
+    composed process's.
+    """
+
+    def __init__(self, process: tff.learning.templates.LearningProcess, group_size: int):
+        super().__init__(
+            process.initialize,
+            process.next,
+            process.get_model_weights,
+            process.set_model_weights,
+            get_hparams_fn=process.get_hparams,
+            set_hparams_fn=process.set_hparams,
+        )
+        self._group_size = group_size
+        self._packing_next = _PackingNext(process.next, group_size)
+
+    @property
+    def group_size(self) -> int:
+        return self._group_size
+
+    @property
+    def next(self):
+        return self._packing_next
+
+
+class _PackingNext:
+    def __init__(self, computation, group_size: int):
+        self._computation = computation
+        self._group_size = group_size
+        self.type_signature = computation.type_signature
+
+    def __call__(self, state, client_ids: Sequence[str]):
+        return self._computation(state, pack(client_ids, self._group_size))
+
+
+def build_training_process(
+    model: tff.learning.models.FunctionalModel,
+    config: configs.AlgorithmConfig,
+    dataset_fn: DatasetFn,
+    group_size: int,
+    *,
+    aggregator: tff.aggregators.UnweightedAggregationFactory | None = None,
+    clip: float | None = None,
+) -> GroupedLearningProcess:
+    """The algorithm's process over groups, composed from TFF's parts as `fed_avg.py` does.
+
+    TFF's broadcast, the group client work, the aggregator (TFF's weighted mean, or
+    `aggregator` from `build_factory` made weighted as TFF's unweighted FedAvg does) and
+    TFF's optimizer finalizer with the algorithm's server optimizer. The state has the
+    per-client process's structure, so checkpoints move between the two.
+
+    Args:
+      model: a functional model (Keras-wrapped ones have no grouped path yet).
+      config: the algorithm; FedAvg and its server-optimizer variants.
+      dataset_fn: a real client's id to its training dataset.
+      group_size: K, real clients per group.
+      aggregator: None, or the DP factory of `build_factory` (then `clip` is its C).
+      clip: each member's clip with DP; must be given exactly when `aggregator` is.
+    """
+    if not isinstance(model, tff.learning.models.FunctionalModel):
+        raise GroupingError(
+            f"the model is Keras-wrapped ({type(model).__name__}): only functional models train in groups yet"
+        )
+    if config.algorithm not in _GROUPED_ALGORITHMS:
+        raise GroupingError(f"{config.algorithm.value} has no grouped client work yet (FedAvg and server optimizers)")
+    if (aggregator is None) != (clip is None):
+        raise ValueError("aggregator and clip go together: a DP factory clips nothing, the client work clips to C")
+    if group_size < 1:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+
+    @tff.tensorflow.computation
+    def initial_model_weights_fn():
+        trainable, non_trainable = model.initial_weights
+        return tff.learning.models.ModelWeights(
+            tuple(tf.convert_to_tensor(w) for w in trainable), tuple(tf.convert_to_tensor(w) for w in non_trainable)
+        )
+
+    weights_type = initial_model_weights_fn.type_signature.result
+    client_work = build_group_client_work(
+        model, tff.learning.optimizers.build_sgdm(config.client_learning_rate), dataset_fn, clip=clip
+    )
+    factory = (
+        tff.aggregators.MeanFactory() if aggregator is None else tff.aggregators.as_weighted_aggregator(aggregator)
+    )
+    process = tff.learning.templates.compose_learning_process(
+        initial_model_weights_fn,
+        tff.learning.templates.build_broadcast_process(weights_type),
+        client_work,
+        factory.create(weights_type.trainable, tff.TensorType(np.float32)),
+        tff.learning.templates.build_apply_optimizer_finalizer(
+            algorithms.create_server_optimizer(config), weights_type
+        ),
+    )
+    return GroupedLearningProcess(process, group_size)
+
+
+_GROUPED_ALGORITHMS = frozenset(
+    {
+        configs.Algorithm.FEDAVG,
+        configs.Algorithm.FEDAVGM,
+        configs.Algorithm.FEDADAM,
+        configs.Algorithm.FEDYOGI,
+        configs.Algorithm.FEDADAGRAD,
+    }
+)
+
+
+def build_learning_process(
+    task: base.Task, config: configs.ExperimentConfig, plan: accounting.PrivacyPlan, group_size: int
+) -> GroupedLearningProcess:
+    """The experiment's training process over groups of `group_size` real clients.
+
+    What `algorithms.build_learning_process` builds per client, with the same
+    aggregator parameters and noise seed; `next` takes the round's client ids.
+    """
+    if config.privacy.canaries:
+        raise GroupingError("canaries replace single clients' updates: the audit runs per client")
+    aggregator = build_factory(config.dp, plan, noise_seed=config.seed, compression=config.compression)
+    clip = None if aggregator is None else config.dp.clip
+    return build_training_process(
+        task.learning_model(),
+        config.algorithm,
+        task.train_data.serializable_dataset_fn,
+        group_size,
+        aggregator=aggregator,
+        clip=clip,
+    )
