@@ -7,23 +7,28 @@ run compares with its own before round 1.
 
 TFF 0.87's worker service has no TLS and no authentication: whoever reaches its port
 can run TensorFlow graphs with this machine's file access. It listens on 127.0.0.1 by
-default, which an SSH local forward reaches (README, "Running on several machines").
---bind chooses another address: a loopback or private one is taken as given; a
-wildcard or public one is refused unless --accept_unauthenticated_access is passed as
-well. SIGTERM or SIGINT stops the service cleanly.
+default, which an SSH local forward reaches (README, "Running on several machines"),
+and its start-up line says who can reach it. --bind chooses another address, read
+after normalization (`::ffff:0.0.0.0` is the IPv4 wildcard): a loopback or private one
+is taken as given; a wildcard or public one is refused unless
+--accept_unauthenticated_access is passed as well. SIGTERM or SIGINT stops the service
+cleanly. (The workers `experiments.train` starts for itself are not reachable this way
+at all: they listen on a Unix socket only their user can open.)
 """
 
 from experiments import cli
 
 cli.require_environment()
 
-import ipaddress  # noqa: E402
+import errno  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import threading  # noqa: E402
 
 from absl import flags  # noqa: E402
 
 from experiments import flag_groups  # noqa: E402
+from tffpipe import network  # noqa: E402
 
 flag_groups.define("task and data")
 flags.DEFINE_integer("port", 8000, "Port to serve on.")
@@ -37,26 +42,45 @@ flags.DEFINE_integer("max_concurrent_calls", -1, "Computation calls served at on
 FLAGS = flags.FLAGS
 
 
-def check_bind(address: str, accepted: bool) -> None:
-    """Refuses an address that is not an IP, or a wildcard or public one without the explicit flag."""
+def check_bind(address: str, accepted: bool) -> network.IPAddress:
+    """The normalized --bind address; a wildcard or public one only with the explicit flag."""
     try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise flag_groups.FlagError(f"--bind={address}: not an IP address (give one, e.g. 127.0.0.1)") from None
-    if (ip.is_unspecified or ip.is_global) and not accepted:
-        kind = "a wildcard" if ip.is_unspecified else "a public"
-        raise flag_groups.FlagError(
-            f"--bind={address}: {kind} address exposes an unauthenticated service that runs any TensorFlow graph "
-            "it is sent; keep 127.0.0.1 and reach it through an SSH forward or a private network, or pass "
-            "--accept_unauthenticated_access if the network is yours alone"
-        )
+        return network.check_bind(address, accept_unauthenticated_access=accepted)
+    except ValueError as e:
+        raise flag_groups.FlagError(f"--bind={address}: {e}") from None
+
+
+def check_port_free(address: network.IPAddress, port: int) -> None:
+    """Refuses a port in use or an address this host does not have, before anything starts."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does
+        try:
+            probe.bind((str(address), port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise flag_groups.FlagError(
+                    f"--port={port}: port {port} is already in use on {address}; choose another --port"
+                ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise flag_groups.FlagError(
+                    f"--bind={address}: this host has no such address; give one of its own (`ip addr` lists them)"
+                ) from None
+            if e.errno == errno.EACCES:
+                raise flag_groups.FlagError(f"--port={port}: ports below 1024 need root; choose one >= 1024") from None
+            raise flag_groups.FlagError(f"--bind={address} --port={port}: cannot listen there ({e.strerror})") from None
 
 
 def main() -> int:
     config = flag_groups.experiment_config()
-    check_bind(FLAGS.bind, FLAGS.accept_unauthenticated_access)
+    address = check_bind(FLAGS.bind, FLAGS.accept_unauthenticated_access)
     if not 0 < FLAGS.port < 65536:
         raise flag_groups.FlagError(f"--port={FLAGS.port}: must be in 1-65535")
+    if FLAGS.max_concurrent_calls == 0 or FLAGS.max_concurrent_calls < -1:
+        raise flag_groups.FlagError(
+            f"--max_concurrent_calls={FLAGS.max_concurrent_calls}: must be -1 (no limit) or a positive number"
+        )
+    check_port_free(address, FLAGS.port)
     from tffpipe import progress, runtime, tasks
 
     data = tasks.data_source(config)
@@ -64,7 +88,7 @@ def main() -> int:
     paths = data.worker_files(data_dir)
     prints = [runtime.data_fingerprint(p)[1] for p in paths]
     worker = runtime.LocalWorker(
-        bind_address=FLAGS.bind,
+        bind_address=str(address),
         port=FLAGS.port,
         max_concurrent_computation_calls=FLAGS.max_concurrent_calls,
         log_path="/dev/stderr",  # the service's own messages, beside this binary's
@@ -79,8 +103,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     worker.start()
-    host = f"[{FLAGS.bind}]" if ":" in FLAGS.bind else FLAGS.bind
-    print(f"worker serving on {host}:{FLAGS.port} (pid {worker.pid})", flush=True)
+    endpoint = network.Endpoint(str(address), FLAGS.port)
+    print(
+        f"worker serving on {endpoint} (pid {worker.pid}), without authentication; reachable by "
+        f"{network.exposure(address).value}",
+        flush=True,
+    )
     for path, value in zip(paths, prints, strict=True):
         print(f"data {path}: fingerprint {runtime.fingerprint_text(value)}", flush=True)
     while not stopped.wait(1.0):

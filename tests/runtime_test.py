@@ -2,9 +2,12 @@
 
 import collections
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -66,11 +69,6 @@ def test_one_real_fedavg_round_on_two_tiny_clients_changes_the_weights(tff_conte
     assert tff_context.pid is not None
 
 
-# /proc/net/tcp6 writes ::ffff:127.0.0.1 as 0000000000000000FFFF00000100007F (32-bit words, host order).
-IPV4_LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
-
-
-@pytest.mark.skipif(not os.path.isfile(runtime.LOOPBACK_SHIM), reason="shim not built (make env builds it)")
 class _FakeExecutor:
     def __init__(self, clients: int):
         self.clients, self.closed = clients, False
@@ -94,13 +92,49 @@ def test_executors_of_cohort_sizes_no_longer_used_are_closed():
     assert nine.closed
 
 
-def test_worker_listens_on_127_0_0_1_only(tff_context):
-    addresses = _listening_addresses(tff_context.pid)
-    assert addresses, "the worker should be listening"
-    assert addresses <= IPV4_LOOPBACK, f"worker listens on {addresses}"
+_NOBODY_PYTHON = "/usr/bin/python3"  # the venv's interpreter may sit where `nobody` cannot enter
 
 
-@pytest.mark.skipif(not os.path.isfile(runtime.LOOPBACK_SHIM), reason="shim not built (make env builds it)")
+def _connect_as_nobody(path: str) -> str:
+    """Tries to connect to the Unix socket `path` as user `nobody`; returns 'connected' or the error's name."""
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1]); print('connected')\n"
+        "except OSError as e:\n    print(type(e).__name__)\n"
+    )
+    argv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", _NOBODY_PYTHON, "-I", "-c", script, path]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can run the attempt as another user (nobody)")
+@pytest.mark.skipif(not os.path.isfile(_NOBODY_PYTHON), reason=f"{_NOBODY_PYTHON} is needed to run as nobody")
+def test_a_run_s_own_worker_has_no_tcp_port_and_another_user_cannot_connect(tff_context):
+    # The worker `train` starts listens on a Unix socket in a 0700 directory: nothing on
+    # the network, and the kernel refuses other local users at connect().
+    tff_context.start()
+    assert _listening_addresses(tff_context.pid) == set()
+    path = tff_context.target.removeprefix("unix:")
+    directory = os.stat(os.path.dirname(path))
+    assert (directory.st_mode & 0o777, directory.st_uid) == (0o700, os.geteuid())
+    assert _connect_as_nobody(path) == "PermissionError"
+    # The same attempt reaches a socket whose directory others may enter: the refusal above
+    # comes from the directory's permissions, not from a failed attempt.
+    open_dir = tempfile.mkdtemp(dir="/tmp")
+    os.chmod(open_dir, 0o755)
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(os.path.join(open_dir, "s.sock"))
+        os.chmod(os.path.join(open_dir, "s.sock"), 0o777)
+        listener.listen()
+        assert _connect_as_nobody(os.path.join(open_dir, "s.sock")) == "connected"
+    finally:
+        listener.close()
+        shutil.rmtree(open_dir)
+    # And this user still reaches the worker through the socket.
+    assert tff_context.stub().is_ready
+
+
 def test_a_worker_listens_on_the_address_it_is_given():
     worker = runtime.LocalWorker(bind_address="::1")
     try:
@@ -108,6 +142,31 @@ def test_a_worker_listens_on_the_address_it_is_given():
         assert _listening_addresses(worker.pid) == {"00000000000000000000000001000000"}  # ::1
     finally:
         worker.stop()
+
+
+def test_an_ipv4_address_given_as_ipv4_mapped_ipv6_listens_on_that_ipv4_address_only():
+    # /proc/net/tcp writes 127.0.0.1 as 0100007F; tcp6 writes ::ffff:127.0.0.1 with the last word 0100007F.
+    worker = runtime.LocalWorker(bind_address="::ffff:127.0.0.1")
+    try:
+        worker.start()
+        assert _listening_addresses(worker.pid) <= {"0100007F", "0000000000000000FFFF00000100007F"}
+        assert _listening_addresses(worker.pid)
+    finally:
+        worker.stop()
+
+
+def test_a_pinned_worker_runs_on_its_cpu_and_the_socket_directory_goes_with_it():
+    worker = runtime.LocalWorker(cpus=[0])
+    try:
+        worker.start()
+        with open(f"/proc/{worker.pid}/status") as f:
+            allowed = next(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
+        assert allowed == "0"
+        directory = os.path.dirname(worker.target.removeprefix("unix:"))
+        assert os.path.isdir(directory)
+    finally:
+        worker.stop()
+    assert not os.path.exists(directory)
 
 
 def _round(task, process, state, ids):
@@ -143,7 +202,7 @@ def test_two_workers_compute_what_one_computes(tiny_data_dir):
 
 
 def test_a_dead_remote_worker_fails_its_call_instead_of_being_waited_for_forever():
-    worker = runtime.LocalWorker()
+    worker = runtime.LocalWorker(bind_address="127.0.0.1")
     worker.start()
     remote = runtime.RemoteWorker(f"127.0.0.1:{worker.port}")
     remote.start()

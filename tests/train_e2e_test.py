@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import time
 import urllib.request
 
 import numpy as np
+import portpicker
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
@@ -273,7 +275,10 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         (["--workers=localhost"], "--workers=localhost: workers: 'localhost' is not host:port"),
         (["--local_workers=0"], "--local_workers=0: local_workers must be >= 1"),
         (["--local_workers=1000"], "--local_workers=1000: local_workers must be <= "),
-        (["--workers=http://127.0.0.1:18731"], "--workers=http://127.0.0.1:18731: workers: 'http://127.0.0.1:18731' is"),
+        (
+            ["--workers=http://127.0.0.1:18731"],
+            "--workers=http://127.0.0.1:18731: workers: 'http://127.0.0.1:18731' is",
+        ),
         (["--workers=::1"], "--workers=::1: workers: '::1': write an IPv6 address in brackets"),
         # Worker services that cannot serve: found before anything is written, so bad input too.
         ([f"--workers=127.0.0.1:{closed_port}"], f"worker 127.0.0.1:{closed_port} is unreachable (Connection refused)"),
@@ -342,6 +347,7 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
     cases = [("train", flags, message) for flags, message in train_cases] + other_cases
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         results = list(pool.map(attempt, cases))
+    busy.close()
     failures = []
     for (binary, flags, message), proc in zip(cases, results, strict=True):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -17,10 +17,11 @@ import dataclasses
 import enum
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
-from tffpipe import validation
+from tffpipe import network, validation
 
 _RESUMABLE = {"resumable": True}  # may change between runs of one experiment (see `resumable_keys`)
 
@@ -382,6 +383,20 @@ class LoopConfig:
         validation.integer(1, checkpoint_every=self.checkpoint_every)
 
 
+# A TFF worker holding a small model's executor stacks; the keyboard LSTM's takes ~2.4 GB.
+_WORKER_MEMORY_BYTES = 512 << 20
+_MAX_LOCAL_WORKERS = 64
+
+
+def _physical_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_local_workers() -> int:
+    """Local workers this machine can hold: one per 512 MiB of memory, at most 64."""
+    return max(1, min(_MAX_LOCAL_WORKERS, _physical_memory_bytes() // _WORKER_MEMORY_BYTES))
+
+
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """Where the client work runs (`runtime`); it may change between runs of one experiment.
@@ -402,10 +417,19 @@ class RuntimeConfig:
     def __post_init__(self):
         object.__setattr__(self, "workers", tuple(self.workers))
         for address in self.workers:
-            host, _, port = address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise validation.ConfigError("workers", f"workers: {address!r} is not host:port")
+            try:
+                network.parse_endpoint(address)
+            except ValueError as e:
+                raise validation.ConfigError("workers", f"workers: {e}") from None
         validation.integer(1, local_workers=self.local_workers)
+        limit = max_local_workers()
+        if self.local_workers > limit:
+            raise validation.ConfigError(
+                "local_workers",
+                f"local_workers must be <= {limit} here: each local worker needs about "
+                f"{_WORKER_MEMORY_BYTES >> 20} MiB of this machine's {_physical_memory_bytes() / 2**30:.1f} GiB "
+                "(and more workers than cores add no speed); for more, start workers on other machines (--workers)",
+            )
         validation.integer(0, worker_retries=self.worker_retries)
         if self.workers and self.local_workers > 1:
             raise validation.ConfigError(

@@ -2,7 +2,8 @@
 
 A run killed with SIGKILL cannot clean up after itself, so every child it starts (TFF
 workers, TensorBoard, data-generation workers) asks the kernel to kill it when its
-parent dies (`PR_SET_PDEATHSIG`). Pool workers are started with `spawn`, so their
+parent dies (`PR_SET_PDEATHSIG`): programs through `spawn`, Python pool workers in
+their initializer. Pool workers are started with `spawn`, so their
 parent is the run itself (a `forkserver` would be their parent, and it survived a
 SIGKILLed run with 1.2 GB of workers), and they ignore SIGINT: Ctrl-C reaches the
 whole process group, and only the run decides what to do with it.
@@ -15,8 +16,11 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from tffpipe import errors
 
 _PR_SET_PDEATHSIG = 1
 
@@ -25,11 +29,54 @@ class Interrupted(Exception):  # noqa: N818  (a stop the user asked for, not an 
     """Work stopped because the user asked it to (SIGINT/SIGTERM); nothing partial was kept."""
 
 
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """In a child: SIGKILL me when my parent exits; exits at once if it already has.
+SHIM = os.path.join(os.path.dirname(__file__), "_native", "libloopback_bind.so")
 
-    Runs before exec (as `preexec_fn`) or as a pool initializer. Without `parent_pid`,
-    the parent is whoever it is now (a `preexec_fn` runs while the parent surely lives).
+
+class ShimMissing(errors.Fault):
+    """The preloaded library `spawn` relies on is not built (`make env` builds it): an install step."""
+
+    exit_code = 2
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    stdout: Any = subprocess.DEVNULL,
+    env: dict[str, str] | None = None,
+    cpus: Sequence[int] | None = None,
+) -> subprocess.Popen:
+    """Starts `argv` as a child that dies with this process: the one place children are spawned.
+
+    The child's death signal (PR_SET_PDEATHSIG) and CPUs are set by the preloaded shim
+    (`_native/loopback_bind.c`) in the exec'd program, before its main(), from
+    TFFPIPE_PARENT_PID and TFFPIPE_CPUS; the shim also keeps its wildcard binds off the
+    network (TFFPIPE_BIND_ADDRESS, 127.0.0.1 unless `env` says otherwise). No Python
+    runs between fork and exec: with gRPC's threads live in this process, a forked
+    child running Python can hang on a lock one of them held (a run with 10 local
+    workers hung that way), and gRPC prints a fork warning for each child. Standard
+    input is closed; stderr goes where stdout goes.
+
+    Raises:
+      ShimMissing: the shim is not built.
+    """
+    if not os.path.isfile(SHIM):
+        raise ShimMissing(
+            f"{SHIM} is not built; without it a child could outlive this process and a TFF worker would listen on "
+            "every interface: run `make env`, or `cc -shared -fPIC -O2 -o tffpipe/_native/libloopback_bind.so "
+            "tffpipe/_native/loopback_bind.c -ldl`"
+        )
+    env = dict(os.environ if env is None else env)
+    env["LD_PRELOAD"] = " ".join(filter(None, [SHIM, env.get("LD_PRELOAD")]))
+    env["TFFPIPE_PARENT_PID"] = str(os.getpid())
+    env["TFFPIPE_CPUS"] = ",".join(map(str, cpus)) if cpus is not None else ""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.STDOUT, env=env)
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """In a Python child (a pool worker's initializer): SIGKILL me when my parent exits.
+
+    Exits at once if the parent is no longer `parent_pid`. Never as a `preexec_fn`
+    (see `spawn`).
     """
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -4,11 +4,12 @@ TFF 0.87 runs computations in `worker_binary` processes behind its `RemoteExecut
 Left as TFF starts it, that process (1) outlives Python after a `kill -9` or a crash,
 (2) inherits stdout, so `python -m experiments.train | tail` never sees end-of-file,
 and (3) serves gRPC on all interfaces without authentication. tffpipe starts the same
-binary itself (`LocalWorker`): the kernel kills it when its parent dies
-(PR_SET_PDEATHSIG), its output goes to a log file, and a preloaded shim
-(`_native/loopback_bind.c`) rewrites its wildcard bind to one chosen address,
-127.0.0.1 by default. `RemoteWorker` reaches a worker started elsewhere
-(`experiments.worker`).
+binary itself (`LocalWorker`, through `processes.spawn`): the kernel kills it when its
+parent dies (PR_SET_PDEATHSIG), its output goes to a log file, and a preloaded shim
+(`_native/loopback_bind.c`) rewrites its wildcard bind: to a Unix socket in a 0700
+directory for a run's own workers (no other user, no other machine reaches them), or to
+one chosen IP for `experiments.worker`. `RemoteWorker` reaches a worker started
+elsewhere (`experiments.worker`).
 
 One worker gets TFF's synchronous context, as before. Several get TFF's mergeable
 context (`create_mergeable_comp_execution_context`): each round's computation is
@@ -33,9 +34,11 @@ import asyncio
 import atexit
 import collections
 import dataclasses
-import ipaddress
 import os
+import shutil
+import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -56,10 +59,9 @@ from tensorflow_federated.python.core.impl.executors import (
 )
 from tensorflow_federated.python.core.impl.types import placements
 
-from tffpipe import errors, processes
+from tffpipe import errors, network, processes
 
 _WORKER_BINARY = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
-LOOPBACK_SHIM = os.path.join(os.path.dirname(__file__), "_native", "libloopback_bind.so")
 _GRPC_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 _CONTEXT_ARGS = dict(
     compiler_fn=compiler.desugar_and_transform_to_native,
@@ -74,7 +76,7 @@ class WorkerFault(errors.Fault):
 
 def _connect_address(bind_address: str) -> str:
     """Where to reach a worker bound to `bind_address` from this machine."""
-    address = ipaddress.ip_address(bind_address)
+    address = network.parse_ip(bind_address)
     if address.is_unspecified:
         return "127.0.0.1"
     return f"[{address}]" if address.version == 6 else str(address)
@@ -83,12 +85,23 @@ def _connect_address(bind_address: str) -> str:
 class LocalWorker:
     """One TFF C++ worker process on this machine, owned by this Python process.
 
+    By default it listens on a Unix domain socket in a directory only this user can
+    enter (0700, removed at `stop`): no other local user and no other machine can reach
+    it (tests/runtime_test.py tries as `nobody`). With `bind_address` it listens on that
+    IP and `port` instead, for `experiments.worker`, which serves other machines.
+
+    Everything the child needs before it runs is set by the preloaded shim
+    (`_native/loopback_bind.c`) from the environment, not by Python between fork and
+    exec: the death signal (it dies with this process), the CPUs and the address.
+    Python code there would run while gRPC's threads are live in this process, where a
+    forked child can hang on a lock one of them held.
+
     Args:
       max_concurrent_computation_calls: clients the worker trains at once (-1: no limit).
       log_path: where its stdout and stderr go; discarded when None.
-      bind_address: the address it listens on (the shim rewrites its wildcard bind).
-      port: its port; None picks a free one.
-      cpus: CPUs it may run on (sched_setaffinity), None for all.
+      bind_address: an IP to listen on, or None for a private Unix socket.
+      port: its port with `bind_address`; None picks a free one.
+      cpus: CPUs it may run on, None for all.
     """
 
     def __init__(
@@ -96,7 +109,7 @@ class LocalWorker:
         *,
         max_concurrent_computation_calls: int = -1,
         log_path: str | None = None,
-        bind_address: str = "127.0.0.1",
+        bind_address: str | None = None,
         port: int | None = None,
         cpus: Sequence[int] | None = None,
     ):
@@ -108,10 +121,20 @@ class LocalWorker:
         self._process: subprocess.Popen | None = None
         self._stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub | None = None
         self._log_file: IO[bytes] | None = None
+        self._socket_dir: str | None = None
         atexit.register(self.stop)
 
     @property
+    def target(self) -> str | None:
+        """Its gRPC target (`unix:/path` or `host:port`) while it runs."""
+        if self._bind is None:
+            return f"unix:{os.path.join(self._socket_dir, 'worker.sock')}" if self._socket_dir else None
+        return f"{_connect_address(self._bind)}:{self._port}" if self._port else None
+
+    @property
     def name(self) -> str:
+        if self._bind is None:
+            return f"local worker {self.target or '(private socket)'}"
         return f"local worker {_connect_address(self._bind)}:{self._port or '?'}"
 
     @property
@@ -122,17 +145,8 @@ class LocalWorker:
     def port(self) -> int | None:
         return self._port
 
-    @property
-    def loopback_only(self) -> bool:
-        return os.path.isfile(LOOPBACK_SHIM)
-
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
-
-    def _preexec(self) -> None:
-        processes.die_with_parent()
-        if self._cpus is not None:
-            os.sched_setaffinity(0, self._cpus)
 
     def start(self) -> None:
         """Starts the process (if it is not running) and waits until it serves."""
@@ -143,40 +157,34 @@ class LocalWorker:
         if self._stub is not None and self._stub.is_ready:
             return self._stub
         self.stop()
-        port = self._port or portpicker.pick_unused_port()
-        self._port = port
         env = dict(os.environ)
         # Clients run concurrently (one computation call each), which already fills the
         # cores; splitting each op over more threads on top only adds hand-offs. W2 rounds
         # 305/293 -> 260/242 ms, W1 unchanged (BENCHMARKS.md). A user's setting wins.
         env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
-        if self.loopback_only:
-            env["LD_PRELOAD"] = " ".join(filter(None, [LOOPBACK_SHIM, env.get("LD_PRELOAD")]))
-            env["TFFPIPE_BIND_ADDRESS"] = self._bind
+        if self._bind is None:
+            self._socket_dir = tempfile.mkdtemp(prefix="tffpipe-worker-")  # 0700: this user only
+            port = 1  # the shim replaces the socket: no port is bound
+            env["TFFPIPE_BIND_ADDRESS"] = self.target
         else:
-            logging.warning(
-                "TFF worker starts WITHOUT the bind shim (%s missing; run `make env`): it listens on all interfaces.",
-                LOOPBACK_SHIM,
-            )
+            port = self._port or portpicker.pick_unused_port()
+            self._port = port
+            env["TFFPIPE_BIND_ADDRESS"] = str(network.parse_ip(self._bind))
         out = subprocess.DEVNULL
         if self._log_path:
             self._log_file = open(self._log_path, "ab")  # noqa: SIM115  (closed in stop())
             out = self._log_file
-        self._process = subprocess.Popen(
+        self._process = processes.spawn(
             [_WORKER_BINARY, f"--port={port}", f"--max_concurrent_computation_calls={self._max_calls}"],
-            stdin=subprocess.DEVNULL,
             stdout=out,
-            stderr=out,
             env=env,
-            preexec_fn=self._preexec,
+            cpus=self._cpus,
         )
-        self._stub = _stub(f"{_connect_address(self._bind)}:{port}")
+        self._stub = _stub(self.target)
         deadline = time.monotonic() + 60
         while not self._stub.is_ready:
             if self._process.poll() is not None:
-                raise WorkerFault(
-                    f"{self.name} exited at start with code {self._process.returncode} (is port {port} free?)"
-                )
+                raise WorkerFault(f"{self.name} exited at start with code {self._process.returncode}")
             if time.monotonic() > deadline:
                 raise WorkerFault(f"{self.name} did not start serving within 60 s")
             time.sleep(0.05)
@@ -196,6 +204,15 @@ class LocalWorker:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+
+class WorkerUnusable(WorkerFault):
+    """A `--workers` address that cannot serve this run, found before anything is written: bad input."""
+
+    exit_code = 2
 
 
 class RemoteWorker:
@@ -203,6 +220,7 @@ class RemoteWorker:
 
     def __init__(self, address: str, *, connect_timeout: float = 10.0):
         self.address = address
+        self._endpoint = network.parse_endpoint(address)
         self._timeout = connect_timeout
         self._stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub | None = None
         self._channel: grpc.Channel | None = None
@@ -221,14 +239,28 @@ class RemoteWorker:
             return False
 
     def start(self) -> None:
-        self._channel = grpc.insecure_channel(self.address, _GRPC_OPTIONS)
+        """Connects; a closed port fails at once, a service that is not gRPC within the timeout.
+
+        Raises:
+          WorkerUnusable: nothing listens there, or what listens is no gRPC service.
+        """
+        start_hint = (
+            f"start it there with `python -m experiments.worker --port={self._endpoint.port}` (and the run's data "
+            "flags), or check the address and any SSH forward"
+        )
+        try:
+            socket.create_connection((self._endpoint.host, self._endpoint.port), timeout=self._timeout).close()
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+            raise WorkerUnusable(f"{self.name} is unreachable ({reason}): {start_hint}") from None
+        self._channel = grpc.insecure_channel(str(self._endpoint), _GRPC_OPTIONS)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=self._timeout)
         except grpc.FutureTimeoutError:
-            raise WorkerFault(
-                f"{self.name} is unreachable within {self._timeout:g} s: start it there with "
-                f"`python -m experiments.worker --port={self.address.rsplit(':', 1)[-1]}` (and the run's data flags), "
-                "or check the address and any SSH forward"
+            self.stop()
+            raise WorkerUnusable(
+                f"{self.name} accepts connections but does not answer as a gRPC service within {self._timeout:g} s "
+                f"(is it a TFF worker?): {start_hint}"
             ) from None
         self._stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(self._channel)
 
@@ -381,13 +413,13 @@ class Runtime:
                 try:
                     found = fingerprint()
                 except Exception as e:  # noqa: BLE001  (TFF wraps the worker's error in several types)
-                    raise WorkerFault(
+                    raise WorkerUnusable(
                         f"{worker.name} cannot read the run's data at {where} ({type(e).__name__}: "
                         f"{(str(e).strip().splitlines() or [''])[0][:200]}): every worker needs the same files at the "
                         "same path as this machine"
                     ) from None
             if tuple(map(int, found)) != tuple(map(int, expected)):
-                raise WorkerFault(
+                raise WorkerUnusable(
                     f"{worker.name} serves other data than this run at {where} (fingerprint "
                     f"{fingerprint_text(found)}, here {fingerprint_text(expected)}): copy the same files there, "
                     "or restart it with the run's data flags"

@@ -15,12 +15,8 @@ from tffpipe import processes
 def start(logdir: str, port: int | None = None, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
     """Launches `tensorboard --logdir=logdir` bound to loopback; returns (process, URL)."""
     port = port or portpicker.pick_unused_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1", f"--port={port}"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=processes.die_with_parent,
+    process = processes.spawn(
+        [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1", f"--port={port}"]
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout_s
