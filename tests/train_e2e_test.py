@@ -324,6 +324,7 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         ("data_card", [f"--cache_dir={cache}", f"--png={blocker}/samples.png"], f"--png={blocker}/samples.png"),
         ("data_card", ["--num_writers=nan"], "--num_writers=nan: invalid literal for int()"),
         ("tensorboard", ["--root=/nonexistent"], "--root=/nonexistent: no such directory yet"),
+        ("tensorboard", [f"--root={runs}", f"--port={busy_port}"], f"--port={busy_port}: port {busy_port} is already"),
         ("worker", ["--bind=0.0.0.0"], "--bind=0.0.0.0: a wildcard address exposes an unauthenticated service"),
         ("worker", ["--bind=8.8.8.8"], "--bind=8.8.8.8: a public address exposes an unauthenticated service"),
         ("worker", ["--bind=myhost"], "--bind=myhost: not an IP address"),
