@@ -2,6 +2,7 @@
 
 python -m experiments.data_card                      # the embedded default population
 python -m experiments.data_card --data_dir=~/emnist  # a real emnist_all.sqlite
+python -m experiments.data_card --task=keyboard      # the keyboard data; its picture is its own PNG
 """
 
 from experiments import cli
@@ -13,9 +14,14 @@ import os  # noqa: E402
 from absl import flags  # noqa: E402
 
 from experiments import flag_groups  # noqa: E402
+from tffpipe import configs  # noqa: E402
+
+# Each task's picture in the README, so one task's card never overwrites another's.
+SAMPLES_PNG = {configs.Task.EMNIST: "docs/samples.png", configs.Task.KEYBOARD: "docs/keyboard_samples.png"}
 
 flag_groups.define("task and data")
-flags.DEFINE_string("png", "docs/samples.png", "Where to write the sample grid.")
+_DEFAULTS = ", ".join(f"{task.value} {path}" for task, path in SAMPLES_PNG.items())
+flags.DEFINE_string("png", None, f"Where to write the sample grid; unset: the task's own ({_DEFAULTS}).")
 flags.DEFINE_integer("writers", 8, "Clients (rows) in the sample grid.")
 FLAGS = flags.FLAGS
 
@@ -24,9 +30,10 @@ def main() -> int:
     config = flag_groups.experiment_config()
     if FLAGS.writers <= 0:
         raise flag_groups.FlagError(f"--writers={FLAGS.writers}: must be positive")
-    directory = os.path.dirname(os.path.abspath(FLAGS.png))
-    if not FLAGS.png.endswith(".png") or (os.path.exists(directory) and not os.path.isdir(directory)):
-        raise flag_groups.FlagError(f"--png={FLAGS.png}: must name a .png file in a directory")
+    png = FLAGS.png or SAMPLES_PNG[config.task]
+    directory = os.path.dirname(os.path.abspath(png))
+    if not png.endswith(".png") or (os.path.exists(directory) and not os.path.isdir(directory)):
+        raise flag_groups.FlagError(f"--png={png}: must name a .png file in a directory")
     stop = cli.StopSignals()
     from tffpipe import progress, tasks
 
@@ -36,10 +43,10 @@ def main() -> int:
     print(data.card(data_dir))
     try:
         os.makedirs(directory, exist_ok=True)
-        data.write_samples(data_dir, FLAGS.png, clients=FLAGS.writers)
+        data.write_samples(data_dir, png, clients=FLAGS.writers)
     except OSError as e:
-        raise flag_groups.FlagError(f"--png={FLAGS.png}: cannot write it ({e.strerror or e})") from e
-    print(f"\nsample grid: {FLAGS.png}")
+        raise flag_groups.FlagError(f"--png={png}: cannot write it ({e.strerror or e})") from e
+    print(f"\nsample grid: {png}")
     return stop.exit_code
 
 
