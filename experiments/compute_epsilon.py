@@ -20,28 +20,70 @@ import math  # noqa: E402
 from absl import flags  # noqa: E402
 
 from experiments import flag_groups  # noqa: E402
-from tffpipe import accounting, configs, tasks  # noqa: E402
+from tffpipe import accounting, configs, tasks, validation  # noqa: E402
 
 flag_groups.define("task and data", "privacy", "devices")
 flag_groups.define("rounds", only=("rounds",))
-flags.DEFINE_bool("table", False, "Print epsilon for a grid of plans (clients 10/50/100, z 0.5-2, 50/1500 rounds).")
+flags.DEFINE_bool(
+    "table",
+    False,
+    "Print epsilon for a grid of plans (clients 10/50/100, z 0.5-2, 50/1500 rounds) with the mechanism, delta, "
+    "canaries, and sampling and accountant (both compared unless given) of the other flags.",
+)
 FLAGS = flags.FLAGS
 
 
-def _table(population: int) -> None:
-    delta = accounting.default_delta(population)
-    print(f"population {population}, delta {delta:.3g}, fixed clipping")
-    print("| clients/round | z | rounds | eps Poisson RDP | eps Poisson PLD | eps uniform w/o replacement RDP |")
-    print("|---|---|---|---|---|---|")
+_SAMPLING_NAMES = {
+    configs.Sampling.POISSON: "Poisson",
+    configs.Sampling.UNIFORM: "uniform w/o replacement",
+    configs.Sampling.SHUFFLE: "each client once",
+    configs.Sampling.DEVICE: "device model",
+}
+
+
+def _table_columns(config: configs.ExperimentConfig) -> list[tuple[configs.Sampling, configs.Accountant]]:
+    """(sampling, accountant) per column: the ones given (or implied by the mechanism or device model), else both.
+
+    A pair the configuration refuses (the PLD accountant with uniform sampling) is left out.
+    """
+    given = config.devices is not None or config.dp.mechanism is configs.Mechanism.TREE or FLAGS["sampling"].present
+    samplings = [config.sampling] if given else [configs.Sampling.POISSON, configs.Sampling.UNIFORM]
+    accountants = (
+        [config.privacy.accountant] if FLAGS["accountant"].present else [configs.Accountant.RDP, configs.Accountant.PLD]
+    )
+    columns = []
+    for sampling, accountant in itertools.product(samplings, accountants):
+        privacy = dataclasses.replace(config.privacy, sampling=sampling, accountant=accountant)
+        try:
+            dataclasses.replace(config, privacy=privacy)
+        except validation.ConfigError:
+            continue
+        columns.append((sampling, accountant))
+    return columns
+
+
+def _table(config: configs.ExperimentConfig, population: int) -> None:
+    """Epsilon over a grid of (clients/round, z, rounds), for the mechanism, delta and population of the flags."""
+    if not config.dp.is_private:
+        raise flag_groups.FlagError("--table needs a DP mechanism (--dp=fixed, adaptive or tree): without one, inf")
+    canaries = config.privacy.canaries
+    total = population + canaries
+    delta = config.privacy.delta or accounting.default_delta(total)
+    with_canaries = f" + {canaries} canaries" if canaries else ""
+    print(f"population {population}{with_canaries}, delta {delta:.3g}, mechanism {config.dp.mechanism.value}")
+    columns = _table_columns(config)
+    names = [f"eps {_SAMPLING_NAMES[s]} {a.value.upper()}" for s, a in columns]
+    print("| clients/round | z | rounds | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
     for m, z, rounds in itertools.product((10, 50, 100), (0.5, 1.0, 2.0), (50, 1500)):
         row = []
-        for sampling, acc in (
-            (configs.Sampling.POISSON, configs.Accountant.RDP),
-            (configs.Sampling.POISSON, configs.Accountant.PLD),
-            (configs.Sampling.UNIFORM, configs.Accountant.RDP),
-        ):
-            plan = accounting.PrivacyPlan(configs.Mechanism.FIXED, z, m, population, sampling, delta, acc)
-            eps = accounting.epsilon(plan, rounds)
+        for sampling, acc in columns:
+            try:
+                plan = accounting.PrivacyPlan(config.dp.mechanism, z, m, total, sampling, delta, acc)
+                eps = accounting.epsilon(plan, rounds)
+            except accounting.AccountingError:  # too few clients, adaptive clipping's split, tree's reuse limit
+                row.append("n/a")
+                continue
             row.append("inf" if math.isinf(eps) else f"{eps:.3g}")
         print(f"| {m} | {z} | {rounds} | " + " | ".join(row) + " |")
 
@@ -50,7 +92,7 @@ def main() -> None:
     config = flag_groups.experiment_config()
     population = tasks.data_source(config).population()
     if FLAGS.table:
-        return _table(population)
+        return _table(config, population)
     plan = accounting.create_plan(config, population + config.privacy.canaries)
     budget = config.privacy.max_epsilon
     if budget is not None:

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 
+import dp_accounting
 import pytest
 
 from tffpipe import accounting, configs
@@ -103,3 +104,49 @@ def test_output_piped_into_a_reader_that_quits_is_not_an_error():
     proc.stdout.close()
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+def _table_rows(stdout: str) -> dict[tuple[str, str, str], list[str]]:
+    """{(clients/round, z, rounds): [epsilon per column]} from the printed Markdown table."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and cells[0].isdigit():
+            rows[tuple(cells[:3])] = cells[3:]
+    return rows
+
+
+def _rdp_epsilon(event, relation, delta: float) -> float:
+    accountant = dp_accounting.rdp.RdpAccountant(list(accounting.RDP_ORDERS), relation)
+    return accountant.compose(event).get_epsilon(delta)
+
+
+def test_the_table_takes_the_delta_canaries_and_accountant_flags():
+    proc = _run("--table", "--accountant=rdp", "--delta=1e-6", "--canaries=600")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "population 3400 + 600 canaries, delta 1e-06, mechanism fixed"
+    assert lines[1] == "| clients/round | z | rounds | eps Poisson RDP | eps uniform w/o replacement RDP |"  # no PLD
+    # 50 of 3,400 + 600 clients, z = 1, 50 rounds, straight from dp_accounting.
+    poisson = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(50 / 4000, dp_accounting.GaussianDpEvent(1.0)), 50
+    )
+    uniform = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(4000, 50, dp_accounting.GaussianDpEvent(0.5)), 50
+    )
+    relation = dp_accounting.NeighboringRelation
+    assert _table_rows(proc.stdout)[("50", "1.0", "50")] == [
+        f"{_rdp_epsilon(poisson, relation.ADD_OR_REMOVE_ONE, 1e-6):.3g}",
+        f"{_rdp_epsilon(uniform, relation.REPLACE_ONE, 1e-6):.3g}",
+    ]
+
+
+def test_the_table_takes_the_mechanism_flag():
+    proc = _run("--table", "--dp=tree")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"population 3400, delta {accounting.default_delta(3400):.3g}, mechanism tree"
+    rows = _table_rows(proc.stdout)
+    tree = dp_accounting.SingleEpochTreeAggregationDpEvent(1.0, 50)
+    eps = _rdp_epsilon(tree, dp_accounting.NeighboringRelation.REPLACE_SPECIAL, accounting.default_delta(3400))
+    assert rows[("10", "1.0", "50")] == [f"{eps:.3g}"]
+    assert rows[("10", "1.0", "1500")] == ["n/a"]  # 1,500 rounds of 10 would reuse clients: 340 at most
