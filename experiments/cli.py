@@ -46,8 +46,11 @@ def require_environment() -> None:
         print(environment.format_problems(problems), file=sys.stderr)
         sys.exit(2)
     if not _verbose(sys.argv):
-        # TF reads this once, at import; --verbosity=0 or higher brings its C++ logs back.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        # TF reads this once, at import. Level 3 whatever the user's shell exports: at 2 (a
+        # common setting) TF still prints "E ... Unable to register cuDNN factory" lines at
+        # start-up on every CPU machine, which would bury the one `error:` line. With
+        # --verbosity=0 or higher the user's TF_CPP_MIN_LOG_LEVEL (or TF's default, 0) holds.
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 
 
 class StopSignals:

@@ -125,3 +125,39 @@ def test_a_value_error_raised_by_tf_mid_run_exits_1_and_names_the_log(tmp_path):
     assert lines[-1].startswith("internal error: ValueError:") and lines[-1].endswith(f"traceback is in {log}")
     assert not any(line.startswith("error:") for line in lines)
     assert "Shapes (None, 62) and (None, 63) are incompatible" in log.read_text()
+
+
+@pytest.mark.parametrize("level", ["0", "2"])
+def test_tf_start_up_lines_stay_hidden_whatever_tf_log_level_the_user_exports(level, tmp_path):
+    # At level 2 TF still prints "E ... Unable to register cuDNN factory" at import on a CPU machine.
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": level}
+    cmd = [sys.executable, "-m", "experiments.train", f"--cache_dir={tmp_path}", "--model=resnet"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: --model=resnet: unknown model 'resnet' for the emnist task; choose one of "
+        "['cnn', 'linear', 'mlp', 'small_cnn'] or give package.module:function"
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv, exported, expected",
+    [
+        ([], "2", "3"),  # quiet by default, whatever the shell says
+        ([], None, "3"),
+        (["--verbosity=0"], "2", "2"),  # verbose: the user's level holds
+        (["--verbosity=1"], "0", "0"),
+        (["-v=0"], None, None),  # verbose and nothing exported: TF's own default
+        (["--verbosity=-1"], "1", "3"),  # absl's default verbosity is not verbose
+    ],
+)
+def test_binaries_set_tf_log_level_3_unless_verbose(argv, exported, expected):
+    code = (
+        f"import os, sys; sys.argv = ['train', *{argv!r}]; from experiments import cli; cli.require_environment(); "
+        "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    if exported is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = exported
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == str(expected), out.stderr

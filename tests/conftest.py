@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The environment the suite relies on, whatever the caller's shell exports; subprocesses inherit it.
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # TF's C++ start-up lines off in this process (binaries set their own)
+os.environ.pop("TFFPIPE_SKIP_ENV_CHECK", None)  # the binaries' environment check runs as for a user
 
 import pytest  # noqa: E402
 
