@@ -652,6 +652,18 @@ def test_keyboard_bad_inputs_each_give_one_error_line(tmp_path):
 
     twice = with_word_counts("twice", lambda lines: lines.__setitem__(6, lines[5]))
     superscript = with_word_counts("sup", lambda lines: lines.__setitem__(2, lines[2].split()[0] + "\t\u00b2"))
+    rare = tmp_path / "rare"  # bad rows the 64-row sample misses (a gRPC traceback mid-round with 40 clients)
+    shutil.copytree(
+        keyboard_generator.ensure_generated(str(tmp_path / "big"), configs.TextPopulationConfig(40, 0, 20), workers=1),
+        rare,
+    )
+    con = sqlite3.connect(rare / "stackoverflow.sqlite")
+    step = con.execute("SELECT MAX(rowid) FROM examples").fetchone()[0] // 64  # the sample's stride
+    con.execute(
+        "UPDATE examples SET serialized_example_proto = x'0a05' WHERE split_name = 'train' AND rowid % ? = 2", (step,)
+    )
+    con.commit()
+    con.close()
     cases = [
         (["--vocab_size=0"], "--vocab_size=0: vocab_size must be >= 1"),
         (["--model=small_cnn"], "--model=small_cnn: unknown model 'small_cnn' for the keyboard task"),
@@ -660,6 +672,7 @@ def test_keyboard_bad_inputs_each_give_one_error_line(tmp_path):
         ([f"--data_dir={no_counts}"], "stackoverflow.word_count"),
         ([f"--data_dir={twice}"], "stackoverflow.word_count line 7: the word"),  # TF's table refused it mid-run
         ([f"--data_dir={superscript}"], "stackoverflow.word_count line 3 is"),  # int('²') named no file
+        ([f"--data_dir={rare}"], f"{rare}/stackoverflow.sqlite: row 2 (client 'u00000', split 'train') is not a"),
     ]
 
     def attempt(flags):

@@ -100,3 +100,54 @@ def test_a_directory_named_with_uri_characters_is_read_where_it_is_and_nothing_i
     assert sql_files.read_only_uri(path).endswith("?mode=ro") and "#" not in sql_files.read_only_uri(path)
     with sql_files.connect(path) as con, pytest.raises(sqlite3.OperationalError, match="readonly"):
         con.execute("DELETE FROM examples")
+
+
+def _checked(path: str, marks: str, seen: list[bytes], bad: bytes | None = None) -> bool:
+    def problem(blob: bytes) -> str | None:
+        seen.append(blob)
+        return "is bad" if blob == bad else None
+
+    return sql_files.check_every_row(
+        path, problem, check_name="t-v1", marks_dir=marks, what_is_expected="Good rows are good.", how_to_get="Fix it."
+    )
+
+
+def test_every_row_is_checked_once_until_the_file_changes(tiny_data_dir, tmp_path):
+    path, marks = str(tmp_path / "d.sqlite"), str(tmp_path / "marks")
+    shutil.copy(files.database_path(tiny_data_dir), path)
+    con = sqlite3.connect(path)
+    rows = con.execute("SELECT COUNT(*) FROM examples").fetchone()[0]
+    seen: list[bytes] = []
+    assert _checked(path, marks, seen) and len(seen) == rows
+    assert not _checked(path, marks, seen) and len(seen) == rows  # the mark: no row read again
+    con.execute("UPDATE examples SET serialized_example_proto = x'00' WHERE rowid = 1")
+    con.commit()
+    con.close()
+    assert _checked(path, marks, seen) and len(seen) == 2 * rows  # written since: read again
+
+
+def test_a_bad_row_is_named_with_its_client_and_split_and_leaves_no_mark(tiny_data_dir, tmp_path):
+    path, marks = str(tmp_path / "d.sqlite"), str(tmp_path / "marks")
+    shutil.copy(files.database_path(tiny_data_dir), path)
+    con = sqlite3.connect(path)
+    rowid, client = con.execute("SELECT rowid, client_id FROM examples WHERE split_name = 'all_test'").fetchone()
+    con.execute("UPDATE examples SET serialized_example_proto = x'0badbad0' WHERE rowid = ?", (rowid,))
+    con.commit()
+    con.close()
+    with pytest.raises(sql_files.DataFileError) as e:
+        _checked(path, marks, [], bad=b"\x0b\xad\xba\xd0")
+    assert (
+        str(e.value) == f"{path}: row {rowid} (client {client!r}, split 'all_test') is bad; Good rows are good. Fix it."
+    )
+    assert not os.path.exists(marks)
+
+
+def test_a_marks_directory_that_cannot_be_written_only_costs_the_check_again(tiny_data_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    path = files.database_path(tiny_data_dir)
+    with sql_files.connect(path) as con:
+        (rows,) = con.execute("SELECT COUNT(*) FROM examples").fetchone()
+    seen: list[bytes] = []
+    assert _checked(path, str(blocker / "marks"), seen) and _checked(path, str(blocker / "marks"), seen)
+    assert len(seen) == 2 * rows  # read twice, and no error

@@ -19,9 +19,9 @@ import json
 import os
 import pathlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from tffpipe import errors
+from tffpipe import errors, processes
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 TEMP_INFIX = ".tmp-"  # `<file>.tmp-<pid>`: a file being written by process <pid>
@@ -104,6 +104,75 @@ def sample_rows(path: str, split: str, count: int) -> list[tuple[str, bytes]]:
         step = max(1, total // max(count, 1))
         rows = con.execute(f"{query} AND rowid % ? = 0 LIMIT ?", (split, step, count)).fetchall()
         return rows or con.execute(f"{query} LIMIT ?", (split, count)).fetchall()
+
+
+CHECKED_DIR = "checked"  # in the cache directory: one mark per data file whose every row passed a check
+_STOP_POLL_ROWS = 10_000
+
+
+def file_identity(path: str) -> str:
+    """A key that changes when the file at `path` is replaced or written: path, inode, size, mtime."""
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def check_every_row(
+    path: str,
+    problem: Callable[[bytes], str | None],
+    *,
+    check_name: str,
+    marks_dir: str,
+    what_is_expected: str,
+    how_to_get: str,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Checks every example of `path` with `problem`, once per file: a later call on the same file is free.
+
+    A sample misses a file's rare bad rows (1% of them, say), which then fail inside a
+    dataset op on a worker, mid-round, after the experiment directory was made. So the
+    first run reads every row; when all pass it leaves a mark (the path) named after
+    `check_name` and the file's identity (`file_identity`) in `marks_dir`, and the next
+    run with the same, unchanged file skips the check. A `marks_dir` that cannot be
+    written only costs the next run the check again.
+
+    Args:
+      problem: what is wrong with one serialized example, or None.
+      check_name: names the check and its version; change it when `problem` changes.
+      what_is_expected: a sentence on what a good example holds, for the error.
+
+    Returns:
+      Whether the rows were read (False: the mark says they passed before).
+
+    Raises:
+      DataFileError: naming the file, the row, its client and split, what is wrong and `how_to_get` a good one.
+      processes.Interrupted: when `stop_requested` turns True.
+    """
+    mark = os.path.join(marks_dir, f"{check_name}-{file_identity(path)}")
+    if os.path.exists(mark):
+        return False
+    query = "SELECT rowid, client_id, split_name, serialized_example_proto FROM examples"
+    try:
+        with connect(path) as con:
+            for done, (rowid, client_id, split, blob) in enumerate(con.execute(query), start=1):
+                if isinstance(blob, bytes):
+                    found = problem(blob)
+                else:
+                    found = f"holds {type(blob).__name__} where a serialized example belongs"
+                if found:
+                    raise DataFileError(
+                        f"{path}: row {rowid} (client {client_id!r}, split {split!r}) {found}; {what_is_expected} "
+                        f"{how_to_get}"
+                    )
+                if done % _STOP_POLL_ROWS == 0 and stop_requested():
+                    raise processes.Interrupted()
+    except sqlite3.DatabaseError as e:
+        raise DataFileError(f"{path} is a damaged SQLite database ({e}). {how_to_get}") from e
+    with contextlib.suppress(OSError):
+        os.makedirs(marks_dir, exist_ok=True)
+        with replaced_atomically(mark) as (tmp,), open(tmp, "w") as f:
+            f.write(f"{os.path.abspath(path)}\n")
+    return True
 
 
 def split_statistics(path: str, splits: Sequence[str]) -> dict[str, dict[str, float]]:

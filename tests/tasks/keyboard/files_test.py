@@ -156,6 +156,30 @@ def test_a_word_twice_after_the_vocabulary_is_not_read_and_passes(copy_dir):
     assert files.check_word_counts(path, VOCAB) > VOCAB
 
 
+def test_a_rare_bad_row_the_sample_misses_is_named_before_training_and_a_good_file_is_read_once(tmp_path):
+    data_dir = generator.ensure_generated(str(tmp_path / "gen"), configs.TextPopulationConfig(40, 0, 20), workers=1)
+    path = files.database_path(data_dir)
+    con = sqlite3.connect(path)
+    (total,) = con.execute("SELECT MAX(rowid) FROM examples").fetchone()
+    step = total // 64  # the sample's stride (`sql_files.sample_rows`): rows at multiples of it
+    rowid, client = con.execute(
+        "SELECT rowid, client_id FROM examples WHERE split_name = 'train' AND rowid % ? = 2", (step,)
+    ).fetchone()
+    good = con.execute("SELECT serialized_example_proto FROM examples WHERE rowid = ?", (rowid,)).fetchone()[0]
+    con.execute("UPDATE examples SET serialized_example_proto = x'0a05' WHERE rowid = ?", (rowid,))
+    con.commit()
+    files.check_database(path)  # the sample passes: this is the row that failed mid-round
+    data = files.KeyboardData(_data_config(str(tmp_path / "cache"), data_dir))
+    with pytest.raises(files.DataFileError, match=rf"row {rowid} \(client '{client}', split 'train'\) is not a tf\."):
+        data.prepare()
+    assert not os.path.exists(tmp_path / "cache")  # nothing marked
+    con.execute("UPDATE examples SET serialized_example_proto = ? WHERE rowid = ?", (good, rowid))
+    con.commit()
+    con.close()
+    assert data.prepare() == data_dir and os.listdir(tmp_path / "cache" / "checked")
+    assert not files.check_every_example(data_dir, str(tmp_path / "cache"))  # marked: not read again
+
+
 def _spoil_client(data_dir: str, client: str, tokens: bytes) -> None:
     """Replaces every message of one client by one with these tokens."""
     blob = example_proto.encode_example({"tokens": [tokens], "score": [0]})

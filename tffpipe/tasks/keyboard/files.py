@@ -68,6 +68,25 @@ def check_database(path: str) -> dict[str, int]:
     return counts
 
 
+def check_every_example(data_dir: str, cache_dir: str, *, stop_requested: Callable[[], bool] = lambda: False) -> bool:
+    """Checks every example of a user's file once (`sql_files.check_every_row`); marks it in `cache_dir`.
+
+    The embedded files need no such check: the generator wrote them.
+
+    Raises:
+      DataFileError: naming the file, the row and its client.
+    """
+    return sql_files.check_every_row(
+        database_path(data_dir),
+        example_problem,
+        check_name="keyboard-examples-v1",
+        marks_dir=os.path.join(cache_dir, sql_files.CHECKED_DIR),
+        what_is_expected="TFF's Stack Overflow examples hold their text as one UTF-8 `tokens` bytes value.",
+        how_to_get=HOW_TO_GET,
+        stop_requested=stop_requested,
+    )
+
+
 def example_problem(blob: bytes) -> str | None:
     """What is wrong with one serialized example, or None."""
     try:
@@ -215,6 +234,7 @@ class KeyboardData:
             data_dir = self._config.data_dir
             check_database(database_path(data_dir))
             check_word_counts(word_count_path(data_dir), self._text.vocab_size)
+            check_every_example(data_dir, self._config.cache_dir, stop_requested=stop_requested)
             return data_dir
         data_dir = generator.ensure_generated(
             self._config.cache_dir, self._text.population, progress=progress, stop_requested=stop_requested
