@@ -1,7 +1,11 @@
+import sys
+import threading
+import time
+
 import pytest
 import tensorflow as tf
 
-from tffpipe import configs, models
+from tffpipe import configs, models, processes
 
 EMNIST = configs.Task.EMNIST
 
@@ -37,6 +41,25 @@ def takes_nothing():
 
 def wrong_input(num_classes):
     return tf.keras.Sequential([tf.keras.layers.Dense(num_classes, input_shape=(10,))])
+
+
+def exits(num_classes):
+    sys.exit(0)
+
+
+def interrupts(num_classes):
+    raise KeyboardInterrupt
+
+
+def never_returns(num_classes):
+    threading.Event().wait()
+
+
+def no_weights(num_classes):
+    """Fits the emnist contract (logits [batch, num_classes]) with nothing to train."""
+    return tf.keras.Sequential(
+        [tf.keras.layers.Flatten(input_shape=(28, 28, 1)), tf.keras.layers.Lambda(lambda x: x[:, :num_classes])]
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,3 +115,30 @@ def test_bad_builders_say_what_is_wrong(path, message):
     with pytest.raises(models.ModelBuilderError, match=message) as e:
         models.create_model(path, EMNIST, 62)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("tests.models_test:exits", r"model builder 'tests.models_test:exits' called sys.exit\(0\) when imported or"),
+        ("tests.models_test:interrupts", "raised KeyboardInterrupt when imported or called with 62"),
+        ("tests.models_test:no_weights", "has no trainable weights"),
+        ("tests.models_test:raises", "failed when called with 62: RuntimeError: out of ideas"),
+    ],
+)
+def test_a_builder_that_exits_interrupts_or_has_nothing_to_train_is_a_model_error(path, message):
+    with pytest.raises(models.ModelBuilderError, match=message):
+        models.check_builder(path, EMNIST, 62)
+
+
+def test_a_builder_that_never_returns_times_out_or_stops_when_asked():
+    began = time.monotonic()
+    with pytest.raises(models.ModelBuilderError, match="did not return within 0.5 s"):
+        models.check_builder("tests.models_test:never_returns", EMNIST, 62, timeout_s=0.5)
+    assert time.monotonic() - began < 5
+    asked = time.monotonic() + 0.3  # a Ctrl-C the binary caught: the first one only asks to stop
+    with pytest.raises(processes.Interrupted, match="while model builder 'tests.models_test:never_returns' was"):
+        models.check_builder(
+            "tests.models_test:never_returns", EMNIST, 62, timeout_s=10, stop_requested=lambda: time.monotonic() > asked
+        )
+    models.check_builder("linear", EMNIST, 62, timeout_s=60)  # a good builder passes

@@ -298,6 +298,9 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         (["--model=tests.models_test:raises"], "failed when called with 62: RuntimeError: out of ideas"),
         (["--model=tests.models_test:takes_nothing"], "failed when called with 62: TypeError"),
         (["--model=tests.broken_builder_module:build"], "failed: ZeroDivisionError: division by zero"),
+        (["--model=tests.models_test:exits"], "model builder 'tests.models_test:exits' called sys.exit(0) when"),
+        (["--model=tests.models_test:interrupts"], "builder 'tests.models_test:interrupts' raised KeyboardInterrupt"),
+        (["--model=tests.models_test:no_weights"], "model 'tests.models_test:no_weights' has no trainable weights"),
         # Data files.
         (["--data_dir=/nonexistent/emnist"], "data file not found: /nonexistent/emnist/emnist_all.sqlite"),
         ([f"--data_dir={_data_dir_with(bad, 'text', cache, b'not a database' * 10)}"], "not an SQLite database"),

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import threading
+import time
 from collections.abc import Callable, Mapping
 
 import tensorflow as tf
 
-from tffpipe import configs, errors
+from tffpipe import configs, errors, processes
 
 INPUT_SHAPE = (28, 28, 1)
 ModelBuilder = Callable[[int], tf.keras.Model]
+# How long `check_builder` waits for a builder: the registered ones take seconds (so_lstm the
+# longest); a user's may load weights, but one that takes minutes is stuck.
+BUILD_TIMEOUT_S = 300.0
 
 
 class ModelBuilderError(errors.InputError):
@@ -242,7 +247,64 @@ def create_model(name: str, task: configs.Task, num_classes: int) -> tf.keras.Mo
             f"model {name!r} outputs shape {tuple(out.shape)} for an input of shape {tuple(example.shape)}; "
             f"the {task.value} task needs {expected}"
         )
+    if not model.trainable_weights:
+        raise ModelBuilderError(
+            f"model {name!r} has no trainable weights: federated training would have nothing to train"
+        )
     return model
+
+
+def check_builder(
+    name: str,
+    task: configs.Task,
+    num_classes: int,
+    *,
+    timeout_s: float = BUILD_TIMEOUT_S,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> None:
+    """`create_model` once, on a thread of its own, so a user's builder cannot end, hang or interrupt the run.
+
+    A builder is the user's code: a `sys.exit()` or `KeyboardInterrupt` inside it must not pass
+    for the binary's own exit or a Ctrl-C, and one that never returns must neither hang the run
+    nor ignore a stop (binaries catch SIGINT to stop after a round, so the first Ctrl-C would
+    only set `stop_requested`). The thread is a daemon: a builder that never returns is left
+    behind when the binary exits with the error.
+
+    Raises:
+      ModelBuilderError: the builder failed, exited or did not return within `timeout_s`, or
+        its model does not fit the task.
+      processes.Interrupted: `stop_requested` became true while the builder ran.
+    """
+    outcome: list[BaseException] = []
+
+    def build() -> None:
+        try:
+            create_model(name, task, num_classes)
+        except BaseException as e:  # noqa: BLE001  (SystemExit and KeyboardInterrupt are the builder's too)
+            outcome.append(e)
+
+    thread = threading.Thread(target=build, name=f"check model {name}", daemon=True)
+    deadline = time.monotonic() + timeout_s
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+        if thread.is_alive() and stop_requested():
+            raise processes.Interrupted(f"stopped while model builder {name!r} was running")
+        if thread.is_alive() and time.monotonic() > deadline:
+            raise ModelBuilderError(
+                f"model builder {name!r} did not return within {timeout_s:g} s; "
+                "a builder must return a tf.keras.Model (does it wait for something or loop forever?)"
+            )
+    if not outcome:
+        return
+    error = outcome[0]
+    if isinstance(error, ModelBuilderError):
+        raise error
+    what = f"called sys.exit({error.code!r})" if isinstance(error, SystemExit) else f"raised {type(error).__name__}"
+    raise ModelBuilderError(
+        f"model builder {name!r} {what} when imported or called with {num_classes}; "
+        "a builder must return a tf.keras.Model"
+    ) from error
 
 
 def _image_contract(num_classes: int):

@@ -51,14 +51,17 @@ class Prepared:
     task: base.Task
 
 
-def check(config: configs.ExperimentConfig) -> tuple[tasks.DataSource, accounting.PrivacyPlan, configs.LoopConfig]:
+def check(
+    config: configs.ExperimentConfig, *, stop_requested: Callable[[], bool] = lambda: False
+) -> tuple[tasks.DataSource, accounting.PrivacyPlan, configs.LoopConfig]:
     """The checks that need no data: model builder, privacy plan and budget, device profile file.
 
     Raises:
       ValueError (a `validation.ConfigError` or `models.ModelBuilderError`): naming the parameter.
+      processes.Interrupted: a stop was requested while the model builder ran.
     """
     data = tasks.data_source(config)
-    models.create_model(config.model, config.task, data.num_classes)  # the builder fits the task
+    models.check_builder(config.model, config.task, data.num_classes, stop_requested=stop_requested)  # fits the task
     plan = accounting.create_plan(config, data.population() + config.privacy.canaries)
     loop = _within_budget(config, plan)
     if config.devices is not None and config.devices.device_profiles:
@@ -74,7 +77,7 @@ def prepare(
 ) -> Prepared:
     """Checks everything, then generates or checks the data and builds the task."""
     report = report or progress.Progress(enabled=False)
-    data, plan, loop = check(config)
+    data, plan, loop = check(config, stop_requested=stop_requested)
     if data.needs_generation():
         report.line(f"generating the embedded {config.task.value} data once (cached in {config.data.cache_dir})")
     data_dir = data.prepare(progress=report.counter("data", "clients"), stop_requested=stop_requested)
