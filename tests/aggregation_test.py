@@ -29,13 +29,56 @@ def test_noise_std_on_the_mean_is_z_c_over_m(tff_context):
     process = _process(M.FIXED, z, m=m, dim=dim, noise_seed=3, clip=clip)
     output = process.next(process.initialize(), [np.zeros(dim, np.float32)] * m)
     expected = z * clip / m  # 0.2
-    reported = aggregation.round_metrics(
-        conftest.plan(M.FIXED, z, m), configs.DpConfig(clip=clip), output.measurements, clients=m
-    )
-    assert reported["privacy/noise_stddev"] == expected and reported["privacy/clip"] == clip
+    reported = aggregation.round_metrics(conftest.plan(M.FIXED, z, m), output.measurements, clients=m)
+    assert reported["privacy/clip"] == clip
     # The sample std of 20,000 Gaussians is within 3% of the true one with overwhelming probability.
+    assert reported["privacy/noise_stddev"] == pytest.approx(expected, rel=0.03)
     assert np.std(output.result) == pytest.approx(expected, rel=0.03)
     assert abs(np.mean(output.result)) < 4 * expected / np.sqrt(dim)
+
+
+@pytest.mark.parametrize("mechanism", [M.FIXED, M.ADAPTIVE, M.TREE], ids=lambda m: m.value)
+def test_the_reported_noise_is_the_noise_added_in_each_round(mechanism, tff_context):
+    # No client moves anything, so the round's output is the added noise over m, and its
+    # root mean square is the std that round really had.
+    z, clip, m, dim = 1.0, 2.0, 20, 20_000
+    dp = {"clip_learning_rate": 1.0} if mechanism is M.ADAPTIVE else {}
+    process = _process(mechanism, z, m=m, dim=dim, noise_seed=5, clip=clip, **dp)
+    plan = conftest.plan(mechanism, z, m, population=1000)
+    state, clip_before, added, reported = process.initialize(), clip, [], []
+    for _ in range(4):
+        output = process.next(state, [np.zeros(dim, np.float32)] * m)
+        state = output.state
+        metrics = aggregation.round_metrics(plan, output.measurements, clients=m)
+        added.append(float(np.sqrt(np.mean(np.square(output.result)))))
+        reported.append(metrics["privacy/noise_stddev"])
+        # In distribution: z_v * (the clip the round used) / m; adaptive clipping shrinks
+        # the clip after each round (every norm, 0, is below it), the next round's noise with it.
+        if mechanism is not M.TREE:
+            assert added[-1] == pytest.approx(plan.value_noise_multiplier * clip_before / m, rel=0.03)
+        clip_before = metrics["privacy/clip"]
+    np.testing.assert_allclose(reported, added, rtol=1e-4)
+    if mechanism is M.ADAPTIVE:
+        assert added[3] < 0.5 * added[0]  # the clip moved: a constant z*C/m could not match
+    if mechanism is M.TREE:
+        # Round 1 is one tree leaf, std z*C on the sum; the efficient tree's later residuals
+        # (differences of two noised prefix sums) have other stds: about 1.17 z*C/m at round 4.
+        assert added[0] == pytest.approx(z * clip / m, rel=0.03)
+        assert added[3] > 1.1 * added[0]
+
+
+@pytest.mark.parametrize(
+    "mechanism, query",
+    [
+        (M.FIXED, {"clip": 1.0}),  # no noise measured
+        (M.FIXED, {"noise_stddev": 0.5}),  # no clip
+        (M.TREE, {"clip": 1.0, "noise_stddev": 0.5}),  # not the tree's clip key
+    ],
+)
+def test_metrics_missing_from_the_aggregator_fail_instead_of_falling_back_to_the_plan(mechanism, query):
+    plan = conftest.plan(mechanism, 1.0, 3)
+    with pytest.raises(RuntimeError, match="dp_query_metrics lack"):
+        aggregation.round_metrics(plan, {"dp_query_metrics": query}, clients=3)
 
 
 def test_fixed_noise_is_replayed_from_the_state_and_differs_between_rounds(tff_context):
@@ -73,9 +116,7 @@ def test_no_dp_means_tffs_default_weighted_mean():
 def test_zeroing_keeps_the_mechanisms_metrics(tff_context):
     process = _process(M.FIXED, 0.0, m=2, dim=2, clip=1.0, zeroing_norm=100.0)
     output = process.next(process.initialize(), [np.array([3.0, 4.0], np.float32), np.zeros(2, np.float32)])
-    metrics = aggregation.round_metrics(
-        conftest.plan(M.FIXED, 0.0, 2), configs.DpConfig(clip=1.0, zeroing_norm=100.0), output.measurements, 2
-    )
+    metrics = aggregation.round_metrics(conftest.plan(M.FIXED, 0.0, 2), output.measurements, 2)
     assert metrics["diagnostic/clipped_fraction"] == 0.5  # [3, 4] was clipped, [0, 0] was not
 
 

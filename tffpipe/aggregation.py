@@ -9,7 +9,7 @@ examples move the average by more than C/m. So DP runs build the unweighted proc
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import dp_accounting
@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
+from tensorflow_federated.python.aggregators import differential_privacy
 
 from tffpipe import accounting, configs
 
@@ -78,25 +79,83 @@ class SeededGaussianSumQuery(tfp.GaussianSumQuery):
         return collections.OrderedDict(clip=global_state.l2_norm_clip, clipped_count=global_state.clipped_count)
 
 
+class MeasuredNoiseQuery(tfp.SumAggregationDPQuery):
+    """A DP sum query that also measures the noise its inner query added in the round.
+
+    The noise is the noised sum minus the clipped sum, i.e. exactly what was added this
+    round whatever the mechanism: with adaptive clipping it follows the clip *before*
+    the round (TFF's own metrics read the state after it, the next round's clip); with
+    tree aggregation it is the difference of two tree prefix sums, whose std changes
+    from round to round. `noise_stddev` (a metric of the query, on the sum) is its root
+    mean square over the d coordinates, within about 1/sqrt(2d) of the std of the
+    distribution it was drawn from (0.3% for the 48,670 weights of `linear`).
+
+    Args:
+      inner: the mechanism's sum query.
+      clipped_sum: the clipped sum inside the inner query's sample state.
+    """
+
+    _GlobalState = collections.namedtuple("_GlobalState", ["inner", "noise_stddev"])
+
+    def __init__(self, inner: tfp.SumAggregationDPQuery, clipped_sum: Callable[[Any], Any]):
+        self._inner = inner
+        self._clipped_sum = clipped_sum
+
+    def initial_global_state(self):
+        return self._GlobalState(self._inner.initial_global_state(), tf.constant(0.0))
+
+    def derive_sample_params(self, global_state):
+        return self._inner.derive_sample_params(global_state.inner)
+
+    def initial_sample_state(self, template=None):
+        return self._inner.initial_sample_state(template)
+
+    def preprocess_record(self, params, record):
+        return self._inner.preprocess_record(params, record)
+
+    def accumulate_preprocessed_record(self, sample_state, preprocessed_record):
+        return self._inner.accumulate_preprocessed_record(sample_state, preprocessed_record)
+
+    def merge_sample_states(self, sample_state_1, sample_state_2):
+        return self._inner.merge_sample_states(sample_state_1, sample_state_2)
+
+    def get_noised_result(self, sample_state, global_state):
+        result, inner_state, event = self._inner.get_noised_result(sample_state, global_state.inner)
+        noised, clean = tf.nest.flatten(result), tf.nest.flatten(self._clipped_sum(sample_state))
+        squares = tf.add_n([tf.reduce_sum(tf.square(n - c)) for n, c in zip(noised, clean, strict=True)])
+        count = tf.add_n([tf.cast(tf.size(c), tf.float32) for c in clean])
+        return result, self._GlobalState(inner_state, tf.sqrt(squares / count)), event
+
+    def derive_metrics(self, global_state):
+        metrics = collections.OrderedDict(self._inner.derive_metrics(global_state.inner))
+        metrics["noise_stddev"] = global_state.noise_stddev
+        return metrics
+
+
 class TreeFactory(tff.aggregators.UnweightedAggregationFactory):
     """TFF's DP-FTRL tree aggregation, with its noise shaped like the updates it gets.
 
-    `DifferentiallyPrivateFactory.tree_aggregation` takes the update's TensorSpecs up
-    front and `tf.nest` then demands the same containers as the updates: lists from
-    Keras-wrapped models, tuples from functional ones. Building it at `create`, from the
-    value type TFF passes in, fits both.
+    The query is the one `DifferentiallyPrivateFactory.tree_aggregation` builds (the
+    efficient tree of Honaker 2015, residuals of the noised prefix sums), measured by
+    `MeasuredNoiseQuery`. It takes the update's TensorSpecs up front and `tf.nest` then
+    demands the same containers as the updates: lists from Keras-wrapped models, tuples
+    from functional ones. Building it at `create`, from the value type TFF passes in,
+    fits both.
     """
 
     def __init__(self, noise_multiplier: float, clients_per_round: float, clip: float, noise_seed: int | None):
-        self._args = (noise_multiplier, clients_per_round, clip)
+        self._noise_multiplier = noise_multiplier
+        self._clients_per_round = clients_per_round
+        self._clip = clip
         self._noise_seed = noise_seed
 
     def create(self, value_type) -> tff.templates.AggregationProcess:
         specs = tff.types.type_to_tf_tensor_specs(value_type)
-        factory = tff.aggregators.DifferentiallyPrivateFactory.tree_aggregation(
-            *self._args, specs, noise_seed=self._noise_seed
+        tree = tfp.TreeResidualSumQuery.build_l2_gaussian_query(
+            self._clip, self._noise_multiplier, specs, noise_seed=self._noise_seed, use_efficient=True
         )
-        return factory.create(value_type)
+        query = tfp.NormalizedQuery(MeasuredNoiseQuery(tree, lambda s: s), self._clients_per_round)
+        return tff.aggregators.DifferentiallyPrivateFactory(query).create(value_type)
 
 
 # TFF's compression aggregator: 8-bit uniform quantization of tensors above 20,000 elements.
@@ -139,17 +198,24 @@ def build_factory(
         return None
     if plan.mechanism is Mechanism.FIXED:
         # As TFF's gaussian_fixed (a normalized Gaussian sum query), with seeded noise.
-        query = tfp.NormalizedQuery(SeededGaussianSumQuery(dp.clip, z * dp.clip, noise_seed), m)
+        seeded = SeededGaussianSumQuery(dp.clip, z * dp.clip, noise_seed)
+        query = tfp.NormalizedQuery(MeasuredNoiseQuery(seeded, lambda s: s[0]), m)
         factory = tff.aggregators.DifferentiallyPrivateFactory(query)
     elif plan.mechanism is Mechanism.ADAPTIVE:
         accounting.adaptive_noise_split(z, m)  # TFF fails deep inside the build where this says why
-        factory = tff.aggregators.DifferentiallyPrivateFactory.gaussian_adaptive(
-            z,
-            m,
+        # The query TFF's gaussian_adaptive builds (Andrew et al. 2021, geometric updates), measured.
+        value_noise_multiplier, count_stddev = differential_privacy.adaptive_clip_noise_params(z, m)
+        adaptive = tfp.QuantileAdaptiveClipSumQuery(
             initial_l2_norm_clip=dp.clip,
+            noise_multiplier=value_noise_multiplier,
             target_unclipped_quantile=dp.target_quantile,
             learning_rate=dp.clip_learning_rate,
+            clipped_count_stddev=count_stddev,
+            expected_num_records=m,
+            geometric_update=True,
         )
+        query = tfp.NormalizedQuery(MeasuredNoiseQuery(adaptive, lambda s: s.sum_state), m)
+        factory = tff.aggregators.DifferentiallyPrivateFactory(query)
     else:
         factory = TreeFactory(z, m, dp.clip, noise_seed)
     if dp.zeroing_norm > 0:
@@ -157,26 +223,37 @@ def build_factory(
     return factory
 
 
-def round_metrics(
-    plan: accounting.PrivacyPlan, dp: configs.DpConfig, measurements: Mapping[str, Any], clients: int
-) -> dict[str, float]:
-    """The mechanism's per-round metrics from the aggregator's measurements.
+def round_metrics(plan: accounting.PrivacyPlan, measurements: Mapping[str, Any], clients: int) -> dict[str, float]:
+    """The mechanism's per-round metrics, read from the aggregator's measurements.
 
     `privacy/noise_multiplier`, `privacy/clip` (after the round: adaptive clipping
-    moves it), `privacy/noise_stddev` (std of the noise on each coordinate of the
-    averaged update, z_v * C / m) and, with fixed clipping, `diagnostic/clipped_fraction`:
-    a count that is *not* privatized, for the operator only, never part of the release.
+    moves it), `privacy/noise_stddev` (the noise added this round to each coordinate
+    of the averaged update, measured: `MeasuredNoiseQuery`'s std on the sum over m;
+    z_v * C / m in distribution for fixed and adaptive clipping with the clip of the
+    round, other values for tree aggregation after round 1) and, with fixed clipping,
+    `diagnostic/clipped_fraction`: a count that is *not* privatized, for the operator
+    only, never part of the release.
+
+    Raises:
+      RuntimeError: the measurements lack the clip or the noise (a TFF whose DP factory
+        reports other keys): a made-up value would be released as if measured.
     """
     if not plan.is_private:
         return {}
     if "zeroing" in measurements:  # zeroing_factory nests the inner aggregator's measurements
         measurements = measurements["zeroing"]
     query = measurements.get("dp_query_metrics", {})
-    clip = float(query.get("clip", query.get("tree_agg_dpftrl_clip", dp.clip)))
+    clip_key = "tree_agg_dpftrl_clip" if plan.mechanism is Mechanism.TREE else "clip"
+    missing = [key for key in (clip_key, "noise_stddev") if key not in query]
+    if missing:
+        raise RuntimeError(
+            f"the {plan.mechanism.value} aggregator's dp_query_metrics lack {missing} (it reports "
+            f"{sorted(query)}); privacy/clip and privacy/noise_stddev cannot be read from the mechanism"
+        )
     metrics = {
         "privacy/noise_multiplier": plan.noise_multiplier,
-        "privacy/clip": clip,
-        "privacy/noise_stddev": plan.value_noise_multiplier * clip / plan.clients_per_round,
+        "privacy/clip": float(query[clip_key]),
+        "privacy/noise_stddev": float(query["noise_stddev"]) / plan.clients_per_round,
     }
     if "clipped_count" in query and clients:
         metrics["diagnostic/clipped_fraction"] = float(query["clipped_count"]) / clients

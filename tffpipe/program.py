@@ -393,7 +393,7 @@ def _build_round_metrics(
             metrics["system/bytes_up"] = float(upload * len(clients))
             metrics["system/bytes_down"] = float(download * len(clients))
         if output is not None:
-            metrics.update(aggregation.round_metrics(plan, config.dp, output.metrics["aggregator"], len(clients)))
+            metrics.update(aggregation.round_metrics(plan, output.metrics["aggregator"], len(clients)))
         if canaries is not None and output is not None:
             metrics["system/canaries"] = float(sum(audit.is_canary(c) for c in clients))
             weights = audit.trainable_weights(output.state)
