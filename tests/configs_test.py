@@ -1,6 +1,6 @@
 """The configuration: defaults resolved once, every rule in one place, and no TensorFlow."""
 
-import dataclasses
+import functools
 import math
 import subprocess
 import sys
@@ -99,10 +99,19 @@ def test_build_assembles_sections_from_paths_and_names_the_path_at_fault():
     assert e.value.field == "devices.start_hour_utc" and "[0, 24)" in str(e.value)
 
 
-def test_every_field_has_a_path_and_a_default():
+def test_every_field_has_a_path_and_its_default_is_what_build_uses():
     paths = configs.field_paths()
     assert "dp.clip" in paths and "data.population.seed" in paths and "devices.deadline_seconds" in paths
-    assert all(configs.default(p) is not dataclasses.MISSING for p in paths)
+    built = configs.build({}, devices=True)  # every field left to its default
+    resolved_later = set()
+    for path in paths:
+        value = functools.reduce(getattr, path.split("."), built)
+        if configs.default(path) is None and value is not None:
+            resolved_later.add(path)
+        else:
+            assert configs.default(path) == value, path
+    # None as a default means "decided by another field": the model by the task, the server rate by the algorithm.
+    assert resolved_later == {"model", "algorithm.server_learning_rate"}
 
 
 def test_hparams_are_flat_and_the_resumable_keys_come_from_the_fields():
