@@ -94,6 +94,9 @@ def main() -> None:
     if FLAGS.table:
         return _table(config, population)
     plan = accounting.create_plan(config, population + config.privacy.canaries)
+    if not plan.is_private:
+        print(f"no epsilon: {accounting.describe(plan)}; choose --dp=fixed, adaptive or tree to plan one")
+        return None
     budget = config.privacy.max_epsilon
     if budget is not None:
         allowed = accounting.budgeted_rounds(plan, budget, plan.rounds)  # refuses what train refuses

@@ -81,6 +81,14 @@ def test_the_population_comes_from_the_data_flags(tiny_data_dir):
     assert "each of 12 clients at most once" in proc.stdout
 
 
+def test_without_dp_it_says_there_is_no_epsilon_instead_of_inf():
+    proc = _run("--dp=none")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == (
+        "no epsilon: no differential privacy (no clipping, no noise); choose --dp=fixed, adaptive or tree to plan one\n"
+    )
+
+
 def test_says_how_many_rounds_a_budget_allows():
     proc = _run("--max_epsilon=2.5", "--rounds=1000")
     assert proc.returncode == 0, proc.stderr

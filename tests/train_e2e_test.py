@@ -477,7 +477,9 @@ def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace)
     )
     assert proc.returncode == 0, proc.stderr
     # Compression runs without DP, so there is no epsilon to label (devices_test checks the DP label).
-    assert "epsilon inf" in proc.stdout and "no differential privacy" in proc.stdout
+    assert "finished at round 2: no differential privacy (no clipping, no noise), so no epsilon." in proc.stdout
+    round_lines = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(round_lines) == 2 and not any("eps" in line for line in round_lines)
     assert "devices  low:" in proc.stdout
     table = rows(os.path.join(runs, "mobile", "metrics.csv"))
     assert [r["round"] for r in table] == ["1", "2"]

@@ -120,10 +120,11 @@ def create_device_rounds(prepared: Prepared, upload_bytes: int) -> devices.Devic
 
 
 class ProgressPrinter:
-    """One line per round: round, time, ETA, loss, accuracy, epsilon."""
+    """One line per round: round, time, ETA, loss, accuracy, epsilon (with DP: without, it is no number)."""
 
-    def __init__(self, total_rounds: int, stream: IO[str]):
+    def __init__(self, total_rounds: int, stream: IO[str], *, private: bool = True):
         self._total = total_rounds
+        self._private = private
         self._stream = stream
         self._seconds: list[float] = []
 
@@ -139,7 +140,7 @@ class ProgressPrinter:
         ]
         if "eval/accuracy" in metrics:
             parts.append(f"eval acc {metrics['eval/accuracy']:.4f}")
-        if "privacy/epsilon" in metrics:
+        if self._private and "privacy/epsilon" in metrics:
             parts.append(f"eps {metrics['privacy/epsilon']:.3g}")
         print(" | ".join(parts), file=self._stream, flush=True)
 
@@ -212,7 +213,7 @@ def run(
             config=loop,
             evaluate=evaluate,
             round_metrics=_build_round_metrics(prepared, upload, device_rounds, canaries, loop, workers),
-            progress=ProgressPrinter(loop.rounds, stream),
+            progress=ProgressPrinter(loop.rounds, stream, private=plan.is_private),
             stop_requested=stop_requested,
             carry=canaries,
         )
@@ -232,9 +233,12 @@ def run(
             f"{next_eps:.4g}, past the budget max_epsilon={config.privacy.max_epsilon:g}. Raise it to continue.",
             file=stream,
         )
+    privacy = f"epsilon {eps:.4g} at delta {plan.delta:.3g} ({accounting.describe(plan)})"
+    if not plan.is_private:
+        privacy = f"{accounting.describe(plan)}, so no epsilon"
     print(
-        f"{'stopped' if result.stopped_early else 'finished'} at round {result.last_round}: "
-        f"epsilon {eps:.4g} at delta {plan.delta:.3g} ({accounting.describe(plan)}). Outputs in {dirs.path}",
+        f"{'stopped' if result.stopped_early else 'finished'} at round {result.last_round}: {privacy}. "
+        f"Outputs in {dirs.path}",
         file=stream,
         flush=True,
     )
