@@ -63,11 +63,15 @@ def test_bytes_are_update_size_times_reporters_and_less_with_compression():
     assert len(outcome.selected) == 5 and len(outcome.reported) == 3  # ceil(3 * 1.5) asked
     assert outcome.bytes_up == 217_848 * 3
     assert outcome.bytes_down == 2000 * 5  # every asked device downloads the model
-    # small_cnn: only the 800x62 dense kernel (49,600 > 20,000 elements) is quantized to 8 bits:
-    # 49,600 + 8 (min, max) + 4 * (144 + 16 + 4,608 + 32 + 62) = 69,056 bytes instead of 217,848.
+    # small_cnn: only the 800x62 dense kernel (49,600 > 20,000 elements) is quantized to 8 bits,
+    # packed 28 bits to an int32 (TFF leaves headroom for the sum): ceil(49,600 * 8 / 28) = 14,172
+    # words = 56,688 bytes, + 8 (min, max), + 4 * (144 + 16 + 4,608 + 32 + 62) = 76,144 instead of 217,848.
     specs = [tf.TensorSpec(s) for s in ([3, 3, 1, 16], [16], [3, 3, 16, 32], [32], [800, 62], [62])]
     assert aggregation.upload_bytes(specs, compression=False) == 217_848
-    assert aggregation.upload_bytes(specs, compression=True) == 69_056
+    assert aggregation.upload_bytes(specs, compression=True) == 76_144
+    # TFF's threshold: 20,000 elements stay float32 (80,000 bytes), 20,001 are quantized (5,715 words + 8).
+    assert aggregation.upload_bytes([tf.TensorSpec([20_000])], compression=True) == 80_000
+    assert aggregation.upload_bytes([tf.TensorSpec([20_001])], compression=True) == 5_715 * 4 + 8
 
 
 def test_same_seed_gives_same_participation_and_a_restart_replays_the_clock():

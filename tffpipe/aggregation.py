@@ -158,21 +158,37 @@ class TreeFactory(tff.aggregators.UnweightedAggregationFactory):
         return tff.aggregators.DifferentiallyPrivateFactory(query).create(value_type)
 
 
-# TFF's compression aggregator: 8-bit uniform quantization of tensors above 20,000 elements.
-COMPRESSION_BITS = 8
-COMPRESSION_THRESHOLD = 20_000
+def compression_factory() -> tff.aggregators.WeightedAggregationFactory:
+    """TFF's compression aggregator: weighted mean of 8-bit quantized tensors above 20,000 elements."""
+    return tff.learning.compression_aggregator(zeroing=False, clipping=False, weighted=True)
+
+
+def _encoded_bytes(record_specs) -> int:
+    """Bytes of what TFF's compression aggregator has each client send, measured by encoding a zero update.
+
+    The encoders are the aggregator's own (`EncodedSumFactory`'s per-tensor encoder
+    function), so the count follows TFF's choices instead of copies of its constants:
+    tensors above its threshold are quantized and bit-packed into int32 words with
+    headroom for the sum (28 bits of each at 8 bits per value), plus their min and max.
+    """
+    try:
+        encoder_fn = compression_factory()._value_sum_factory._encoder_fn  # MeanFactory -> EncodedSumFactory
+    except AttributeError as e:
+        raise RuntimeError(f"TFF's compression aggregator no longer has the shape tffpipe measures: {e}") from e
+    total = 0
+    for spec in tf.nest.flatten(record_specs):
+        encoder = encoder_fn(tf.TensorSpec(spec.shape, spec.dtype))
+        encode_params, _, _ = encoder.get_params(encoder.initial_state())
+        encoded, state_update = encoder.encode(tf.zeros(spec.shape, spec.dtype), encode_params)
+        total += sum(t.shape.num_elements() * t.dtype.size for t in tf.nest.flatten((encoded, state_update)))
+    return total
 
 
 def upload_bytes(record_specs, compression: bool) -> int:
-    """Bytes one client uploads: float32 per weight, or 8 bits (+ min and max) for big tensors."""
-    total = 0
-    for spec in tf.nest.flatten(record_specs):
-        size = int(np.prod(spec.shape))
-        if compression and size > COMPRESSION_THRESHOLD:
-            total += -(-size * COMPRESSION_BITS // 8) + 8
-        else:
-            total += 4 * size
-    return total
+    """Bytes one client uploads: 4 per float32 weight, or with compression what TFF's encoders produce."""
+    if compression:
+        return _encoded_bytes(record_specs)
+    return sum(4 * int(np.prod(spec.shape)) for spec in tf.nest.flatten(record_specs))
 
 
 def build_factory(
@@ -193,7 +209,7 @@ def build_factory(
     """
     z, m = plan.noise_multiplier, float(plan.clients_per_round)
     if compression:
-        return tff.learning.compression_aggregator(zeroing=False, clipping=False, weighted=True)
+        return compression_factory()
     if plan.mechanism is Mechanism.NONE:
         return None
     if plan.mechanism is Mechanism.FIXED:

@@ -702,3 +702,52 @@ def default(path: str) -> Any:
     if field.default is not dataclasses.MISSING:
         return field.default
     return field.default_factory()
+
+
+class ExportVariant(enum.Enum):
+    """A TFLite file of the trained model (`export`)."""
+
+    FLOAT32 = "float32"  # the model as trained
+    DYNAMIC_INT8 = "dynamic_int8"  # int8 weights, float activations (dynamic-range quantization)
+    FULL_INT8 = "full_int8"  # int8 weights and activations, calibrated on training clients' examples
+
+
+def export_variants(names: Any) -> tuple[ExportVariant, ...]:
+    """Variants by name, in the order given, each once.
+
+    Raises:
+      validation.ConfigError: naming `variants`, for an unknown name or none at all.
+    """
+    valid = [v.value for v in ExportVariant]
+    chosen: list[ExportVariant] = []
+    for name in names:
+        if name not in valid:
+            raise validation.ConfigError("variants", f"unknown variant {name!r}; choose among {valid}")
+        if ExportVariant(name) not in chosen:
+            chosen.append(ExportVariant(name))
+    if not chosen:
+        raise validation.ConfigError("variants", f"no variant to export; choose among {valid}")
+    return tuple(chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What `export` writes and how much it measures (not part of an experiment's configuration).
+
+    Attributes:
+      variants: the TFLite files to write.
+      parity_examples: held-out examples (from the first held-out clients in id order) for parity and latency.
+      representative_examples: training clients' examples that calibrate full-integer quantization.
+      latency_runs: timed single-example calls; the manifest gives their median.
+    """
+
+    variants: tuple[ExportVariant, ...] = tuple(ExportVariant)
+    parity_examples: int = 1000
+    representative_examples: int = 200
+    latency_runs: int = 100
+
+    def __post_init__(self):
+        export_variants([v.value if isinstance(v, ExportVariant) else v for v in self.variants])
+        validation.integer(1, parity_examples=self.parity_examples)
+        validation.integer(1, representative_examples=self.representative_examples)
+        validation.integer(1, latency_runs=self.latency_runs)

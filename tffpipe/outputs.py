@@ -9,6 +9,7 @@
   summary.png         accuracy and epsilon over rounds
   worker.log          the TFF worker's own output
   audit.json          with canaries: their cosines and the empirical epsilon
+  export/             TFLite files and their manifest (`experiments.export`, `export`)
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ class ExperimentDirs:
     @property
     def audit(self) -> str:
         return self._file("audit.json")
+
+    @property
+    def export(self) -> str:
+        return self._file("export")
 
 
 def has_completed_round(dirs: ExperimentDirs) -> bool:

@@ -89,6 +89,68 @@ def _init_pool_worker(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class ChildDied(errors.Fault):
+    """A Python child ended without an answer: killed by a signal (a crash in native code) or exited."""
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exited with code {exitcode} without an answer"
+
+
+def _child_main(parent_pid: int, sender, fn: Callable[..., Any], args: tuple) -> None:
+    _init_pool_worker(parent_pid)
+    try:
+        answer = (True, fn(*args))
+    except Exception as e:  # noqa: BLE001  (the parent decides what a failure means)
+        answer = (False, e)
+    try:
+        sender.send(answer)
+    except Exception as e:  # noqa: BLE001  (an exception that does not pickle still reaches the parent)
+        sender.send((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]} (unpicklable: {e})")))
+    sender.close()
+
+
+def call_in_child(fn: Callable[..., Any], *args: Any) -> Any:
+    """Returns `fn(*args)` computed in a fresh Python child: for native code that may crash.
+
+    A segfault in the child (TF 2.14's int8 calibrator on a WHILE graph, say) becomes a
+    `ChildDied` here instead of killing this process. The child is started with
+    `spawn` and dies with this process (as `map_in_processes`' workers); an exception
+    in `fn` is raised here again.
+
+    Args:
+      fn: a module-level function (pickled by reference); its arguments and result pickle.
+
+    Raises:
+      ChildDied: the child was killed (the message names the signal) or exited without an answer.
+    """
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_child_main, args=(os.getpid(), sender, fn, args), daemon=True)
+    child.start()
+    sender.close()  # the child holds the only writer: its death ends `recv` with EOFError
+    try:
+        try:
+            ok, value = receiver.recv()
+        except EOFError:
+            child.join()
+            raise ChildDied(_describe_exit(child.exitcode)) from None
+        child.join()
+    finally:
+        if child.is_alive():  # interrupted while waiting: stop the child at once
+            child.kill()
+            child.join()
+        receiver.close()
+    if not ok:
+        raise value
+    return value
+
+
 def map_in_processes(
     fn: Callable[..., Any],
     args: Sequence[tuple],

@@ -1,14 +1,16 @@
 """Tasks: what clients hold and what the model predicts, behind one interface.
 
-Each task is a sibling package (`emnist`, `keyboard`) with two sides:
+Each task is a sibling package (`emnist`, `keyboard`) with three sides:
 
 * its data source (`files`), standard library only: the population size for the
   privacy plan, checking the user's files or generating the embedded data once, the
   data fingerprint and the data card, all before TensorFlow is imported;
 * its learning side (`task`), TensorFlow: preprocessing, loss, metrics and samples,
-  assembled into a `base.Task`.
+  assembled into a `base.Task`;
+* its serving side (`serving`): the phone model's signature, with the preprocessing
+  folded in, and the files beside it (`export.ServingSpec`).
 
-This module maps `configs.Task` to both, so nothing else branches on the task.
+This module maps `configs.Task` to each, so nothing else branches on the task.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ _DATA_SOURCES = {configs.Task.EMNIST: emnist_files.EmnistData, configs.Task.KEYB
 _LEARNING_MODULES = {
     configs.Task.EMNIST: "tffpipe.tasks.emnist.task",
     configs.Task.KEYBOARD: "tffpipe.tasks.keyboard.task",
+}
+_SERVING_MODULES = {
+    configs.Task.EMNIST: "tffpipe.tasks.emnist.serving",
+    configs.Task.KEYBOARD: "tffpipe.tasks.keyboard.serving",
 }
 
 
@@ -61,3 +67,9 @@ def create_task(config: configs.ExperimentConfig, data: DataSource, data_dir: st
     """The task's `base.Task` over the prepared data (imports TensorFlow)."""
     module = importlib.import_module(_LEARNING_MODULES[config.task])  # TF only once a task is built
     return module.create_task(config, data, data_dir)
+
+
+def serving_spec(config: configs.ExperimentConfig, data_dir: str):
+    """The task's `export.ServingSpec`: what its phone model takes and how it is scored (imports TensorFlow)."""
+    module = importlib.import_module(_SERVING_MODULES[config.task])
+    return module.create_serving_spec(config, data_dir)
