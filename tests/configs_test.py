@@ -130,3 +130,58 @@ def test_hparams_are_flat_and_the_resumable_keys_come_from_the_fields():
         "runtime.pin_workers",
         "runtime.worker_retries",
     }
+
+
+@pytest.mark.parametrize(
+    "values, field, message",
+    [
+        # 1 GB = 10^9 bytes of memory in these cases.
+        # 1,000,000 canaries x 1,024 bytes = 1.024 GB.
+        ({"privacy.canaries": 10**6}, "privacy.canaries", "canaries=1000000 needs at least 1.0 GB of memory"),
+        # (10^7 + 1 + 3) ids x 3,104 bytes (8 copies of 97 float32) = 31 GB.
+        (
+            {"task": configs.Task.KEYBOARD, "data.text.vocab_size": 10**7},
+            "data.text.vocab_size",
+            "vocab_size=10000000 needs at least 31.0 GB of memory (10,000,004 x 3,104 bytes",
+        ),
+        # The larger of vocabulary and buckets is named: 10,000 + 2*10^6 + 3 ids x 3,104 bytes = 6.2 GB.
+        (
+            {"task": configs.Task.KEYBOARD, "data.text.num_oov_buckets": 2 * 10**6},
+            "data.text.num_oov_buckets",
+            "num_oov_buckets=2000000 needs at least 6.2 GB",
+        ),
+        # 2,000 positions x 10,004 ids x 100 sequences x 4 bytes = 8.0 GB.
+        (
+            {"task": configs.Task.KEYBOARD, "data.text.sequence_length": 2000},
+            "data.text.sequence_length",
+            "sequence_length=2000 needs at least 8.0 GB",
+        ),
+        ({"data.population.num_writers": 10**6}, "data.population.num_writers", "num_writers=1000000 needs"),
+        (
+            {"preprocess.shuffle_buffer": 10**8},
+            "preprocess.shuffle_buffer",
+            "shuffle_buffer=100000000 needs at least 6.4",
+        ),
+    ],
+)
+def test_a_size_that_cannot_fit_in_memory_is_refused_naming_it(monkeypatch, values, field, message):
+    monkeypatch.setattr(configs, "memory_bytes", lambda: 10**9)
+    with pytest.raises(validation.ConfigError, match=message.replace("(", r"\(")) as e:
+        configs.build(values)
+    assert e.value.field == field and "more than this machine's 1.0 GB" in str(e.value)
+
+
+def test_sizes_within_memory_and_the_embedded_population_of_another_task_pass(monkeypatch):
+    monkeypatch.setattr(configs, "memory_bytes", lambda: 10**9)
+    configs.build({"task": configs.Task.KEYBOARD, "data.text.sequence_length": 200})  # 0.8 GB of logits
+    configs.build({"data.text.vocab_size": 10**7})  # an EMNIST run builds no vocabulary
+    configs.build({"data.population.num_writers": 10**6, "data.data_dir": "/data"})  # nothing generated
+    monkeypatch.setattr(configs, "memory_bytes", lambda: 0)  # unknown memory: nothing is bounded
+    configs.build({"privacy.canaries": 10**9})
+
+
+def test_memory_is_this_machines():
+    import os
+
+    assert configs.memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert configs.memory_bytes() > 2**28  # more than 256 MiB: the bounds are real

@@ -272,6 +272,12 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         (["--dp=tree", "--device_model"], "--dp=tree: tree aggregation is accounted for clients that take part"),
         (["--algorithm=fedsgd"], "--algorithm=fedsgd: fedsgd takes only weighted aggregators"),
         (["--canaries=1"], "--canaries=1: canaries must be 0 (no audit) or at least 2"),
+        # Sizes beyond memory (1 TB and more), refused before anything is built: MemoryError or a dead worker.
+        (["--canaries=1000000000"], "--canaries=1000000000: canaries=1000000000 needs at least 1,024.0 GB of memory"),
+        (
+            ["--shuffle_buffer=100000000000"],
+            "--shuffle_buffer=100000000000: shuffle_buffer=100000000000 needs at least",
+        ),
         (["--workers=localhost"], "--workers=localhost: workers: 'localhost' is not host:port"),
         (["--local_workers=0"], "--local_workers=0: local_workers must be >= 1"),
         (["--local_workers=1000"], "--local_workers=1000: local_workers must be <= "),
@@ -673,6 +679,10 @@ def test_keyboard_bad_inputs_each_give_one_error_line(tmp_path):
         (["--vocab_size=0"], "--vocab_size=0: vocab_size must be >= 1"),
         (["--model=small_cnn"], "--model=small_cnn: unknown model 'small_cnn' for the keyboard task"),
         (["--vocab_size=100000"], "--vocab_size=100000: vocab_size=100000 exceeds the"),
+        # Sizes beyond memory, refused before the model is built (it was, and the error named no flag).
+        (["--vocab_size=1000000000"], "--vocab_size=1000000000: vocab_size=1000000000 needs at least"),
+        (["--num_oov_buckets=2000000000"], "--num_oov_buckets=2000000000: num_oov_buckets=2000000000 needs at least"),
+        (["--sequence_length=2000000000"], "--sequence_length=2000000000: sequence_length=2000000000 needs at least"),
         ([f"--data_dir={not_sqlite}"], "stackoverflow.sqlite is not an SQLite database"),
         ([f"--data_dir={no_counts}"], "stackoverflow.word_count"),
         ([f"--data_dir={twice}"], "stackoverflow.word_count line 7: the word"),  # TF's table refused it mid-run

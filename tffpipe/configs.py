@@ -482,6 +482,7 @@ class ExperimentConfig:
         if not self.root_dir:
             raise validation.ConfigError("root_dir", "root_dir must name a directory")
         validation.plain_name(experiment=self.experiment)
+        _check_sizes(self, memory_bytes())
         _check_combinations(self)
 
     @property
@@ -516,10 +517,100 @@ def min_adaptive_clients(noise_multiplier: float) -> int:
     return int(noise_multiplier / (2 * ADAPTIVE_COUNT_STDDEV_PER_CLIENT)) + 1
 
 
+# Upper bounds on sizes, from this machine's memory (`_check_sizes`). Each size is bounded
+# by what one unit of it costs at the least, so a size over its bound cannot fit: it is
+# refused here, naming it, before any model is built or file written, instead of as a
+# MemoryError or a dead worker once the experiment directory exists. The bounds are
+# necessary, not sufficient: a run within them may still not fit.
+_FLOAT32 = 4
+BYTES_PER_CLIENT = 1024  # a population client: its id, example count and sampling state, in several lists
+BYTES_PER_EMNIST_EXAMPLE = _FLOAT32 * 28 * 28 + 64  # generated in memory, one writer at a time
+BYTES_PER_MESSAGE = 512  # a generated message with its title and tags, one user at a time
+# An output id of the keyboard models: a 96-float embedding row (tied to the output) and a
+# bias, held about 8 times while training (weights, gradient, client and server copies, slots).
+BYTES_PER_OUTPUT_ID = 8 * _FLOAT32 * (96 + 1)
+LOGIT_SEQUENCES = 100  # the keyboard's evaluation batch: sequence_length x output ids float32 logits each
+BYTES_PER_SHUFFLE_SLOT = 64  # tf.data reserves the whole shuffle buffer up front (1e11 slots killed the worker)
+
+
+def memory_bytes() -> int:
+    """This machine's memory, or its cgroup's limit when lower; 0 when unknown (then nothing is bounded)."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        total = 0
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+    except OSError:
+        limit = ""
+    if limit.isdigit() and int(limit) > 0:
+        total = min(total, int(limit)) if total > 0 else int(limit)
+    return max(total, 0)
+
+
+def _check_sizes(config: ExperimentConfig, memory: int) -> None:
+    """Refuses a size whose least memory exceeds `memory` bytes, naming its field."""
+    if memory <= 0:
+        return
+
+    def fits(field: str, value: int, units: int, unit_bytes: int, what: str) -> None:
+        if units * unit_bytes <= memory:
+            return
+        name = field.rpartition(".")[2]
+        raise validation.ConfigError(
+            field,
+            f"{name}={value} needs at least {units * unit_bytes / 1e9:,.1f} GB of memory ({units:,} x {unit_bytes:,} "
+            f"bytes: {what}), more than this machine's {memory / 1e9:,.1f} GB; lower {name}",
+        )
+
+    fits("clients_per_round", config.clients_per_round, config.clients_per_round, BYTES_PER_CLIENT, "a client each")
+    canaries = config.privacy.canaries
+    fits("privacy.canaries", canaries, canaries, BYTES_PER_CLIENT, "each canary is a client of the population")
+    fits(
+        "preprocess.shuffle_buffer",
+        config.preprocess.shuffle_buffer,
+        config.preprocess.shuffle_buffer,
+        BYTES_PER_SHUFFLE_SLOT,
+        "a slot each, which tf.data reserves up front",
+    )
+    embedded = config.data.data_dir is None
+    if config.task is Task.EMNIST:
+        population = config.data.population
+        if embedded:
+            writers, examples = population.num_writers, population.median_examples
+            fits("data.population.num_writers", writers, writers, BYTES_PER_CLIENT, "a client each")
+            fits("data.population.median_examples", examples, examples, BYTES_PER_EMNIST_EXAMPLE, "an example each")
+        return
+    text = config.data.text
+    if embedded:
+        users, messages = text.population.num_users, text.population.median_messages
+        fits("data.text.population.num_users", users, users, BYTES_PER_CLIENT, "a client each")
+        fits("data.text.population.median_messages", messages, messages, BYTES_PER_MESSAGE, "a message each")
+    ids = text.vocab_size + text.num_oov_buckets + 3  # with padding, beginning and end of sentence
+    field = "data.text.vocab_size" if text.vocab_size >= text.num_oov_buckets else "data.text.num_oov_buckets"
+    value = text.vocab_size if field.endswith("vocab_size") else text.num_oov_buckets
+    fits(field, value, ids, BYTES_PER_OUTPUT_ID, "an output id each: a 96-float row and a bias, 8 copies in training")
+    fits(
+        "data.text.sequence_length",
+        text.sequence_length,
+        text.sequence_length * ids * LOGIT_SEQUENCES,
+        _FLOAT32,
+        f"a float32 logit per word position and output id, for a batch of {LOGIT_SEQUENCES} sequences",
+    )
+
+
 def _check_combinations(config: ExperimentConfig) -> None:
     """Rules that span sections; each error names the parameter to change."""
     dp, privacy = config.dp, config.privacy
     error = validation.ConfigError
+    if config.compression and dp.mechanism is Mechanism.DISTRIBUTED:
+        raise error(
+            "compression",
+            f"compression is not combined with the distributed mechanism: it already quantizes each update to "
+            f"bits={dp.bits} for the secure sum, and compressing on top would change what its accounting covers; "
+            "drop compression (choose the width with bits)",
+        )
     if config.compression and dp.is_private:
         raise error(
             "compression",
