@@ -88,12 +88,23 @@ def _table(config: configs.ExperimentConfig, population: int) -> None:
         print(f"| {m} | {z} | {rounds} | " + " | ".join(row) + " |")
 
 
+def _model_size(config: configs.ExperimentConfig, num_classes: int) -> int:
+    """The model's trainable parameters (the distributed mechanism's epsilon depends on them): loads TensorFlow."""
+    from tffpipe import models
+
+    model = models.create_model(config.model, config.task, num_classes)
+    return sum(math.prod(w.shape) for w in model.trainable_weights)
+
+
 def main() -> None:
     config = flag_groups.experiment_config()
-    population = tasks.data_source(config).population()
+    source = tasks.data_source(config)
+    population = source.population()
     if FLAGS.table:
         return _table(config, population)
-    plan = accounting.create_plan(config, population + config.privacy.canaries)
+    plan = accounting.create_plan(
+        config, population + config.privacy.canaries, model_size=lambda: _model_size(config, source.num_classes)
+    )
     if not plan.is_private:
         print(f"no epsilon: {accounting.describe(plan)}; choose --dp=fixed, adaptive or tree to plan one")
         return None

@@ -109,6 +109,13 @@ GROUPS: dict[str, tuple[Flag, ...]] = {
         Flag("target_quantile", "dp.target_quantile", "float", "Adaptive clipping: target unclipped fraction."),
         Flag("clip_learning_rate", "dp.clip_learning_rate", "float", "Adaptive clipping: clip learning rate."),
         Flag("zeroing_norm", "dp.zeroing_norm", "float", "Zero updates with larger L-inf norm (0: off)."),
+        Flag(
+            "bits",
+            "dp.bits",
+            "integer",
+            f"--dp=distributed: the secure sum's field is 2^bits (1-{configs.MAX_DISTRIBUTED_BITS}); "
+            f"unset: {configs.DEFAULT_DISTRIBUTED_BITS}.",
+        ),
         Flag("target_epsilon", "privacy.target_epsilon", "float", "Solve the noise multiplier for this epsilon."),
         Flag("max_epsilon", "privacy.max_epsilon", "float", "Budget: stop before the round that would exceed it."),
         Flag("canaries", "privacy.canaries", "integer", "Canary clients for the empirical privacy audit (0: none)."),
@@ -118,7 +125,7 @@ GROUPS: dict[str, tuple[Flag, ...]] = {
             "sampling",
             "privacy.sampling",
             "enum",
-            "Client sampling; unset: uniform without DP, poisson for fixed/adaptive, shuffle for tree.",
+            "Client sampling; unset: uniform without DP, poisson for fixed/adaptive/distributed, shuffle for tree.",
             configs.Sampling,
         ),
         Flag("clients_per_round", "clients_per_round", "integer", "Clients per round (expected, under Poisson)."),

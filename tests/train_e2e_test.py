@@ -230,7 +230,7 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
     train_cases = [
         # Flags absl rejects while parsing, and the grouped help.
         (["--rounds=1e9"], "--rounds=1e9: invalid literal for int()"),
-        (["--dp=bogus"], "--dp=bogus: value should be one of <none|fixed|adaptive|tree>"),
+        (["--dp=bogus"], "--dp=bogus: value should be one of <none|fixed|adaptive|tree|distributed>"),
         (["--flagfile=/nonexistent.flags"], "/nonexistent.flags"),
         (["--roundz=3"], "Unknown command line flag 'roundz'"),
         (["extra"], "unexpected arguments ['extra']"),

@@ -9,7 +9,15 @@ The DpEvent of one round mirrors what `aggregation` builds with TFF's factories:
   compose into one with 1/z^2 = 1/z_v^2 + 1/(2s)^2, so the event is that one Gaussian
   (PLD cannot take a composition inside Poisson sampling; RDP reduces it the same way);
 * tree aggregation (DP-FTRL, Kairouz et al. 2021): one tree over all rounds, each
-  client in at most one leaf (`SingleEpochTreeAggregationDpEvent`).
+  client in at most one leaf (`SingleEpochTreeAggregationDpEvent`);
+* distributed discrete Gaussian (Kairouz, Liu, Steinke 2021): n clients each add a
+  discrete Gaussian share to their scaled, rounded update, and the sum of n shares is
+  close to, but not, a discrete Gaussian. dp_accounting 0.4.3 has no bound for it, so
+  `DistributedDiscreteGaussianDpEvent` carries the round's parameters and
+  `DistributedRdpAccountant` (an `RdpAccountant`) adds the paper's RDP bound (Theorem 1
+  and Proposition 14), under Poisson sampling with Zhu & Wang 2019's bound (Theorem 5).
+  The shares are sized for the *expected* cohort, so a round with fewer clients has less
+  noise: each round is accounted with the count it actually had (`EpsilonTracker.observe`).
 
 Rounds compose with the client sampling actually used: Poisson with q = m/N
 (`PoissonSampledDpEvent`, add/remove-one neighbours), or fixed-size uniform without
@@ -27,8 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
+from collections.abc import Callable
 
+import attr
 import dp_accounting
+import numpy as np
 from dp_accounting import pld, rdp
 
 from tffpipe import configs, validation
@@ -72,6 +84,9 @@ class PrivacyPlan:
     accountant: Accountant = Accountant.RDP
     rounds: int | None = None
     target_epsilon: float | None = None
+    clip: float = 1.0
+    bits: int | None = None
+    dimension: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.population, int) or self.population <= 0:
@@ -90,6 +105,8 @@ class PrivacyPlan:
             )
         if not 0 < self.delta < 1:
             raise AccountingError("privacy.delta", f"delta must be in (0, 1), got {self.delta}")
+        if self.mechanism is Mechanism.DISTRIBUTED:
+            self.distributed()  # TFF's limits on bits for the cohort, named
         limit = self.max_rounds()
         if limit is not None and self.rounds is not None and self.rounds > limit:
             raise AccountingError(
@@ -113,6 +130,16 @@ class PrivacyPlan:
             return self.population // self.clients_per_round
         return None
 
+    def distributed(self) -> DistributedParameters:
+        """The distributed mechanism's parameters, as TFF derives them from z, C, bits, m and d."""
+        if self.bits is None or self.dimension is None:
+            raise AccountingError(
+                "model", "the distributed mechanism is accounted from its bits and the model's parameter count"
+            )
+        return distributed_parameters(
+            self.noise_multiplier, self.clip, self.bits, self.clients_per_round, self.dimension
+        )
+
     @property
     def value_noise_multiplier(self) -> float:
         """The multiplier of the noise on the clipped sum: z, or z_v of the adaptive split."""
@@ -121,12 +148,21 @@ class PrivacyPlan:
         return self.noise_multiplier if self.is_private else 0.0
 
 
-def create_plan(config: configs.ExperimentConfig, population: int) -> PrivacyPlan:
+def create_plan(
+    config: configs.ExperimentConfig, population: int, *, model_size: Callable[[], int] | None = None
+) -> PrivacyPlan:
     """The run's privacy plan: z as given, or solved for `config.privacy.target_epsilon`.
+
+    Args:
+      config: the experiment.
+      population: N, the clients that can be sampled.
+      model_size: returns the model's trainable parameters, called only by mechanisms
+        whose epsilon depends on them (distributed: rounding error grows with sqrt(d)).
 
     Raises:
       AccountingError: the population is too small for the cohort, tree aggregation
-        would reuse clients, or no noise reaches the target.
+        would reuse clients, no noise reaches the target, or the distributed
+        mechanism's bit width is unusable for the model and cohort.
     """
     plan = PrivacyPlan(
         mechanism=config.dp.mechanism,
@@ -138,11 +174,16 @@ def create_plan(config: configs.ExperimentConfig, population: int) -> PrivacyPla
         accountant=config.privacy.accountant,
         rounds=config.loop.rounds,
         target_epsilon=config.privacy.target_epsilon,
+        clip=config.dp.clip,
+        bits=config.dp.bits,
+        dimension=model_size() if config.dp.mechanism is Mechanism.DISTRIBUTED and model_size else None,
     )
-    if plan.target_epsilon is None:
-        return plan
-    z = noise_for_target_epsilon(plan, plan.rounds, plan.target_epsilon)
-    return dataclasses.replace(plan, noise_multiplier=z)
+    if plan.target_epsilon is not None:
+        z = noise_for_target_epsilon(plan, plan.rounds, plan.target_epsilon)
+        plan = dataclasses.replace(plan, noise_multiplier=z)
+    if plan.mechanism is Mechanism.DISTRIBUTED:
+        check_usable_bits(plan)
+    return plan
 
 
 def adaptive_noise_split(noise_multiplier: float, clients_per_round: float) -> tuple[float, float]:
@@ -166,8 +207,14 @@ def adaptive_noise_split(noise_multiplier: float, clients_per_round: float) -> t
     return value, count_stddev
 
 
-def round_event(plan: PrivacyPlan) -> dp_accounting.DpEvent:
-    """The DpEvent of one round's aggregation, before sampling."""
+def round_event(plan: PrivacyPlan, clients: int | None = None) -> dp_accounting.DpEvent:
+    """The DpEvent of one round's aggregation, before sampling.
+
+    `clients`: the distributed mechanism's noised clients that round (default: the
+    expected m); the central mechanisms' noise does not depend on it.
+    """
+    if plan.mechanism is Mechanism.DISTRIBUTED:
+        return plan.distributed().event(plan.clients_per_round if clients is None else clients)
     # Replace-one neighbours double the sensitivity of the clipped sum (see module doc).
     scale = 0.5 if plan.sampling is Sampling.UNIFORM else 1.0
     z = plan.noise_multiplier
@@ -195,18 +242,22 @@ def event_after_rounds(plan: PrivacyPlan, rounds: int) -> dp_accounting.DpEvent:
                 f"(population {plan.population}); at most {limit} rounds are covered by the single-epoch bound",
             )
         return dp_accounting.SingleEpochTreeAggregationDpEvent(plan.noise_multiplier, max(rounds, 1))
-    inner = round_event(plan)
+    return dp_accounting.SelfComposedDpEvent(_sampled(plan, round_event(plan)), rounds)
+
+
+def _sampled(plan: PrivacyPlan, inner: dp_accounting.DpEvent) -> dp_accounting.DpEvent:
+    """One round's event under the plan's sampling (the device model: no amplification)."""
     if plan.sampling is Sampling.DEVICE:
-        return dp_accounting.SelfComposedDpEvent(inner, rounds)
+        return inner
     if plan.sampling is Sampling.POISSON:
-        sampled = dp_accounting.PoissonSampledDpEvent(plan.sampling_rate, inner)
-    else:
-        sampled = dp_accounting.SampledWithoutReplacementDpEvent(plan.population, plan.clients_per_round, inner)
-    return dp_accounting.SelfComposedDpEvent(sampled, rounds)
+        return dp_accounting.PoissonSampledDpEvent(plan.sampling_rate, inner)
+    return dp_accounting.SampledWithoutReplacementDpEvent(plan.population, plan.clients_per_round, inner)
 
 
 def create_accountant(plan: PrivacyPlan) -> dp_accounting.PrivacyAccountant:
     """A fresh accountant whose neighbouring relation matches the plan's sampling."""
+    if plan.mechanism is Mechanism.DISTRIBUTED:
+        return DistributedRdpAccountant()
     relation = {
         Sampling.POISSON: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
         Sampling.DEVICE: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -229,6 +280,234 @@ def epsilon(plan: PrivacyPlan, rounds: int) -> float:
     return float(accountant.get_epsilon(plan.delta))
 
 
+# --- The distributed discrete Gaussian (TFF's DistributedDpSumFactory, its defaults) ---
+
+# The probability that a coordinate of the noisy sum wraps around the modulus 2^bits
+# (TFF's `modclip_prob`), and its cap on the scale before rounding.
+DISTRIBUTED_MODCLIP_PROB = 1e-4
+_MAX_SCALE_FACTOR = 1e6
+# Integer orders: Zhu & Wang's bound for Poisson subsampling sums over 3..alpha.
+DISTRIBUTED_RDP_ORDERS = tuple(range(2, 129)) + (256,)
+# A width whose epsilon exceeds the central Gaussian's (same z, sampling, rounds) by more
+# than this is refused: rounding and coarse shares then cost more than the noise itself.
+MAX_DISTRIBUTED_EPSILON_RATIO = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedParameters:
+    """The distributed mechanism in the scaled integer domain, as TFF's factory derives it.
+
+    Attributes:
+      padded_dimension: d, the model's parameters padded to even for the DFT rotation.
+      scale: the factor applied before rounding (1 / gamma in the paper).
+      l2_sensitivity: the scaled L2 bound after stochastic rounding, C*scale + sqrt(d)
+        (Theorem 1's inflation with beta = 0, and TFF's 1e-5 leeway).
+      local_stddev: each client's share of noise, z*C*scale / sqrt(m).
+      expected_clients: m, what the shares are sized for.
+    """
+
+    padded_dimension: int
+    scale: float
+    l2_sensitivity: float
+    local_stddev: float
+    expected_clients: int
+
+    @property
+    def l1_sensitivity(self) -> float:
+        """L1 <= sqrt(d) * L2 in general, and <= L2^2 for integer vectors (TFF's bound)."""
+        return math.ceil(self.l2_sensitivity * min(math.sqrt(self.padded_dimension), self.l2_sensitivity))
+
+    def event(self, clients: int) -> DistributedDiscreteGaussianDpEvent:
+        """One round with `clients` noise shares (at least one: an empty round still protects a joining client)."""
+        return DistributedDiscreteGaussianDpEvent(
+            l2_sensitivity=self.l2_sensitivity,
+            l1_sensitivity=self.l1_sensitivity,
+            local_stddev=self.local_stddev,
+            shares=max(int(clients), 1),
+            dimension=self.padded_dimension,
+        )
+
+
+def distributed_parameters(
+    noise_multiplier: float, clip: float, bits: int, clients_per_round: int, dimension: int
+) -> DistributedParameters:
+    """TFF's derivation (`distributed_dp._heuristic_scale_factor`, `discretization.inflated_l2_norm_bound`).
+
+    The scale puts k standard deviations of the noisy sum inside 2^bits, k for the
+    modular-wrap probability: 2^b = 2k sqrt(C^2 m^2 / d + m sigma_local^2 + m gamma^2/4) / gamma.
+
+    Raises:
+      AccountingError: naming `dp.bits` where TFF refuses the width for the cohort.
+    """
+    m = clients_per_round
+    k = statistics.NormalDist().inv_cdf(1 - DISTRIBUTED_MODCLIP_PROB / 2)  # sqrt(2) * erfcinv(p)
+    if bits < math.log2(m) or 4.0**bits < m * k**2:
+        need = max(math.ceil(math.log2(m)), math.ceil(math.log2(m * k**2) / 2))
+        raise AccountingError(
+            "dp.bits",
+            f"bits={bits} cannot hold the sum of {m} clients' values (TFF needs 2^bits >= clients_per_round and "
+            f"4^bits >= clients_per_round * {k:.2f}^2 for a {DISTRIBUTED_MODCLIP_PROB:g} wrap probability); "
+            f"use bits >= {need}",
+        )
+    d = 2 * math.ceil(max(dimension, 1) / 2)
+    local = noise_multiplier * clip / math.sqrt(m)
+    scale = math.sqrt(4.0**bits - m * k**2) / (2 * k * math.sqrt(clip**2 * m**2 / d + m * local**2))
+    scale = min(scale, _MAX_SCALE_FACTOR)
+    inflated = clip + math.sqrt(d) / scale
+    return DistributedParameters(
+        padded_dimension=d,
+        scale=scale,
+        l2_sensitivity=(inflated + 1e-5) * scale,
+        local_stddev=local * scale,
+        expected_clients=m,
+    )
+
+
+@attr.s(frozen=True)
+class DistributedDiscreteGaussianDpEvent(dp_accounting.DpEvent):
+    """The sum of `shares` discrete Gaussians N_Z(0, local_stddev^2) on an integer vector of `dimension`.
+
+    The vector (scaled, rounded updates) has L2 sensitivity `l2_sensitivity` and L1
+    sensitivity `l1_sensitivity`, all in the scaled integer domain.
+    """
+
+    l2_sensitivity = attr.ib()
+    l1_sensitivity = attr.ib()
+    local_stddev = attr.ib()
+    shares = attr.ib()
+    dimension = attr.ib()
+
+
+def distributed_rdp(event: DistributedDiscreteGaussianDpEvent, order: int) -> float:
+    """RDP at `order` of one unsampled round: Kairouz, Liu, Steinke 2021, Theorem 1 and Proposition 14.
+
+    With sigma the local stddev and n shares, the sum is tau-close to N_Z(0, n sigma^2),
+    tau = 10 * sum_{k=1}^{n-1} exp(-2 pi^2 sigma^2 k / (k + 1)), and
+    eps(a) = min(a/2 D2^2 + tau d, a/2 (D2^2 + 2 D1 tau + tau^2 d), a/2 (D2 + tau sqrt(d))^2)
+    with D2, D1 the sensitivities over the sum's stddev sqrt(n) sigma.
+    """
+    n, sigma, d = event.shares, event.local_stddev, event.dimension
+    if sigma <= 0:
+        return math.inf
+    tau = 10 * sum(math.exp(-2 * (math.pi * sigma) ** 2 * k / (k + 1)) for k in range(1, n))
+    l2 = event.l2_sensitivity / (math.sqrt(n) * sigma)
+    l1 = event.l1_sensitivity / (math.sqrt(n) * sigma)
+    return min(
+        order / 2 * l2**2 + tau * d,
+        order / 2 * (l2**2 + 2 * l1 * tau + tau**2 * d),
+        order / 2 * (l2 + tau * math.sqrt(d)) ** 2,
+    )
+
+
+def _log_add(terms: list[tuple[float, float]]) -> float:
+    """log(sum c * exp(x)) over (c, x) pairs with c > 0."""
+    top = max(x for _, x in terms)
+    if math.isinf(top):
+        return top
+    return top + math.log(sum(c * math.exp(x - top) for c, x in terms))
+
+
+def poisson_subsampled_rdp(rdp_of, q: float, order: int) -> float:
+    """Zhu & Wang 2019 ("Poisson Subsampled Renyi Differential Privacy"), Theorem 5, at integer `order`.
+
+    eps_q(a) <= 1/(a-1) log((1-q)^(a-1) (a q - q + 1) + C(a,2) q^2 (1-q)^(a-2) e^eps(2)
+                + 3 sum_{l=3}^{a} C(a,l) (1-q)^(a-l) q^l e^((l-1) eps(l))), and never above eps(a).
+    """
+    a = int(order)
+    if q >= 1:
+        return rdp_of(a)
+    log_q, log_1q = math.log(q), math.log1p(-q)
+    terms = [
+        (a * q - q + 1, (a - 1) * log_1q),
+        (math.comb(a, 2), 2 * log_q + (a - 2) * log_1q + rdp_of(2)),
+    ]
+    for ell in range(3, a + 1):
+        terms.append((3.0, math.log(math.comb(a, ell)) + (a - ell) * log_1q + ell * log_q + (ell - 1) * rdp_of(ell)))
+    return min(_log_add(terms) / (a - 1), rdp_of(a))
+
+
+class DistributedRdpAccountant(rdp.RdpAccountant):
+    """dp_accounting's RDP accountant that also composes the distributed discrete Gaussian.
+
+    Takes `DistributedDiscreteGaussianDpEvent`, alone or in a `PoissonSampledDpEvent`
+    (add/remove-one neighbours), inside any self-composition; other events as the
+    parent does. Its orders are integers (Zhu & Wang's bound needs them).
+    """
+
+    def __init__(self, orders=DISTRIBUTED_RDP_ORDERS):
+        super().__init__(list(orders), dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+
+    def event_rdp(self, event: dp_accounting.DpEvent) -> np.ndarray | None:
+        """The RDP vector of one distributed round (sampled or not), None for other events."""
+        if isinstance(event, DistributedDiscreteGaussianDpEvent):
+            return np.array([distributed_rdp(event, int(a)) for a in self._orders])
+        if isinstance(event, dp_accounting.PoissonSampledDpEvent) and isinstance(
+            event.event, DistributedDiscreteGaussianDpEvent
+        ):
+            cache: dict[int, float] = {}
+
+            def rdp_of(a: int) -> float:
+                if a not in cache:
+                    cache[a] = distributed_rdp(event.event, a)
+                return cache[a]
+
+            return np.array([poisson_subsampled_rdp(rdp_of, event.sampling_probability, int(a)) for a in self._orders])
+        return None
+
+    def add_rdp(self, values: np.ndarray, count: int = 1) -> None:
+        """Composes an RDP vector computed by `event_rdp` (so a tracker need not recompute it)."""
+        self._rdp = self._rdp + count * np.asarray(values)
+
+    def _maybe_compose(self, event, count, do_compose):
+        values = self.event_rdp(event)
+        if values is None:
+            return super()._maybe_compose(event, count, do_compose)
+        if do_compose:
+            self.add_rdp(values, count)
+        return None
+
+
+def check_usable_bits(plan: PrivacyPlan) -> None:
+    """Refuses a bit width whose epsilon is more than twice the central Gaussian's at the same noise.
+
+    Coarse rounding inflates the L2 sensitivity by sqrt(d)/scale, and shares of small
+    (scaled) std do not add up to a discrete Gaussian (Theorem 1's tau grows like
+    n exp(-2 pi^2 sigma^2)): at 12 bits a million-parameter model's epsilon is in the
+    thousands. The comparison is over the planned rounds (1 if none).
+
+    Raises:
+      AccountingError: naming `dp.bits`, with the smallest width that would do.
+    """
+    if plan.noise_multiplier == 0:
+        return
+    rounds = plan.rounds or 1
+    central = epsilon(dataclasses.replace(plan, mechanism=Mechanism.FIXED), rounds)
+    ratio = epsilon(plan, rounds) / central
+    if ratio <= MAX_DISTRIBUTED_EPSILON_RATIO:
+        return
+    usable = None
+    for bits in range(plan.bits + 1, configs.MAX_DISTRIBUTED_BITS + 1):
+        wider = dataclasses.replace(plan, bits=bits)
+        if epsilon(wider, rounds) <= MAX_DISTRIBUTED_EPSILON_RATIO * central:
+            usable = bits
+            break
+    params = plan.distributed()
+    inflation = (params.l2_sensitivity / params.scale) / plan.clip
+    fix = (
+        f"use bits >= {usable}"
+        if usable
+        else f"no width up to {configs.MAX_DISTRIBUTED_BITS} is; lower clients_per_round or use central DP"
+    )
+    raise AccountingError(
+        "dp.bits",
+        f"bits={plan.bits} is unusable for this model ({plan.dimension:,} parameters) and cohort "
+        f"({plan.clients_per_round} clients per round): rounding inflates the L2 sensitivity {inflation:.3g}x and "
+        f"epsilon after {rounds} rounds would be {epsilon(plan, rounds):.4g}, {ratio:.3g}x central DP's "
+        f"{central:.4g} at noise_multiplier={plan.noise_multiplier:g} (more than "
+        f"{MAX_DISTRIBUTED_EPSILON_RATIO:g}x); {fix}",
+    )
+
+
 class EpsilonTracker:
     """`epsilon(plan, r)` for a run that asks after every round, without the PLD rebuild.
 
@@ -243,9 +522,17 @@ class EpsilonTracker:
     def __init__(self, plan: PrivacyPlan):
         self._plan = plan
         self._one_round = None
+        self._noised: dict[int, int] = {}  # round -> clients whose noise shares were summed
+        self._rdp_by_clients: dict[int, np.ndarray] = {}
+
+    def observe(self, round_num: int, noised_clients: int) -> None:
+        """Records how many clients' noise shares round `round_num` summed (the distributed mechanism)."""
+        self._noised[round_num] = int(noised_clients)
 
     def __call__(self, rounds: int) -> float:
         plan = self._plan
+        if plan.mechanism is Mechanism.DISTRIBUTED and plan.noise_multiplier > 0 and rounds > 0:
+            return self._distributed(rounds)
         cacheable = (
             plan.accountant is Accountant.PLD
             and plan.sampling is Sampling.POISSON
@@ -263,6 +550,20 @@ class EpsilonTracker:
             )
         return float(self._one_round.self_compose(rounds).get_epsilon_for_delta(plan.delta))
 
+    def _distributed(self, rounds: int) -> float:
+        """Each round with the clients it noised (observed), or the expected m where none was observed."""
+        plan = self._plan
+        accountant = create_accountant(plan)
+        counts: dict[int, int] = {}
+        for r in range(1, rounds + 1):
+            n = self._noised.get(r, plan.clients_per_round)
+            counts[n] = counts.get(n, 0) + 1
+        for n, times in counts.items():
+            if n not in self._rdp_by_clients:
+                self._rdp_by_clients[n] = accountant.event_rdp(_sampled(plan, round_event(plan, n)))
+            accountant.add_rdp(self._rdp_by_clients[n], times)
+        return float(accountant.get_epsilon(plan.delta))
+
 
 def describe(plan: PrivacyPlan) -> str:
     """The assumptions behind an epsilon, to print wherever the number is shown."""
@@ -274,6 +575,15 @@ def describe(plan: PrivacyPlan) -> str:
         Sampling.SHUFFLE: f"each of {plan.population} clients at most once",
         Sampling.DEVICE: "participation by device availability (no amplification by sampling)",
     }[plan.sampling]
+    if plan.mechanism is Mechanism.DISTRIBUTED:
+        params = plan.distributed()
+        return (
+            f"client-level DP, distributed discrete Gaussian ({plan.bits}-bit modular sum of "
+            f"{params.padded_dimension:,} coordinates, noise shares for {plan.clients_per_round} clients; a run "
+            f"accounts each round with the clients it had; secure sum simulated as a plain modular sum), "
+            f"z={plan.noise_multiplier:g}, {sampling}, "
+            f"delta={plan.delta:.3g}, RDP accountant (Kairouz, Liu, Steinke 2021)"
+        )
     return (
         f"client-level DP, {plan.mechanism.value} clipping, z={plan.noise_multiplier:g}, {sampling}, "
         f"delta={plan.delta:.3g}, {plan.accountant.value.upper()} accountant"
@@ -287,7 +597,9 @@ def noise_for_target_epsilon(plan: PrivacyPlan, rounds: int, target_epsilon: flo
             "privacy.target_epsilon", f"target_epsilon must be a positive number, got {target_epsilon}"
         )
     if not plan.is_private:
-        raise AccountingError("dp.mechanism", "a target epsilon needs a DP mechanism (fixed, adaptive or tree)")
+        raise AccountingError(
+            "dp.mechanism", "a target epsilon needs a DP mechanism (fixed, adaptive, tree or distributed)"
+        )
     bracket = dp_accounting.LowerEndpointAndGuess(0.0, 1.0)
     if plan.mechanism is Mechanism.ADAPTIVE:
         # At z >= 0.1*m the adaptive split is undefined; calibrate below it.

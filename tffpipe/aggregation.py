@@ -19,7 +19,7 @@ import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 from tensorflow_federated.python.aggregators import differential_privacy
 
-from tffpipe import accounting, configs
+from tffpipe import accounting, configs, mechanisms
 
 Mechanism = configs.Mechanism
 
@@ -184,8 +184,13 @@ def _encoded_bytes(record_specs) -> int:
     return total
 
 
-def upload_bytes(record_specs, compression: bool) -> int:
-    """Bytes one client uploads: 4 per float32 weight, or with compression what TFF's encoders produce."""
+def upload_bytes(record_specs, compression: bool, *, plan: accounting.PrivacyPlan | None = None) -> int:
+    """Bytes one client uploads: 4 per float32 weight, or with compression what TFF's encoders produce.
+
+    With a `plan` whose mechanism has a spec (`mechanisms.SPECS`), the spec's count.
+    """
+    if plan is not None and plan.mechanism in mechanisms.SPECS:
+        return mechanisms.SPECS[plan.mechanism].upload_bytes(record_specs, plan)
     if compression:
         return _encoded_bytes(record_specs)
     return sum(4 * int(np.prod(spec.shape)) for spec in tf.nest.flatten(record_specs))
@@ -210,6 +215,8 @@ def build_factory(
     z, m = plan.noise_multiplier, float(plan.clients_per_round)
     if compression:
         return compression_factory()
+    if plan.mechanism in mechanisms.SPECS:
+        return mechanisms.SPECS[plan.mechanism].build_factory(dp, plan, noise_seed)
     if plan.mechanism is Mechanism.NONE:
         return None
     if plan.mechanism is Mechanism.FIXED:
@@ -256,6 +263,8 @@ def round_metrics(plan: accounting.PrivacyPlan, measurements: Mapping[str, Any],
     """
     if not plan.is_private:
         return {}
+    if plan.mechanism in mechanisms.SPECS:
+        return mechanisms.SPECS[plan.mechanism].round_metrics(plan, measurements, clients)
     if "zeroing" in measurements:  # zeroing_factory nests the inner aggregator's measurements
         measurements = measurements["zeroing"]
     query = measurements.get("dp_query_metrics", {})

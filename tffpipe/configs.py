@@ -36,6 +36,10 @@ class Mechanism(enum.Enum):
     FIXED = "fixed"  # Gaussian noise on updates clipped to a fixed L2 norm
     ADAPTIVE = "adaptive"  # the clip follows a quantile of update norms (Andrew et al. 2021)
     TREE = "tree"  # DP-FTRL tree aggregation (Kairouz et al. 2021)
+    # Each client clips, rotates, rounds to integers and adds its share of discrete Gaussian
+    # noise; only the modular sum is revealed (Kairouz, Liu, Steinke 2021). Simulated:
+    # the secure sum runs as a plain modular sum.
+    DISTRIBUTED = "distributed"
 
 
 class Sampling(enum.Enum):
@@ -79,6 +83,10 @@ DEFAULT_NOISE_MULTIPLIER = 0.7  # with a DP mechanism; none without
 DEFAULT_MODEL: Mapping[Task, str] = {Task.EMNIST: "small_cnn", Task.KEYBOARD: "cifg_lstm"}
 # TFF's adaptive clipping noises the clipped count with std 0.05 * clients_per_round.
 ADAPTIVE_COUNT_STDDEV_PER_CLIENT = 0.05
+# Distributed DP: bits of the secure sum's field (2^bits) when none is given, and TFF's
+# range (its discretization computes in float32, exact for integers up to 2^24).
+DEFAULT_DISTRIBUTED_BITS = 20
+MAX_DISTRIBUTED_BITS = 22
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +280,9 @@ class DpConfig:
       clip_learning_rate: adaptive: geometric step of the clip towards the quantile.
       zeroing_norm: if > 0, updates with a larger L-inf norm are zeroed before
         clipping (robustness to corrupt devices; privacy unchanged).
+      bits: distributed: the secure sum works modulo 2^bits; None: 20 with the
+        distributed mechanism. Fewer bits mean coarser rounding, which inflates the
+        sensitivity (`accounting` refuses a width that is unusable for the model and cohort).
     """
 
     mechanism: Mechanism = Mechanism.FIXED
@@ -280,15 +291,34 @@ class DpConfig:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     zeroing_norm: float = 0.0
+    bits: int | None = None
 
     def __post_init__(self):
+        if self.bits is None:
+            if self.mechanism is Mechanism.DISTRIBUTED:
+                object.__setattr__(self, "bits", DEFAULT_DISTRIBUTED_BITS)
+        else:
+            validation.integer(1, bits=self.bits)
+            if self.bits > MAX_DISTRIBUTED_BITS:
+                raise validation.ConfigError(
+                    "bits",
+                    f"bits must be an integer from 1 to {MAX_DISTRIBUTED_BITS}, got {self.bits}: TFF's distributed "
+                    "DP rounds in float32, exact for integers up to 2^24 only",
+                )
+            if self.mechanism is not Mechanism.DISTRIBUTED:
+                raise validation.ConfigError(
+                    "bits",
+                    f"bits={self.bits} is the distributed mechanism's field width and has no effect with mechanism "
+                    f"{self.mechanism.value}; choose mechanism distributed, or leave bits unset",
+                )
         if self.noise_multiplier is not None:
             validation.non_negative(noise_multiplier=self.noise_multiplier)
             if self.mechanism is Mechanism.NONE and self.noise_multiplier > 0:
                 raise validation.ConfigError(
                     "noise_multiplier",
                     f"noise_multiplier={self.noise_multiplier:g} has no effect without a DP mechanism "
-                    "(mechanism none); choose the fixed, adaptive or tree mechanism, or leave noise_multiplier unset",
+                    "(mechanism none); choose the fixed, adaptive, tree or distributed mechanism, or leave "
+                    "noise_multiplier unset",
                 )
         validation.positive(clip=self.clip)
         validation.in_range(0, 1, closed="()", target_quantile=self.target_quantile)
@@ -509,6 +539,7 @@ def default_sampling(mechanism: Mechanism) -> Sampling:
         Mechanism.FIXED: Sampling.POISSON,
         Mechanism.ADAPTIVE: Sampling.POISSON,
         Mechanism.TREE: Sampling.SHUFFLE,
+        Mechanism.DISTRIBUTED: Sampling.POISSON,
     }[mechanism]
 
 
@@ -651,6 +682,7 @@ def _check_combinations(config: ExperimentConfig) -> None:
             "privacy.accountant",
             f"the PLD accountant does not support sampling={sampling.value}; use the RDP accountant",
         )
+    _check_distributed(config, sampling)
     if privacy.target_epsilon is not None:
         if not dp.is_private:
             raise error(
@@ -685,6 +717,31 @@ def _check_combinations(config: ExperimentConfig) -> None:
             "algorithm.algorithm",
             "fedsgd takes only weighted aggregators in TFF 0.87, and DP aggregation is unweighted; "
             "use algorithm=fedavg with epochs=1 for DP",
+        )
+
+
+def _check_distributed(config: ExperimentConfig, sampling: Sampling) -> None:
+    """The distributed mechanism's rules: what its accounting covers (`accounting`, Poisson or devices, RDP)."""
+    if config.dp.mechanism is not Mechanism.DISTRIBUTED:
+        return
+    error = validation.ConfigError
+    if sampling not in (Sampling.POISSON, Sampling.DEVICE):
+        raise error(
+            "privacy.sampling",
+            f"the distributed mechanism is accounted under Poisson sampling (or the device model, without "
+            f"amplification); got sampling={sampling.value}. Use sampling=poisson or leave it unset",
+        )
+    if config.privacy.accountant is not Accountant.RDP:
+        raise error(
+            "privacy.accountant",
+            "the distributed discrete Gaussian is accounted with its RDP bound (Kairouz, Liu, Steinke 2021); "
+            "use the RDP accountant",
+        )
+    if config.dp.zeroing_norm > 0:
+        raise error(
+            "dp.zeroing_norm",
+            "zeroing is not wired into the distributed mechanism (its clipping runs on each device inside "
+            "TFF's factory); set zeroing_norm to 0",
         )
 
 

@@ -62,11 +62,19 @@ def check(
     """
     data = tasks.data_source(config)
     models.check_builder(config.model, config.task, data.num_classes, stop_requested=stop_requested)  # fits the task
-    plan = accounting.create_plan(config, data.population() + config.privacy.canaries)
+    plan = accounting.create_plan(
+        config, data.population() + config.privacy.canaries, model_size=lambda: trainable_parameters(config, data)
+    )
     loop = _within_budget(config, plan)
     if config.devices is not None and config.devices.device_profiles:
         devices.load_profiles(config.devices.device_profiles, [])  # the file parses; coverage after loading
     return data, plan, loop
+
+
+def trainable_parameters(config: configs.ExperimentConfig, data: tasks.DataSource) -> int:
+    """The model's trainable parameters: the dimension of one client update."""
+    model = models.create_model(config.model, config.task, data.num_classes)
+    return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 
 def prepare(
@@ -193,11 +201,12 @@ def run(
         start_workers(workers, prepared)
     try:
         # Models are created in this order since the seed was set, which fixes the initial weights.
-        upload = aggregation.upload_bytes(task.record_specs(), config.compression)
+        upload = aggregation.upload_bytes(task.record_specs(), config.compression, plan=plan)
         with report.phase("building the learning process"):
             process = runtime.ResilientProcess(algorithms.build_learning_process(task, config, plan), workers)
             evaluate = _build_evaluate(task, config) if config.eval_clients > 0 else None
         device_rounds = create_device_rounds(prepared, upload) if config.devices is not None else None
+        tracker = _epsilon_tracker(plan, dirs)
         canaries = None
         if config.privacy.canaries:
             initial = audit.trainable_weights(process.initialize())
@@ -212,7 +221,7 @@ def run(
             releaser=outputs.MetricsReleaser(dirs),
             config=loop,
             evaluate=evaluate,
-            round_metrics=_build_round_metrics(prepared, upload, device_rounds, canaries, loop, workers),
+            round_metrics=_build_round_metrics(prepared, upload, device_rounds, canaries, loop, workers, tracker),
             progress=ProgressPrinter(loop.rounds, stream, private=plan.is_private),
             stop_requested=stop_requested,
             carry=canaries,
@@ -223,7 +232,7 @@ def run(
         estimate = None if canaries is None else canaries.estimate(audit.trainable_weights(result.state), plan.delta)
     finally:
         workers.stop()
-    eps = accounting.epsilon(plan, result.last_round)
+    eps = tracker(result.last_round)  # with the noise each round had (distributed), as released
     if estimate is not None:
         report_audit(estimate, eps, result.last_round, plan, dirs, stream)
     if loop.rounds < config.loop.rounds and result.last_round == loop.rounds:
@@ -374,6 +383,16 @@ def _build_evaluate(task: base.Task, config: configs.ExperimentConfig):
     return evaluate
 
 
+def _epsilon_tracker(plan: accounting.PrivacyPlan, dirs: outputs.ExperimentDirs) -> accounting.EpsilonTracker:
+    """The run's epsilon, with the clients each released round noised (read back from metrics.csv on a resume)."""
+    tracker = accounting.EpsilonTracker(plan)
+    if outputs.has_completed_round(dirs):
+        for row in outputs.read_metrics(dirs.metrics_csv):
+            if row.get("privacy/noised_clients"):
+                tracker.observe(int(row["round"]), int(float(row["privacy/noised_clients"])))
+    return tracker
+
+
 def _build_round_metrics(
     prepared: Prepared,
     upload: int,
@@ -381,12 +400,17 @@ def _build_round_metrics(
     canaries: audit.CanaryAudit | None,
     loop: configs.LoopConfig,
     workers: runtime.Runtime,
+    epsilon: accounting.EpsilonTracker,
 ):
     plan, config = prepared.plan, prepared.config
     download = prepared.task.model_info.update_bytes
-    epsilon = accounting.EpsilonTracker(plan)
 
     def round_metrics(round_num: int, output, clients) -> dict[str, float]:
+        mechanism = {}
+        if output is not None:
+            mechanism = aggregation.round_metrics(plan, output.metrics["aggregator"], len(clients))
+        if "privacy/noised_clients" in mechanism:  # noise that depends on who took part (distributed)
+            epsilon.observe(round_num, int(mechanism["privacy/noised_clients"]))
         metrics = {"privacy/epsilon": epsilon(round_num), "privacy/delta": plan.delta}
         if len(workers.workers) > 1 or config.runtime.workers:
             metrics["system/workers"] = float(len(workers.workers))
@@ -396,8 +420,7 @@ def _build_round_metrics(
         else:
             metrics["system/bytes_up"] = float(upload * len(clients))
             metrics["system/bytes_down"] = float(download * len(clients))
-        if output is not None:
-            metrics.update(aggregation.round_metrics(plan, output.metrics["aggregator"], len(clients)))
+        metrics.update(mechanism)
         if canaries is not None and output is not None:
             metrics["system/canaries"] = float(sum(audit.is_canary(c) for c in clients))
             weights = audit.trainable_weights(output.state)

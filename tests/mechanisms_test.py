@@ -1,0 +1,74 @@
+"""The distributed discrete Gaussian spec: TFF's factory, run on the C++ worker, against the plan."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow_federated as tff
+
+from tffpipe import accounting, aggregation, configs, mechanisms
+
+M = configs.Mechanism
+
+
+def _plan(noise_multiplier: float, clients_per_round: int, dim: int, bits: int = 16, clip: float = 1.0):
+    return accounting.PrivacyPlan(
+        M.DISTRIBUTED,
+        noise_multiplier,
+        clients_per_round,
+        100,
+        configs.Sampling.POISSON,
+        1e-5,
+        clip=clip,
+        bits=bits,
+        dimension=dim,
+    )
+
+
+def _process(plan: accounting.PrivacyPlan):
+    dp = configs.DpConfig(mechanism=M.DISTRIBUTED, clip=plan.clip, bits=plan.bits)
+    factory = aggregation.build_factory(dp, plan, noise_seed=0)
+    return factory.create(tff.TensorType(np.float32, [plan.dimension]))
+
+
+def test_without_noise_the_mean_is_within_the_rounding_bound_of_the_exact_mean(tff_context):
+    plan = _plan(0.0, clients_per_round=3, dim=50, bits=12)
+    rng = np.random.default_rng(0)
+    updates = [(0.9 * v / np.linalg.norm(v)).astype(np.float32) for v in rng.normal(size=(3, 50))]  # norms 0.9 < C
+    process = _process(plan)
+    output = process.next(process.initialize(), updates)
+    params = plan.distributed()
+    measured = output.measurements["mean_value"]
+    # The plan derives TFF's scale (float32 there): the accountant and the factory agree.
+    assert float(measured["scale_factor"]) == pytest.approx(params.scale, rel=1e-5)
+    assert int(measured["padded_dim"]) == params.padded_dimension == 50
+    # Stochastic rounding moves each rotated, scaled coordinate by less than 1, so each client's
+    # error has L2 norm < sqrt(d) in scaled units; rotation keeps norms; the mean of 3 errors
+    # is then below sqrt(d) / scale = sqrt(50) / scale in the update's units.
+    error = np.linalg.norm(output.result - np.mean(updates, axis=0))
+    bound = math.sqrt(params.padded_dimension) / params.scale
+    assert 0 < error <= bound
+    assert int(measured["actual_num_clients"]) == 3
+
+
+@pytest.mark.parametrize("clients", [4, 2])
+def test_noise_rms_is_z_c_scaled_by_the_clients_that_took_part(tff_context, clients):
+    z, clip, m, dim = 1.0, 0.5, 4, 20_000
+    plan = _plan(z, clients_per_round=m, dim=dim, bits=20, clip=clip)
+    process = _process(plan)
+    output = process.next(process.initialize(), [np.zeros(dim, np.float32)] * clients)
+    # Zeros round to zeros: the sum is the noise alone, n shares of std z*C/sqrt(m) each,
+    # i.e. z*C*sqrt(n/m) on each coordinate (0.5 with 4 of 4 clients, 0.354 with 2 of 4).
+    expected_on_sum = z * clip * math.sqrt(clients / m)
+    rms = float(np.sqrt(np.mean(np.square(output.result * clients))))  # the mean divides the sum by n
+    assert rms == pytest.approx(expected_on_sum, rel=0.10)
+    metrics = aggregation.round_metrics(plan, output.measurements, clients)
+    assert metrics["privacy/noised_clients"] == clients
+    assert metrics["privacy/noise_stddev"] == pytest.approx(expected_on_sum / clients, rel=1e-4)
+
+
+def test_bytes_up_are_bits_per_padded_coordinate():
+    plan = _plan(1.0, clients_per_round=10, dim=48_671, bits=16)
+    # 48,671 coordinates pad to 48,672 (the DFT pairs them): 48,672 * 16 bits = 97,344 bytes, + 3 one-bit counts.
+    assert aggregation.upload_bytes([], False, plan=plan) == 97_347
+    assert mechanisms.SPECS[M.DISTRIBUTED].upload_bytes([], plan) == 97_347

@@ -1,0 +1,155 @@
+"""One spec per mechanism: what a DP mechanism brings to a run, in one place.
+
+A spec holds the TFF factory the mechanism aggregates with, the compilation step its
+intrinsics need (part of the factory it builds, so every execution context runs it
+untouched), its per-round metrics and the bytes a client uploads. `aggregation` looks
+a mechanism up here before its own central-DP queries. The layers below TensorFlow
+hold the rest of a mechanism: its rules in `configs` (checked before any data is
+generated) and its DpEvent and accountant in `accounting`.
+
+The distributed discrete Gaussian (Kairouz, Liu, Steinke 2021, "The Distributed
+Discrete Gaussian Mechanism for Federated Learning with Secure Aggregation") is the
+first: each client clips, rotates, scales and rounds its update, adds its own share of
+discrete Gaussian noise, and only the modular sum is revealed. Here the secure sum is
+simulated as a plain modular sum: a run shows the mechanism's utility and epsilon,
+not its security.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import tensorflow_federated as tff
+from tensorflow_federated.python.aggregators import distributed_dp
+from tensorflow_federated.python.core.backends.test import compiler as test_compiler
+from tensorflow_federated.python.core.impl.compiler import transformations
+from tensorflow_federated.python.core.impl.computation import computation_impl
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+from tffpipe import accounting, configs
+
+Mechanism = configs.Mechanism
+
+
+@dataclasses.dataclass(frozen=True)
+class MechanismSpec:
+    """What one mechanism brings to a run.
+
+    Attributes:
+      build_factory: (dp, plan, noise_seed) -> the TFF aggregation factory.
+      round_metrics: (plan, measurements, clients) -> the round's `privacy/...` metrics;
+        `privacy/noised_clients`, when present, is the count of clients whose noise
+        the round summed, which the accountant composes the round with.
+      upload_bytes: (record specs, plan) -> bytes one client uploads.
+    """
+
+    build_factory: Callable[[configs.DpConfig, accounting.PrivacyPlan, int], Any]
+    round_metrics: Callable[[accounting.PrivacyPlan, Mapping[str, Any], int], dict[str, float]]
+    upload_bytes: Callable[[Any, accounting.PrivacyPlan], int]
+
+
+def simulated_secure(comp: tff.Computation) -> tff.Computation:
+    """`comp` with its secure sums as plain (modular) sums, in call-dominant form.
+
+    TFF's C++ worker has no secure intrinsics ("Cannot embed a federated value"). TFF's
+    test backend rewrites them (`replace_secure_intrinsics_with_bodies`,
+    core/backends/test/compiler.py) into `federated_aggregate`s with the same arithmetic:
+    each client's bound asserted, the modulus applied to the sum. Call-dominant form
+    (TFF's `to_call_dominant`) then flattens the nested aggregators: FedAvg with the
+    distributed aggregator serializes 107 levels deep, past upb's limit of 100
+    ("DecodeError: Error parsing message"). The type signature is kept as it was, so
+    the rewritten process composes like the original.
+    """
+    block, _ = test_compiler._replace_secure_intrinsics_with_insecure_bodies(comp.to_building_block())  # noqa: SLF001
+    block = transformations.to_call_dominant(block)
+    return computation_impl.ConcreteComputation(
+        computation_proto=block.proto,
+        context_stack=context_stack_impl.context_stack,
+        annotated_type=comp.type_signature,
+    )
+
+
+class SimulatedSecureFactory(tff.aggregators.UnweightedAggregationFactory):
+    """An unweighted factory whose processes run on TFF's C++ worker (`simulated_secure`)."""
+
+    def __init__(self, inner: tff.aggregators.UnweightedAggregationFactory):
+        self._inner = inner
+
+    def create(self, value_type) -> tff.templates.AggregationProcess:
+        process = self._inner.create(value_type)
+        return tff.templates.AggregationProcess(simulated_secure(process.initialize), simulated_secure(process.next))
+
+
+def build_distributed_factory(
+    dp: configs.DpConfig, plan: accounting.PrivacyPlan, noise_seed: int
+) -> tff.aggregators.UnweightedAggregationFactory:
+    """The distributed discrete Gaussian mean, from TFF's `DistributedDpSumFactory`.
+
+    `(<S@SERVER, {float32[d]}@CLIENTS> -> <S@SERVER, float32[d]@SERVER, M@SERVER>)`: each
+    client clips its update to C, rotates it (randomized DFT), scales and rounds it to
+    integers, adds a discrete Gaussian share of std z*C*scale/sqrt(m), and the sum modulo
+    2^bits is mapped back and divided by the count of clients, itself a secure sum of
+    ones (TFF's `UnweightedMeanFactory`). TFF's defaults otherwise (rotation,
+    unconditional rounding), with the wrap probability `accounting` plans with. The
+    noise comes from TFF's unseeded ops: `noise_seed` cannot replay it, so a resumed run
+    matches an uninterrupted one in distribution only.
+    """
+    del noise_seed
+    ddp = distributed_dp.DistributedDpSumFactory(
+        noise_multiplier=plan.noise_multiplier,
+        expected_clients_per_round=plan.clients_per_round,
+        bits=plan.bits,
+        l2_clip=dp.clip,
+        modclip_prob=accounting.DISTRIBUTED_MODCLIP_PROB,
+        mechanism="distributed_dgauss",
+    )
+    mean = tff.aggregators.UnweightedMeanFactory(
+        value_sum_factory=ddp, count_sum_factory=tff.aggregators.SecureSumFactory(1, 0)
+    )
+    return SimulatedSecureFactory(mean)
+
+
+def distributed_round_metrics(
+    plan: accounting.PrivacyPlan, measurements: Mapping[str, Any], clients: int
+) -> dict[str, float]:
+    """The distributed mechanism's metrics, read from TFF's measurements.
+
+    `privacy/noised_clients`: n, the secure count of clients whose shares were summed;
+    `privacy/clip`; `privacy/noise_stddev`: the std of the noise on each coordinate of
+    the averaged update, z*C*sqrt(n/m)/n (the shares are sized for m; the mean divides by
+    n), in distribution, as the noise is never seen apart from the updates;
+    `privacy/scale_factor`: the scale before rounding.
+    """
+    del clients  # the secure count is what was noised
+    values = measurements["mean_value"]
+    n = int(values["actual_num_clients"])
+    scale = float(values["scale_factor"])
+    noise_on_sum = float(values["scaled_local_stddev"]) * math.sqrt(n) / scale
+    return {
+        "privacy/noise_multiplier": plan.noise_multiplier,
+        "privacy/clip": float(values["l2_clip"]),
+        "privacy/noise_stddev": noise_on_sum / n if n else 0.0,
+        "privacy/noised_clients": float(n),
+        "privacy/scale_factor": scale,
+    }
+
+
+def distributed_upload_bytes(record_specs, plan: accounting.PrivacyPlan) -> int:
+    """`bits` per coordinate of the padded update, and a byte for each of its three 1-bit secure counts.
+
+    The counts: clients (the mean's denominator), clipped clients and noised clients.
+    """
+    del record_specs  # the plan's dimension is the model's trainable parameters
+    return -(-plan.distributed().padded_dimension * plan.bits // 8) + 3
+
+
+SPECS: Mapping[Mechanism, MechanismSpec] = {
+    Mechanism.DISTRIBUTED: MechanismSpec(
+        build_factory=build_distributed_factory,
+        round_metrics=distributed_round_metrics,
+        upload_bytes=distributed_upload_bytes,
+    ),
+}
