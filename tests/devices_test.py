@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import tensorflow as tf
 
-from tffpipe import accounting, aggregation, configs, devices
+from tffpipe import accounting, aggregation, configs, devices, models
 
 HOUR = devices.SECONDS_PER_HOUR
 
@@ -22,7 +22,7 @@ def profile(cid: str, speed: float = 100.0, dropout: float = 0.0, window=(0.0, 2
     )
 
 
-def rounds(profiles, *, k, deadline=0.0, overselect=0.0, seed=0, update_bytes=1000, examples=100):
+def rounds(profiles, *, k, deadline=0.0, overselect=0.0, seed=0, update_bytes=1000, examples=100, parameters=None):
     return devices.DeviceRounds(
         {p.client_id: p for p in profiles},
         {p.client_id: examples for p in profiles},
@@ -30,6 +30,7 @@ def rounds(profiles, *, k, deadline=0.0, overselect=0.0, seed=0, update_bytes=10
         epochs=1,
         model_bytes=2000,
         update_bytes=update_bytes,
+        model_parameters=parameters or devices.REFERENCE_PARAMETERS,
         config=configs.DeviceConfig(overselect=overselect, deadline_seconds=deadline, start_hour_utc=0.0),
         seed=seed,
     )
@@ -49,6 +50,20 @@ def test_round_closes_at_the_kth_report_and_extra_devices_are_late():
     outcome = sim.outcome(1)
     assert outcome.reported == ("c", "b") and outcome.late == ("a",)
     assert outcome.duration_seconds == pytest.approx(100 / 50.0 + 2000 / 1e12 + 1000 / 1e12)
+
+
+def test_compute_time_scales_with_the_models_parameters():
+    # 100 examples at 50 ex/s take 2 s with the reference model (small_cnn's 54,462 parameters);
+    # cifg_lstm's 1,422,638 take 1,422,638 / 54,462 = 26.12x as long: 52.2 s, past a 30 s deadline.
+    assert models.create_small_cnn(62).count_params() == devices.REFERENCE_PARAMETERS
+    fleet = [profile("a", 50.0), profile("b", 1000.0)]
+    small = rounds(fleet, k=2, deadline=30.0).outcome(1)
+    large = rounds(fleet, k=2, deadline=30.0, parameters=1_422_638).outcome(1)
+    assert small.duration_seconds == pytest.approx(2.0) and set(small.reported) == {"a", "b"}
+    assert large.reported == ("b",) and large.late == ("a",)  # b: 0.1 s x 26.12 = 2.6 s
+    assert large.duration_seconds == 30.0
+    alone = rounds([profile("a", 50.0)], k=1, parameters=1_422_638).outcome(1)
+    assert alone.duration_seconds == pytest.approx(2.0 * 1_422_638 / 54_462)
 
 
 def test_dropouts_contribute_nothing():

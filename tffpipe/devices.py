@@ -8,13 +8,22 @@ from real traces), and `DeviceRounds` runs each round on a simulated clock:
 
 1. only devices inside their availability window at the round's start are eligible;
 2. k * (1 + overselect) of them are asked (uniformly, seeded by (seed, round));
-3. each downloads the model, trains its examples x epochs at its speed, uploads the
-   update; it drops out with its probability;
+3. each downloads the model, trains its examples x epochs at its speed scaled to the
+   model (below), uploads the update; it drops out with its probability;
 4. the round closes when k have reported or at the deadline; later devices and
    dropped ones contribute nothing. The clock advances by the round's duration.
 
 Everything is a pure function of (profiles, seed, round history), so a resumed run
 replays the clock exactly.
+
+Speeds are examples/s of a model of `REFERENCE_PARAMETERS` parameters (small_cnn at 62
+classes, what the tiers were set for); a model of P parameters takes P /
+REFERENCE_PARAMETERS times as long per example. The parameter count stands in for the
+training FLOPs per example, a first-order proxy: against small_cnn's 0.70M multiply-adds
+per image, cnn (22x the parameters) does 17x, cifg_lstm (26x) 40x and so_lstm (74x) 87x
+per 20-word sequence, since convolutions reuse weights over positions and LSTMs over
+time steps; dense-only models (linear, mlp) reuse none, and train about 13x faster than
+their parameter count says.
 
 Profile CSV schema (one row per client, header required):
   client_id, tier, examples_per_second, upload_bytes_per_second,
@@ -37,9 +46,10 @@ from tffpipe import configs, validation
 
 SECONDS_PER_HOUR = 3600.0
 # Compute tiers: share of devices, and the log-uniform range of on-device training speed
-# in examples/s (a small CNN on phone CPUs, framework overhead included); the tiers'
-# medians are about 4x apart, low to high about 15x.
+# in examples/s of a model of REFERENCE_PARAMETERS (small_cnn on phone CPUs, framework
+# overhead included); the tiers' medians are about 4x apart, low to high about 15x.
 TIERS = {"low": (0.3, (2.0, 8.0)), "mid": (0.5, (8.0, 30.0)), "high": (0.2, (30.0, 120.0))}
+REFERENCE_PARAMETERS = 54_462  # small_cnn at 62 classes; speeds scale by REFERENCE_PARAMETERS / parameters
 
 
 class ProfileError(validation.ConfigError):
@@ -195,11 +205,14 @@ class DeviceRounds:
         epochs: int,
         model_bytes: int,
         update_bytes: int,
+        model_parameters: int,
         config: configs.DeviceConfig,
         seed: int,
     ):
         if clients_per_round <= 0:
             raise ValueError(f"clients_per_round must be positive, got {clients_per_round}")
+        if model_parameters <= 0:
+            raise ValueError(f"model_parameters must be positive, got {model_parameters}")
         self._ids = sorted(profiles)
         self._profiles = profiles
         self._examples = examples
@@ -207,6 +220,7 @@ class DeviceRounds:
         self._epochs = epochs
         self._model_bytes = model_bytes
         self._update_bytes = update_bytes
+        self._compute_scale = model_parameters / REFERENCE_PARAMETERS  # seconds per example, relative
         self._config = config
         self._seed = seed
         self._outcomes: list[RoundOutcome] = []
@@ -235,7 +249,7 @@ class DeviceRounds:
             drops = rng.random() < p.dropout_probability
             seconds = (
                 self._model_bytes / p.download_bytes_per_second
-                + self._examples.get(cid, 0) * self._epochs / p.examples_per_second
+                + self._examples.get(cid, 0) * self._epochs * self._compute_scale / p.examples_per_second
                 + self._update_bytes / p.upload_bytes_per_second
             )
             if drops:

@@ -122,6 +122,7 @@ def create_device_rounds(prepared: Prepared, upload_bytes: int) -> devices.Devic
         epochs=config.preprocess.epochs,
         model_bytes=task.model_info.update_bytes,
         update_bytes=upload_bytes,
+        model_parameters=task.model_info.num_parameters,
         config=config.devices,
         seed=config.seed,
     )
