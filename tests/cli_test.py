@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from experiments import cli, flag_groups
-from tffpipe import accounting, devices, errors, evaluation, models, outputs, validation
+from tffpipe import accounting, client_groups, devices, errors, evaluation, models, outputs, validation
 from tffpipe.data import sql_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +34,7 @@ def _raise(error: Exception):
         sql_files.DataFileError("data file not found: /nonexistent/emnist_all.sqlite"),
         outputs.CheckpointError("checkpoint of round 3 in /x is unreadable"),
         outputs.OutputError("cannot create the experiment directory /x"),
+        client_groups.GroupingError("the adaptive DP mechanism has no grouped path yet; only fixed clipping"),
     ],
     ids=lambda e: type(e).__name__,
 )

@@ -50,7 +50,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 
-from tffpipe import accounting, aggregation, algorithms, configs
+from tffpipe import accounting, aggregation, algorithms, configs, errors
 from tffpipe.tasks import base
 
 DatasetFn = Callable[[tf.Tensor], tf.data.Dataset]
@@ -59,7 +59,7 @@ DatasetFn = Callable[[tf.Tensor], tf.data.Dataset]
 _ALL = 2**31 - 1
 
 
-class GroupingError(ValueError):
+class GroupingError(errors.InputError):
     """The configuration has no grouped path (yet); the message says which part."""
 
     field = "client_batching"
