@@ -35,7 +35,8 @@ def main() -> None:
             raise flag_groups.FlagError(
                 f"no Keras model file at {path}; train first, or pass --model_path=<file.keras> or --source=checkpoint"
             )
-    prepared = program.prepare(config)
+    # The experiment's own model or checkpoint: only with the flags it was trained with (--model_path: any file).
+    prepared = program.prepare(config, trained=None if FLAGS.model_path else dirs)
     if FLAGS.model_path or FLAGS.source == "model":
         model, where = evaluation.load_keras_model(path), path
     else:

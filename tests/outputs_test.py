@@ -89,6 +89,22 @@ def test_other_configuration_is_refused_and_nothing_is_touched(tmp_path):
         assert f.read() == before
 
 
+def test_reading_a_run_needs_a_completed_round_and_its_configuration_and_writes_nothing(tmp_path):
+    dirs = _dirs(tmp_path)
+    with pytest.raises(outputs.OutputError, match="has not completed a round .no checkpoint.; train it first"):
+        outputs.check_trained_with(dirs, {"model": "linear"})
+    assert not os.path.exists(dirs.path)  # an experiment that does not exist stays so
+    outputs.prepare(dirs, {"task": "emnist", "model": "linear", "loop.rounds": 5})
+    _complete_a_round(dirs)
+    outputs.check_trained_with(dirs, {"task": "emnist", "model": "linear", "loop.rounds": 50})  # rounds may differ
+    with pytest.raises(outputs.OutputError, match=r"trained with another configuration \(model: 'linear' -> 'cnn'\)"):
+        outputs.check_trained_with(dirs, {"task": "emnist", "model": "cnn"})
+    # Another task changes the model and every task setting with it: the task is what to fix.
+    keyboard = {"task": "keyboard", "model": "cifg_lstm", "data.text.vocab_size": 100}
+    with pytest.raises(outputs.OutputError, match=r"configuration \(task: 'emnist' -> 'keyboard'\); give the flags"):
+        outputs.check_trained_with(dirs, keyboard)
+
+
 def test_directory_of_other_files_is_never_clobbered(tmp_path):
     os.makedirs(tmp_path / "exp")
     (tmp_path / "exp" / "notes.txt").write_text("mine")

@@ -330,6 +330,18 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         ("evaluate", [*_eval_flags(cache, runs), f"--model_path={not_a_model}"], "is not a loadable Keras model"),
         ("evaluate", [*_eval_flags(cache, runs), "--model_path=/nonexistent.keras"], "no Keras model file at"),
         ("evaluate", [*_eval_flags(cache, runs), "--max_clients=0"], "--max_clients=0: must be positive or -1"),
+        # Checked against the run's hparams.json before any data is generated or a directory created.
+        ("evaluate", [*_eval_flags(cache, runs), "--model=linear"], "trained with another configuration (model: 'smal"),
+        (
+            "evaluate",
+            [f"--cache_dir={cache}", f"--root_dir={runs}", "--experiment=base", "--task=keyboard"],
+            "trained with another configuration (task: 'emnist' -> 'keyboard')",
+        ),
+        (
+            "evaluate",
+            [f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS, "--experiment=missing", "--source=checkpoint"],
+            f"--experiment=missing: experiment {os.path.join(runs, 'missing')} has not completed a round",
+        ),
         ("data_card", [f"--cache_dir={cache}", f"--png={blocker}/samples.png"], f"--png={blocker}/samples.png"),
         ("data_card", ["--num_writers=nan"], "--num_writers=nan: invalid literal for int()"),
         ("tensorboard", ["--root=/nonexistent"], "--root=/nonexistent: no such directory yet"),

@@ -189,16 +189,8 @@ def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
         )
     _lock(dirs)
     if os.path.exists(dirs.hparams) and has_completed_round(dirs):
-        try:
-            with open(dirs.hparams) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise OutputError(
-                f"{dirs.hparams} is unreadable ({e}); move the directory away or pick another experiment name"
-            ) from e
-        changed = changed_keys(saved, hparams)
-        if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {hparams.get(k)!r}" for k in changed)
+        details = _configuration_changes(dirs, hparams)
+        if details:
             raise OutputError(
                 f"experiment {dirs.path} was run with another configuration ({details}). Its checkpoints "
                 "are kept untouched: pick a new experiment name, or rerun with the original settings to resume."
@@ -212,6 +204,37 @@ def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
             os.remove(stale)
     write_json(dirs.hparams, hparams)
     return False
+
+
+def check_trained_with(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> None:
+    """For reading a run's outputs (evaluate): it completed a round, with this configuration. Writes nothing.
+
+    Raises:
+      OutputError: no checkpoint (never trained, or no such experiment), or another configuration.
+    """
+    if not has_completed_round(dirs) or not os.path.exists(dirs.hparams):
+        raise OutputError(f"experiment {dirs.path} has not completed a round (no checkpoint); train it first")
+    details = _configuration_changes(dirs, hparams)
+    if details:
+        raise OutputError(
+            f"experiment {dirs.path} was trained with another configuration ({details}); "
+            "give the flags (or --flagfile) it was trained with"
+        )
+
+
+def _configuration_changes(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> str:
+    """`key: saved -> current` for each setting that differs from the run's hparams.json ('' when none)."""
+    try:
+        with open(dirs.hparams) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise OutputError(
+            f"{dirs.hparams} is unreadable ({e}); move the directory away or pick another experiment name"
+        ) from e
+    changed = changed_keys(saved, hparams)
+    if "task" in changed:
+        changed = ["task"]  # each task's own settings differ with it; the task is what to fix
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {hparams.get(k)!r}" for k in changed)
 
 
 _held_locks: dict[str, IO[str]] = {}

@@ -82,10 +82,17 @@ def prepare(
     *,
     report: progress.Progress | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
+    trained: outputs.ExperimentDirs | None = None,
 ) -> Prepared:
-    """Checks everything, then generates or checks the data and builds the task."""
+    """Checks everything, then generates or checks the data and builds the task.
+
+    With `trained` (evaluating that run's outputs), the run must have been trained with
+    this configuration, which is checked before any data is generated.
+    """
     report = report or progress.Progress(enabled=False)
     data, plan, loop = check(config, stop_requested=stop_requested)
+    if trained is not None:
+        outputs.check_trained_with(trained, recorded_hparams(config, plan))
     if data.needs_generation():
         report.line(f"generating the embedded {config.task.value} data once (cached in {config.data.cache_dir})")
     data_dir = data.prepare(progress=report.counter("data", "clients"), stop_requested=stop_requested)
@@ -99,8 +106,13 @@ def prepare(
 
 def hparams(prepared: Prepared) -> dict:
     """The configuration as recorded: the config's own view, with the resolved noise multiplier."""
-    values = prepared.config.hparams()
-    values["dp.noise_multiplier"] = prepared.plan.noise_multiplier
+    return recorded_hparams(prepared.config, prepared.plan)
+
+
+def recorded_hparams(config: configs.ExperimentConfig, plan: accounting.PrivacyPlan) -> dict:
+    """`hparams` before any data is prepared: what hparams.json holds for this configuration."""
+    values = config.hparams()
+    values["dp.noise_multiplier"] = plan.noise_multiplier
     return values
 
 
