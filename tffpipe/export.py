@@ -241,7 +241,7 @@ def _interpreter(content: bytes, *, delegates: bool = True) -> tf.lite.Interpret
             num_threads=1,
             experimental_op_resolver_type=resolver.AUTO if delegates else resolver.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
         )
-    interpreter.allocate_tensors()
+        interpreter.allocate_tensors()
     return interpreter
 
 
@@ -375,7 +375,18 @@ def export(
     expected = (len(x), *spec.input_shape)
     if serving_x.shape != expected:
         raise errors.InputError(f"held-out inputs have shape {serving_x.shape}, the serving signature {expected}")
-    keras_out = keras_logits(model, x)
+    try:
+        keras_out = keras_logits(model, x)
+    except Exception as e:  # noqa: BLE001  (Keras raises many types on inputs a model does not take)
+        raise errors.InputError(
+            f"model {model_name!r} does not take the task's inputs of shape {x.shape[1:]} "
+            f"({type(e).__name__}: {_first_line(e)}); export a model trained for this task"
+        ) from e
+    if keras_out.shape[:-1] != y.shape[: keras_out.ndim - 1]:  # [B, C] for y [B, 1]; [B, T, V] for y [B, T]
+        raise errors.InputError(
+            f"model {model_name!r} outputs shape {keras_out.shape[1:]} for targets of shape {y.shape[1:]}; "
+            "export a model trained for this task"
+        )
     keras_scores = score(keras_out, y, spec)
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
     os.makedirs(parent, exist_ok=True)
