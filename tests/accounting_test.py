@@ -151,3 +151,131 @@ def test_a_budget_gives_the_last_round_within_it_and_refuses_one_that_allows_non
         accounting.budgeted_rounds(BASE, 1e-9, 100)
     assert e.value.field == "privacy.max_epsilon"
     assert f"takes epsilon to {accounting.epsilon(BASE, 1):.4g}" in str(e.value)
+
+
+# --- The distributed discrete Gaussian, against the paper's formulas written out here ---
+
+
+def _paper_epsilon(z, clip, bits, m, population, dim, rounds, delta, sampled=True):
+    """epsilon from Kairouz, Liu, Steinke 2021 and the papers it builds on, independently of tffpipe.
+
+    Parameters as TFF chooses them: gamma solves 2^b = 2k sqrt(C^2 n^2 / d + (gamma^2/4 + sigma^2) n) / gamma
+    (the docstring of TFF's `_heuristic_scale_factor`), here by bisection; k = sqrt(2) erfcinv(1e-4).
+    """
+    from scipy import special
+
+    d = 2 * math.ceil(dim / 2)
+    k = math.sqrt(2) * special.erfcinv(1e-4)
+    sigma = z * clip / math.sqrt(m)  # each client's share, unscaled
+
+    def excess(gamma):
+        return 2 * k * math.sqrt(clip**2 * m**2 / d + (gamma**2 / 4 + sigma**2) * m) / gamma - 2**bits
+
+    low, high = 1e-12, 10.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if excess(middle) > 0 else (low, middle)
+    scale = 1 / high
+    l2 = (clip + math.sqrt(d) / scale + 1e-5) * scale  # Theorem 1's inflation by rounding (beta = 0)
+    l1 = math.ceil(l2 * min(math.sqrt(d), l2))
+    s = sigma * scale
+    tau = 10 * sum(math.exp(-2 * math.pi**2 * s**2 * j / (j + 1)) for j in range(1, m))
+    d2, d1 = l2 / (math.sqrt(m) * s), l1 / (math.sqrt(m) * s)
+
+    def eps(a):  # Proposition 14
+        return min(
+            a * d2**2 / 2 + tau * d, a / 2 * (d2**2 + 2 * d1 * tau + tau**2 * d), a / 2 * (d2 + tau * d**0.5) ** 2
+        )
+
+    q = m / population
+    best = math.inf
+    for a in list(range(2, 129)) + [256]:
+        if sampled:  # Zhu & Wang 2019, Theorem 5
+            logs = [(a - 1) * math.log1p(-q) + math.log(a * q - q + 1)]
+            logs.append(special.gammaln(a + 1) - special.gammaln(3) - special.gammaln(a - 1) + 2 * math.log(q))
+            logs[-1] += (a - 2) * math.log1p(-q) + eps(2)
+            for ell in range(3, a + 1):
+                binom = special.gammaln(a + 1) - special.gammaln(ell + 1) - special.gammaln(a - ell + 1)
+                logs.append(math.log(3) + binom + (a - ell) * math.log1p(-q) + ell * math.log(q) + (ell - 1) * eps(ell))
+            per_round = min(special.logsumexp(logs) / (a - 1), eps(a))
+        else:
+            per_round = eps(a)
+        rdp_a = rounds * per_round
+        # RDP to (epsilon, delta): Canonne, Kamath, Steinke 2020, Proposition 12.
+        best = min(best, rdp_a + math.log1p(-1 / a) - (math.log(delta) + math.log(a)) / (a - 1))
+    return best
+
+
+DISTRIBUTED_PLANS = {
+    # A keyboard-size model at 16 bits, 1,500 rounds of 100 from 10,000.
+    "lstm_16bit": dict(z=1.0, clip=1.0, bits=16, m=100, population=10_000, dim=1_300_000, rounds=1500),
+    # The linear EMNIST model (48,670 weights) at 20 bits.
+    "linear_20bit": dict(z=0.8, clip=0.5, bits=20, m=50, population=3400, dim=48_670, rounds=200),
+    # The device model: every round counts in full (no amplification).
+    "devices_18bit": dict(z=2.0, clip=1.0, bits=18, m=20, population=500, dim=10_001, rounds=10, sampled=False),
+}
+
+
+@pytest.mark.parametrize("params", DISTRIBUTED_PLANS.values(), ids=DISTRIBUTED_PLANS.keys())
+def test_distributed_epsilon_matches_the_papers_formulas(params):
+    p = dict(params)
+    sampling = S.POISSON if p.pop("sampled", True) else S.DEVICE
+    plan = Plan(
+        M.DISTRIBUTED,
+        p["z"],
+        p["m"],
+        p["population"],
+        sampling,
+        1e-5,
+        clip=p["clip"],
+        bits=p["bits"],
+        dimension=p["dim"],
+    )
+    expected = _paper_epsilon(**p, delta=1e-5, sampled=sampling is S.POISSON)
+    assert accounting.epsilon(plan, p["rounds"]) == pytest.approx(expected, rel=0.01)
+    tracker = accounting.EpsilonTracker(plan)  # every round at the expected count: the same number
+    assert tracker(p["rounds"]) == pytest.approx(expected, rel=0.01)
+
+
+def test_a_round_with_fewer_clients_than_expected_costs_more_epsilon():
+    plan = Plan(M.DISTRIBUTED, 1.0, 50, 3400, S.POISSON, 1e-5, bits=18, dimension=48_670)
+    full, short, crowded = (accounting.EpsilonTracker(plan) for _ in range(3))
+    for round_num in range(1, 11):
+        full.observe(round_num, 50)
+        short.observe(round_num, 50 if round_num != 5 else 20)  # round 5: noise z*C*sqrt(20/50)
+        crowded.observe(round_num, 50 if round_num != 5 else 80)
+    assert full(10) == pytest.approx(accounting.epsilon(plan, 10), rel=1e-9)
+    assert short(10) > full(10) > crowded(10)
+    assert short(4) == full(4)  # rounds before the short one are unchanged
+
+
+def test_a_bit_width_unusable_for_the_model_and_cohort_is_refused_with_the_one_that_works():
+    def plan_with(bits, dim=1_300_000):
+        config = configs.ExperimentConfig(
+            dp=configs.DpConfig(mechanism=M.DISTRIBUTED, bits=bits, noise_multiplier=1.0),
+            clients_per_round=100,
+            loop=configs.LoopConfig(rounds=1500),
+        )
+        return accounting.create_plan(config, 10_000, model_size=lambda: dim)
+
+    # At 12 bits rounding inflates the sensitivity 3.2x and the shares are too coarse to add up
+    # to a discrete Gaussian: epsilon ~1,800 against 2.5 central; 14 bits is ~3.9x, 16 bits ~1.6x.
+    with pytest.raises(accounting.AccountingError, match=r"bits=12 is unusable .* use bits >= 16") as e:
+        plan_with(12)
+    assert e.value.field == "dp.bits"
+    assert plan_with(16).bits == 16
+    assert plan_with(12, dim=1000).bits == 12  # a small model rounds little: 12 bits do
+    # 2^7 = 128 >= 100 clients and 4^7 >= 100 * 3.89^2 (a 1e-4 wrap probability): TFF's limits.
+    with pytest.raises(accounting.AccountingError, match=r"bits=6 cannot hold the sum of 100 .* use bits >= 7"):
+        plan_with(6, dim=1000)
+
+
+def test_target_epsilon_is_solved_for_the_distributed_mechanism():
+    config = configs.ExperimentConfig(
+        dp=configs.DpConfig(mechanism=M.DISTRIBUTED, bits=18),
+        clients_per_round=100,
+        loop=configs.LoopConfig(rounds=200),
+        privacy=configs.PrivacyConfig(target_epsilon=3.0),
+    )
+    plan = accounting.create_plan(config, 10_000, model_size=lambda: 1_300_000)
+    assert accounting.epsilon(plan, 200) == pytest.approx(3.0, abs=0.01)

@@ -185,3 +185,52 @@ def test_memory_is_this_machines():
 
     assert configs.memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert configs.memory_bytes() > 2**28  # more than 256 MiB: the bounds are real
+
+
+@pytest.mark.parametrize(
+    "build, field, message",
+    [
+        (lambda: configs.DpConfig(M.DISTRIBUTED, bits=0), "bits", "bits must be >= 1, got 0"),
+        (lambda: configs.DpConfig(M.DISTRIBUTED, bits=63), "bits", "bits must be an integer from 1 to 22, got 63"),
+        (lambda: configs.DpConfig(M.DISTRIBUTED, bits=16.5), "bits", "bits must be a whole number, got 16.5"),
+        (lambda: configs.DpConfig(M.FIXED, bits=16), "bits", "has no effect with mechanism fixed"),
+        (
+            lambda: configs.ExperimentConfig(dp=configs.DpConfig(M.DISTRIBUTED), compression=True),
+            "compression",
+            "not combined with the distributed mechanism: it already quantizes each update to bits=20",
+        ),
+        (
+            lambda: configs.ExperimentConfig(
+                dp=configs.DpConfig(M.DISTRIBUTED), privacy=configs.PrivacyConfig(S.UNIFORM)
+            ),
+            "privacy.sampling",
+            "accounted under Poisson sampling",
+        ),
+        (
+            lambda: configs.ExperimentConfig(
+                dp=configs.DpConfig(M.DISTRIBUTED), privacy=configs.PrivacyConfig(accountant=configs.Accountant.PLD)
+            ),
+            "privacy.accountant",
+            "use the RDP accountant",
+        ),
+        (
+            lambda: configs.ExperimentConfig(dp=configs.DpConfig(M.DISTRIBUTED, zeroing_norm=1.0)),
+            "dp.zeroing_norm",
+            "zeroing is not wired into the distributed mechanism",
+        ),
+    ],
+)
+def test_distributed_bits_and_combinations_are_checked_naming_the_parameter(build, field, message):
+    with pytest.raises(validation.ConfigError, match=message) as e:
+        build()
+    assert e.value.field == field
+
+
+def test_distributed_defaults_to_20_bits_and_poisson_sampling():
+    config = configs.ExperimentConfig(dp=configs.DpConfig(M.DISTRIBUTED))
+    assert config.dp.bits == 20 and config.sampling is S.POISSON
+    assert configs.DpConfig(M.FIXED).bits is None  # the field width means nothing to central DP
+    assert (
+        configs.ExperimentConfig(dp=configs.DpConfig(M.DISTRIBUTED), devices=configs.DeviceConfig()).sampling
+        is S.DEVICE
+    )

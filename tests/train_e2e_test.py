@@ -711,3 +711,31 @@ def test_keyboard_bad_inputs_each_give_one_error_line(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, proc.stderr[-1500:])
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_distributed_dp_bad_input_is_one_error_line_before_any_data(tmp_path):
+    cache, root = str(tmp_path / "cache"), str(tmp_path / "runs")
+    cases = [
+        (["--bits=0"], "--bits=0: bits must be >= 1, got 0"),
+        (["--bits=63"], "--bits=63: bits must be an integer from 1 to 22, got 63"),
+        (["--bits=16.5"], "--bits=16.5: invalid literal for int()"),
+        # 3 clients need 4^bits >= 3 * 3.89^2 (TFF's 1e-4 wrap probability): 3 bits at least.
+        (["--bits=2"], "--bits=2: bits=2 cannot hold the sum of 3 clients' values"),
+        # The linear model's 48,670 weights rounded on 10 bits: epsilon 68 after 3 rounds, central 14.5.
+        (["--bits=10"], "--bits=10: bits=10 is unusable for this model (48,670 parameters) and cohort (3 clients"),
+        (["--compression"], "--compression: compression is not combined with the distributed mechanism"),
+        (["--sampling=uniform"], "--sampling=uniform: the distributed mechanism is accounted under Poisson sampling"),
+    ]
+
+    def attempt(flags):
+        return train("--rounds=3", "--model=linear", "--dp=distributed", *flags, cache=cache, root=root, timeout=180)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(attempt, [flags for flags, _ in cases]))
+    fixed = train("--rounds=3", "--bits=16", cache=cache, root=root, timeout=180)  # --dp=fixed (the default)
+    results.append(fixed)
+    cases.append((["--bits=16"], "--bits=16: bits=16 is the distributed mechanism's field width and has no effect"))
+    for (flags, message), proc in zip(cases, results, strict=True):
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, proc.stderr[-1500:])
+    assert not os.path.exists(cache) and not os.path.exists(root)  # no data generated, nothing written
