@@ -81,3 +81,27 @@ def test_pool_workers_die_with_a_sigkilled_parent(tmp_path):
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in workers):
         time.sleep(0.1)
     assert not [p for p in workers if os.path.exists(f"/proc/{p}")]
+
+
+def _answer_crash_or_raise(what: str) -> int:
+    if what == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)  # as native code crashing in the child would
+    if what == "raise":
+        raise ValueError("bad value 7")
+    return os.getpid()
+
+
+def test_a_child_answers_raises_again_here_or_dies_as_one_named_error():
+    before = {p.pid for p in psutil.Process().children()}
+    pid = processes.call_in_child(_answer_crash_or_raise, "answer")
+    assert pid != os.getpid()  # computed in another process
+    with pytest.raises(ValueError, match="bad value 7"):
+        processes.call_in_child(_answer_crash_or_raise, "raise")
+    with pytest.raises(processes.ChildDied, match="^killed by SIGSEGV$"):
+        processes.call_in_child(_answer_crash_or_raise, "crash")
+    assert {p.pid for p in psutil.Process().children()} - before <= _resource_trackers()  # each child reaped
+
+
+def _resource_trackers() -> set[int]:
+    """multiprocessing's resource tracker, started once with the first spawned child, stays by design."""
+    return {p.pid for p in psutil.Process().children() if "resource_tracker" in " ".join(p.cmdline())}
