@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 import tensorflow_federated as tff
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
-from tffpipe import accounting, aggregation, configs, mechanisms
+from tffpipe import accounting, aggregation, configs, mechanisms, runtime
 
 M = configs.Mechanism
 
@@ -72,3 +73,28 @@ def test_bytes_up_are_bits_per_padded_coordinate():
     # 48,671 coordinates pad to 48,672 (the DFT pairs them): 48,672 * 16 bits = 97,344 bytes, + 3 one-bit counts.
     assert aggregation.upload_bytes([], False, plan=plan) == 97_347
     assert mechanisms.SPECS[M.DISTRIBUTED].upload_bytes([], plan) == 97_347
+
+
+def test_two_workers_give_the_one_worker_mean_within_the_rounding_bound(tff_context):
+    # TFF's mergeable context: each worker sums its clients' rounded shares, the sums are
+    # merged here and the modulus applied once. Without noise both means are within
+    # sqrt(d)/scale of the exact mean (see above), so within twice that of each other.
+    plan = _plan(0.0, clients_per_round=4, dim=50, bits=12)
+    process = _process(plan)
+    rng = np.random.default_rng(1)
+    updates = [(0.9 * v / np.linalg.norm(v)).astype(np.float32) for v in rng.normal(size=(4, 50))]
+    context = context_stack_impl.context_stack.current
+    results = []
+    for count in (1, 2):
+        workers = runtime.create(local_workers=count).start()
+        try:
+            results.append(process.next(process.initialize(), updates))
+        finally:
+            workers.stop()
+            context_stack_impl.context_stack.set_default_context(context)
+    one, two = results
+    bound = math.sqrt(plan.distributed().padded_dimension) / plan.distributed().scale
+    assert np.linalg.norm(one.result - two.result) <= 2 * bound
+    assert np.linalg.norm(two.result - np.mean(updates, axis=0)) <= bound
+    assert int(one.measurements["mean_value"]["actual_num_clients"]) == 4
+    assert int(two.measurements["mean_value"]["actual_num_clients"]) == 4
