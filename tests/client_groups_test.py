@@ -15,11 +15,14 @@ NOISE, CLIP = 0.01, 0.8
 IDS = 5  # real clients per round: groups of 2, 2, 1 at K = 2
 
 
-def _task(data_dir, model):
-    return conftest.emnist_task(data_dir, model, batch_size=8)
+BATCH = 8
 
 
-def _processes(task, algorithm, mechanism, group_size):
+def _task(data_dir, model, epochs=1):
+    return conftest.emnist_task(data_dir, model, batch_size=BATCH, epochs=epochs)
+
+
+def _processes(task, algorithm, mechanism, group_size, batched=False):
     """(per-client process, grouped process) of the same algorithm, mechanism and noise seed."""
     config = algorithms.AlgorithmConfig(algorithm=algorithm)
     dp = configs.DpConfig(mechanism=mechanism, clip=CLIP)
@@ -37,6 +40,7 @@ def _processes(task, algorithm, mechanism, group_size):
         group_size,
         aggregator=grouped_factory,
         clip=None if grouped_factory is None else CLIP,
+        batch_size=BATCH if batched else None,
     )
     return per_client, grouped
 
@@ -72,14 +76,27 @@ def test_pack_makes_even_groups_in_sampled_order():
 
 
 @pytest.mark.parametrize(
-    "algorithm, mechanism, model",
-    [(FEDAVG, NONE, "mlp"), (FEDADAM, NONE, "linear"), (FEDAVG, FIXED, "linear"), (FEDYOGI, FIXED, "mlp")],
+    "algorithm, mechanism, model, batched, epochs",
+    [
+        (FEDAVG, NONE, "mlp", False, 1),  # members one after the other (TFF's client update)
+        (FEDAVG, FIXED, "linear", False, 1),
+        (FEDADAM, NONE, "linear", True, 1),  # members step together
+        (FEDYOGI, FIXED, "mlp", True, 1),
+        (FEDAVG, NONE, "mlp", True, 2),  # two epochs: batches run across the epoch boundary
+    ],
+    ids=[
+        "loop-fedavg-none-mlp",
+        "loop-fedavg-fixed-linear",
+        "batched-fedadam-none-linear",
+        "batched-fedyogi-fixed-mlp",
+        "batched-fedavg-none-mlp-2epochs",
+    ],
 )
 def test_grouped_rounds_give_the_per_client_weights_and_metrics(
-    tiny_data_dir, tff_context, algorithm, mechanism, model
+    tiny_data_dir, tff_context, algorithm, mechanism, model, batched, epochs
 ):
-    task = _task(tiny_data_dir, model)
-    per_client, grouped = _processes(task, algorithm, mechanism, group_size=2)
+    task = _task(tiny_data_dir, model, epochs)
+    per_client, grouped = _processes(task, algorithm, mechanism, group_size=2, batched=batched)
     ids = task.train_data.client_ids[:IDS]
     # The grouped process takes the per-client state as it is: the checkpoints are interchangeable.
     state = per_client.initialize()
@@ -111,10 +128,10 @@ def test_a_group_of_one_is_the_per_client_path(tiny_data_dir, tff_context, mecha
     assert actual.metrics["client_work"]["train"] == expected.metrics["client_work"]["train"]
 
 
-@pytest.mark.parametrize("mechanism", [NONE, FIXED])
-def test_a_real_client_without_examples_changes_nothing(tiny_data_dir, tff_context, mechanism):
+@pytest.mark.parametrize("mechanism, batched", [(NONE, False), (NONE, True), (FIXED, True)])
+def test_a_real_client_without_examples_changes_nothing(tiny_data_dir, tff_context, mechanism, batched):
     task = _task(tiny_data_dir, "linear")
-    _, grouped = _processes(task, FEDAVG, mechanism, group_size=3)
+    _, grouped = _processes(task, FEDAVG, mechanism, group_size=3, batched=batched)
     ids = task.train_data.client_ids[:4]
     # "nobody" has no rows: an empty dataset, weight 0 and a zero update. It shares a group with two real clients.
     state = grouped.initialize()

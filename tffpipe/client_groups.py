@@ -43,7 +43,8 @@ models, FedProx, FedSGD, adaptive and tree DP, zeroing, compression, canaries).
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -104,8 +105,8 @@ def build_factory(
     """The aggregator for group results: None (TFF's weighted mean) or fixed-clip DP.
 
     The fixed mechanism is the per-client one of `aggregation.build_factory` (same
-    clip, noise, seed and normalization by m) with the clipping moved into the
-    client work.
+    clip, noise, seed, noise measurement and normalization by m, and the same state
+    structure) with the clipping moved into the client work.
     """
     if compression:
         raise GroupingError("compression quantizes each update: a group's mean is not its members' updates")
@@ -116,7 +117,8 @@ def build_factory(
     if dp.zeroing_norm > 0:
         raise GroupingError("zeroing checks each update's norm: no grouped path yet")
     z, m = plan.noise_multiplier, float(plan.clients_per_round)
-    query = tfp.NormalizedQuery(PreclippedGaussianSumQuery(dp.clip, z * dp.clip, noise_seed), m)
+    preclipped = PreclippedGaussianSumQuery(dp.clip, z * dp.clip, noise_seed)
+    query = tfp.NormalizedQuery(aggregation.MeasuredNoiseQuery(preclipped, lambda s: s[0]), m)
     return tff.aggregators.DifferentiallyPrivateFactory(query)
 
 
@@ -126,6 +128,7 @@ def build_group_client_work(
     dataset_fn: DatasetFn,
     *,
     clip: float | None = None,
+    batched: Batched | None = None,
     loop_implementation: tff.learning.LoopImplementation = algorithms.LOOP,
 ) -> tff.learning.templates.ClientWorkProcess:
     """`(<()@SERVER, W@CLIENTS, {str*}@CLIENTS> -> <()@SERVER, {ClientResult}@CLIENTS, M@SERVER>)`.
@@ -137,6 +140,10 @@ def build_group_client_work(
         traceable in a graph (`ClientData.serializable_dataset_fn`).
       clip: None for the example-weighted mean of the members' updates; C for the
         sum of the members' updates each clipped to C (the DP path).
+      batched: None trains the members one after the other with TFF's client update
+        (`optimizer` is used); otherwise all members step together
+        (`train_members_batched`, plain SGD at `batched.learning_rate`, which must be
+        `optimizer`'s).
       loop_implementation: TFF's local loop, as the per-client path uses.
 
     The measurements are TFF's (`train`: the model's metrics summed over every real
@@ -161,6 +168,12 @@ def build_group_client_work(
         ids = member_ids.batch(_ALL).concatenate(tf.data.Dataset.from_tensors(tf.constant([], tf.string)))
         ids = ids.take(1).get_single_element()
         count = tf.size(ids)
+        if batched is not None:
+            total, weight, metrics, clipped = train_members_batched(model, dataset_fn, ids, initial, batched, clip)
+            update = total if clip is not None else tuple(tf.math.divide_no_nan(t, weight) for t in total)
+            update = tf.nest.pack_sequence_as(initial[0], list(update))
+            groups = collections.OrderedDict(clients=tf.cast(count, tf.float32), clipped_count=clipped)
+            return tff.learning.templates.ClientResult(update=update, update_weight=weight), metrics, groups
         zeros = tuple(tf.zeros_like(w) for w in initial[0])
         metrics0 = model.initialize_metrics_state()
 
@@ -208,6 +221,123 @@ def build_group_client_work(
         return tff.templates.MeasuredProcessOutput(state, result, measurements)
 
     return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batched:
+    """How `train_members_batched` steps: plain SGD, and the pipeline's batch size.
+
+    `batch_size` must be the one the member datasets are batched with (every batch
+    full but a member's last), which is how `data.preprocessing` batches.
+    """
+
+    learning_rate: float
+    batch_size: int
+
+
+def train_members_batched(
+    model: tff.learning.models.FunctionalModel,
+    dataset_fn: DatasetFn,
+    ids: tf.Tensor,
+    initial: tuple,
+    batched: Batched,
+    clip: float | None,
+):
+    """Every member's local SGD at once: (total, weight, metrics state, clipped count).
+
+    The members' examples, in the order their datasets yield them (the seeded shuffle
+    and the epochs included), are stacked and padded to `[K, steps * B, ...]`; the
+    weights are one `[K, ...]` tensor per layer. Step s feeds member k its batch s (rows
+    s*B..s*B+B-1 of its examples) through `tf.vectorized_map` of the model's forward
+    pass (batched matmuls for dense layers) and takes the gradient of the sum of the
+    members' mean batch losses, which is each member's own gradient since member k's
+    loss depends only on its weights. A member past its last example has no valid row:
+    its loss term is 0, so its weights stay. The arithmetic per member is the
+    per-client step's (w - lr * g), up to float rounding of the batched kernels.
+
+    Returns what the member loop returns: without clip the example-weighted sum of the
+    updates (initial - trained) and the examples; with clip the sum of the updates each
+    clipped to `clip` and the member count. A member whose update is not finite gives
+    a zero update and weight 0, as TFF's client update does; its metrics still count.
+    """
+    trainable, non_trainable = initial
+    spec = model.input_spec
+    b = batched.batch_size
+
+    def member_examples(client_id):
+        empty = tf.data.Dataset.from_tensors(
+            tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), spec)
+        )
+        examples = dataset_fn(client_id).unbatch().batch(_ALL).concatenate(empty).take(1).get_single_element()
+        return examples, tf.shape(tf.nest.flatten(examples)[0])[0]
+
+    k = tf.size(ids)
+    nobody = tf.data.Dataset.from_tensors(
+        (tf.nest.map_structure(lambda s: tf.zeros([0, 0, *s.shape[1:]], s.dtype), spec), tf.zeros([0], tf.int32))
+    )
+    members = tf.data.Dataset.from_tensor_slices(ids).map(member_examples)
+    data, counts = (
+        members.padded_batch(tf.maximum(tf.cast(k, tf.int64), 1)).concatenate(nobody).take(1).get_single_element()
+    )
+    steps = (tf.reduce_max(tf.concat([counts, [0]], 0)) + b - 1) // b
+
+    def to_steps(t):
+        t = tf.pad(t, [[0, 0], [0, steps * b - tf.shape(t)[1]]] + [[0, 0]] * (len(t.shape) - 2))
+        return tf.reshape(t, tf.concat([[k, steps, b], tf.shape(t)[2:]], 0))
+
+    data = tf.nest.map_structure(to_steps, data)
+    x_all, y_all = (data["x"], data["y"]) if isinstance(data, Mapping) else data
+    stacked = tuple(tf.tile(w[None], [k] + [1] * len(w.shape)) for w in trainable)
+
+    def predict(args):
+        weights, x = args
+        return model.predict_on_batch((weights, non_trainable), x, training=True)
+
+    def mean_loss(args):
+        output, y, sample_weight = args
+        return model.loss(output, y, sample_weight=sample_weight)
+
+    def step(s, weights, metrics):
+        x, y = x_all[:, s], y_all[:, s]
+        valid = tf.range(b)[None] + s * b < counts[:, None]  # [K, B]
+        rows = tf.reduce_sum(tf.cast(valid, tf.float32), 1)
+        # Keras' mean loss divides by B whatever the weights: B / rows makes it the mean over valid rows.
+        sample_weight = tf.cast(valid, tf.float32) * (b / tf.maximum(rows, 1.0))[:, None]
+        with tf.GradientTape() as tape:
+            tape.watch(weights)
+            output = tf.vectorized_map(predict, (weights, x))
+            loss = tf.reduce_sum(tf.vectorized_map(mean_loss, (output, y, sample_weight)))
+        gradients = tape.gradient(loss, weights)
+        weights = tuple(
+            w - batched.learning_rate * tf.convert_to_tensor(g) for w, g in zip(weights, gradients, strict=True)
+        )
+        flat = tf.reshape(valid, [-1])
+        predictions = tf.boolean_mask(tf.reshape(output, tf.concat([[-1], tf.shape(output)[2:]], 0)), flat)
+        labels = tf.boolean_mask(tf.reshape(y, tf.concat([[-1], tf.shape(y)[2:]], 0)), flat)
+        metrics = model.update_metrics_state(
+            metrics, batch_output=tff.learning.models.BatchOutput(predictions=predictions), labels=labels
+        )
+        return s + 1, weights, metrics
+
+    _, trained, metrics = tf.while_loop(
+        lambda s, *_: s < steps, step, (tf.constant(0), stacked, model.initialize_metrics_state())
+    )
+    deltas = tuple(w0 - w for w0, w in zip(stacked, trained, strict=True))
+    finite = tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(tf.reshape(d, [k, -1])), 1) for d in deltas]), 0)
+    deltas = tuple(tf.where(_per_member(finite, d), d, tf.zeros_like(d)) for d in deltas)
+    if clip is None:
+        weights = tf.cast(counts, tf.float32) * tf.cast(finite, tf.float32)
+        total = tuple(tf.reduce_sum(d * _per_member(weights, d), 0) for d in deltas)
+        return total, tf.reduce_sum(weights), metrics, tf.constant(0.0)
+    norms = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.reshape(d, [k, -1])), 1) for d in deltas]))
+    scale = clip * tf.minimum(1.0 / norms, 1.0 / clip)  # as tf.clip_by_global_norm scales
+    total = tuple(tf.reduce_sum(d * _per_member(scale, d), 0) for d in deltas)
+    return total, tf.cast(k, tf.float32), metrics, tf.reduce_sum(tf.cast(norms > clip, tf.float32))
+
+
+def _per_member(values: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """[K] values shaped to broadcast against a [K, ...] tensor."""
+    return tf.reshape(values, [-1] + [1] * (len(like.shape) - 1))
 
 
 class GroupedLearningProcess(tff.learning.templates.LearningProcess):
@@ -258,6 +388,7 @@ def build_training_process(
     *,
     aggregator: tff.aggregators.UnweightedAggregationFactory | None = None,
     clip: float | None = None,
+    batch_size: int | None = None,
 ) -> GroupedLearningProcess:
     """The algorithm's process over groups, composed from TFF's parts as `fed_avg.py` does.
 
@@ -273,6 +404,9 @@ def build_training_process(
       group_size: K, real clients per group.
       aggregator: None, or the DP factory of `build_factory` (then `clip` is its C).
       clip: each member's clip with DP; must be given exactly when `aggregator` is.
+      batch_size: None trains a group's members one after the other (TFF's client
+        update, any functional model); B, the member datasets' batch size, trains
+        them together (`train_members_batched`).
     """
     if not isinstance(model, tff.learning.models.FunctionalModel):
         raise GroupingError(
@@ -293,8 +427,9 @@ def build_training_process(
         )
 
     weights_type = initial_model_weights_fn.type_signature.result
+    batched = None if batch_size is None else Batched(config.client_learning_rate, batch_size)
     client_work = build_group_client_work(
-        model, tff.learning.optimizers.build_sgdm(config.client_learning_rate), dataset_fn, clip=clip
+        model, tff.learning.optimizers.build_sgdm(config.client_learning_rate), dataset_fn, clip=clip, batched=batched
     )
     factory = (
         tff.aggregators.MeanFactory() if aggregator is None else tff.aggregators.as_weighted_aggregator(aggregator)
@@ -323,12 +458,18 @@ _GROUPED_ALGORITHMS = frozenset(
 
 
 def build_learning_process(
-    task: base.Task, config: configs.ExperimentConfig, plan: accounting.PrivacyPlan, group_size: int
+    task: base.Task,
+    config: configs.ExperimentConfig,
+    plan: accounting.PrivacyPlan,
+    group_size: int,
+    *,
+    batched: bool = True,
 ) -> GroupedLearningProcess:
     """The experiment's training process over groups of `group_size` real clients.
 
     What `algorithms.build_learning_process` builds per client, with the same
-    aggregator parameters and noise seed; `next` takes the round's client ids.
+    aggregator parameters and noise seed; `next` takes the round's client ids. With
+    `batched`, a group's members take their local steps together.
     """
     if config.privacy.canaries:
         raise GroupingError("canaries replace single clients' updates: the audit runs per client")
@@ -341,4 +482,5 @@ def build_learning_process(
         group_size,
         aggregator=aggregator,
         clip=clip,
+        batch_size=config.preprocess.batch_size if batched else None,
     )
