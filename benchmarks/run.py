@@ -74,6 +74,7 @@ class Workload:
                 "preprocess.epochs": 1,
                 "preprocess.batch_size": self.batch_size,
                 "preprocess.shuffle_buffer": 1,
+                "algorithm.algorithm": configs.Algorithm.FEDAVG,  # the keyboard task's default is FedAdam
                 "algorithm.client_learning_rate": 0.05,
                 "dp.mechanism": configs.Mechanism.NONE,
                 **dict(self.population),

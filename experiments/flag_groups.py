@@ -34,14 +34,33 @@ class Flag:
 
     @property
     def resolved_default(self) -> Any:
+        if self.default is _FROM_CONFIG and self.path in configs.TASK_DEFAULTS:
+            return None  # unset: the config takes the task's default
         value = configs.default(self.path) if self.default is _FROM_CONFIG else self.default
         if isinstance(value, tuple):
             return list(value) or None
         return value.value if isinstance(value, enum.Enum) else value
 
+    @property
+    def full_help(self) -> str:
+        """The help, with the per-task defaults of a field that has them."""
+        by_task = configs.TASK_DEFAULTS.get(self.path)
+        if by_task is None:
+            return self.help
+        return f"{self.help} Unset: per task ({', '.join(f'{t.value} {_shown(v)}' for t, v in by_task.items())})."
+
+
+def _shown(value: Any) -> str:
+    return value.value if isinstance(value, enum.Enum) else f"{value:.3g}" if isinstance(value, float) else str(value)
+
 
 def _rates() -> str:
-    return ", ".join(f"{a.value} {r:.3g}" for a, r in configs.DEFAULT_SERVER_LEARNING_RATE.items())
+    per_algorithm = ", ".join(f"{a.value} {r:.3g}" for a, r in configs.DEFAULT_SERVER_LEARNING_RATE.items())
+    per_task = "; ".join(
+        f"{task.value} task: " + ", ".join(f"{a.value} {r:.3g}" for a, r in rates.items())
+        for task, rates in configs.TASK_SERVER_LEARNING_RATE.items()
+    )
+    return f"{per_algorithm}; {per_task}" if per_task else per_algorithm
 
 
 def _values(enum_class: type[enum.Enum]) -> str:
@@ -177,9 +196,9 @@ def define(*groups: str, only: Sequence[str] = (), flag_values: flags.FlagValues
             default = flag.resolved_default
             if flag.kind == "enum":
                 choices = [e.value for e in flag.enum_class]
-                flags.DEFINE_enum(flag.name, default, choices, flag.help, flag_values=flag_values)
+                flags.DEFINE_enum(flag.name, default, choices, flag.full_help, flag_values=flag_values)
             else:
-                getattr(flags, f"DEFINE_{flag.kind}")(flag.name, default, flag.help, flag_values=flag_values)
+                getattr(flags, f"DEFINE_{flag.kind}")(flag.name, default, flag.full_help, flag_values=flag_values)
             if flag_values is FLAGS:
                 _DEFINED.setdefault(group, []).append(flag)
 
@@ -233,10 +252,32 @@ def experiment_config(flag_values: flags.FlagValues = FLAGS) -> configs.Experime
         if stray:
             raise FlagError(f"--{stray[0]} is a device-model flag: add --device_model, or drop --{stray[0]}")
         values = {k: v for k, v in values.items() if not k.startswith("devices.")}
+    _refuse_other_tasks_flags(values.get("task") or configs.Task.EMNIST, flag_values)
     try:
-        return configs.build(values, devices=device_model)
+        config = configs.build(values, devices=device_model)
     except validation.ConfigError as e:
         raise to_flag_error(e, flag_values) from None
+    if config.unused_dp_parameters:
+        given = [
+            f"--{_BY_PATH[path].name}={flag_values[_BY_PATH[path].name].value}" for path in config.unused_dp_parameters
+        ]
+        print(
+            f"note: no DP mechanism (dp none), so {' and '.join(given)} {'is' if len(given) == 1 else 'are'} unused: "
+            "no clipping, no noise",
+            flush=True,
+        )
+    return config
+
+
+def _refuse_other_tasks_flags(task: configs.Task, flag_values: flags.FlagValues) -> None:
+    """A flag of another task than the run's would be silently ignored: refused, naming it."""
+    for flag in _BY_NAME.values():
+        owner = configs.task_of(flag.path) if flag.path else None
+        if owner not in (None, task) and flag.name in flag_values and flag_values[flag.name].present:
+            raise FlagError(
+                f"--{flag.name} is a flag of the {owner.value} task, which --task={task.value} does not use: "
+                f"drop it, or use --task={owner.value}"
+            )
 
 
 def help_text(program: str, doc: str, own: Sequence[str] = (), *, full: bool = False) -> str:

@@ -56,13 +56,6 @@ def test_defaults_that_depend_on_another_choice_are_resolved():
         ),
         (
             lambda: configs.ExperimentConfig(
-                dp=configs.DpConfig(M.NONE), privacy=configs.PrivacyConfig(target_epsilon=1)
-            ),
-            "privacy.target_epsilon",
-            "target_epsilon needs a DP mechanism",
-        ),
-        (
-            lambda: configs.ExperimentConfig(
                 dp=configs.DpConfig(noise_multiplier=1.0), privacy=configs.PrivacyConfig(target_epsilon=1)
             ),
             "dp.noise_multiplier",
@@ -78,13 +71,53 @@ def test_defaults_that_depend_on_another_choice_are_resolved():
             "algorithm.algorithm",
             "fedsgd takes only weighted aggregators",
         ),
-        (lambda: configs.DpConfig(M.NONE, noise_multiplier=1.0), "noise_multiplier", "has no effect without a DP"),
     ],
 )
 def test_rules_that_span_sections_name_the_parameter_to_change(build, field, message):
     with pytest.raises(validation.ConfigError, match=message) as e:
         build()
     assert e.value.field == field
+
+
+def test_without_dp_the_dp_parameters_given_are_unused_not_refused():
+    # What `--flagfile=<a DP preset> --dp=none` gives: the preset's noise and target are dropped.
+    config = configs.ExperimentConfig(
+        dp=configs.DpConfig(M.NONE, noise_multiplier=1.0), privacy=configs.PrivacyConfig(target_epsilon=8.0)
+    )
+    assert config.unused_dp_parameters == ("dp.noise_multiplier", "privacy.target_epsilon")
+    assert config.dp.noise_multiplier is None and config.privacy.target_epsilon is None
+    assert config.dp.given_noise_multiplier == 0.0 and config.hparams()["privacy.target_epsilon"] is None
+    assert configs.ExperimentConfig(dp=configs.DpConfig(M.NONE, noise_multiplier=0.0)).unused_dp_parameters == ()
+    assert configs.ExperimentConfig(dp=configs.DpConfig(M.FIXED, 1.0)).unused_dp_parameters == ()
+    # A budget is not a parameter of the mechanism: without DP it would never bind, so it is refused.
+    with pytest.raises(validation.ConfigError, match="max_epsilon needs a DP mechanism"):
+        configs.ExperimentConfig(dp=configs.DpConfig(M.NONE), privacy=configs.PrivacyConfig(max_epsilon=3.0))
+
+
+def test_each_task_has_its_defaults_for_what_is_left_unset():
+    # EMNIST's are the dataclass defaults, so a config built field by field gets them too.
+    assert configs.build({}) == configs.ExperimentConfig()
+    for path, by_task in configs.TASK_DEFAULTS.items():
+        assert configs.default(path) == by_task[configs.Task.EMNIST], path
+    # The keyboard preset's settings (experiments/presets/keyboard.flags), without DP.
+    keyboard = configs.build({"task": configs.Task.KEYBOARD})
+    assert keyboard.algorithm == configs.AlgorithmConfig(
+        configs.Algorithm.FEDADAM, client_learning_rate=10**-0.5, server_learning_rate=0.01, adaptive_epsilon=1e-5
+    )
+    assert (keyboard.preprocess.epochs, keyboard.preprocess.batch_size, keyboard.clients_per_round) == (1, 16, 20)
+    assert keyboard.dp.mechanism is M.NONE and keyboard.model == "cifg_lstm"
+    # What is given wins; another algorithm on the keyboard task keeps its own server rate.
+    given = configs.build(
+        {"task": configs.Task.KEYBOARD, "preprocess.epochs": 5, "algorithm.algorithm": configs.Algorithm.FEDYOGI}
+    )
+    assert given.preprocess.epochs == 5 and given.algorithm.server_learning_rate == pytest.approx(10**-2.5)
+
+
+def test_every_field_belongs_to_every_task_or_to_one():
+    assert configs.task_of("data.only_digits") is configs.Task.EMNIST
+    assert configs.task_of("data.population.num_writers") is configs.Task.EMNIST
+    assert configs.task_of("data.text.population.num_users") is configs.Task.KEYBOARD
+    assert configs.task_of("data.cache_dir") is None and configs.task_of("loop.rounds") is None
 
 
 def test_build_assembles_sections_from_paths_and_names_the_path_at_fault():

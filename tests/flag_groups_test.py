@@ -1,10 +1,14 @@
 """The flag layer: one declaration per flag, defaults from the config, errors named by flag."""
 
+import os
+
 import pytest
 from absl import flags
 
 from experiments import flag_groups
 from tffpipe import configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parsed(*argv: str) -> configs.ExperimentConfig:
@@ -38,7 +42,8 @@ def test_values_land_in_their_fields():
     [
         (["--clip=nan"], "--clip=nan: clip must be a finite number, got nan"),
         (["--num_writers=0"], "--num_writers=0: num_writers must be >= 1, got 0"),
-        (["--dp=none", "--noise_multiplier=0.5"], "--noise_multiplier=0.5: noise_multiplier=0.5 has no effect"),
+        (["--task=keyboard", "--only_digits"], "--only_digits is a flag of the emnist task, which --task=keyboard"),
+        (["--vocab_size=100"], "--vocab_size is a flag of the keyboard task, which --task=emnist does not use"),
         (["--compression"], "--compression: compression is not combined with DP aggregation"),
         (["--overselect=0.5"], "--overselect is a device-model flag: add --device_model, or drop --overselect"),
     ],
@@ -47,3 +52,37 @@ def test_an_error_names_the_one_flag_at_fault(argv, message):
     with pytest.raises(flag_groups.FlagError) as e:
         parsed(*argv)
     assert str(e.value).startswith(message)
+
+
+def test_dp_none_overrides_a_preset_whose_dp_parameters_are_then_unused(capsys):
+    preset = os.path.join(REPO, "experiments", "presets", "dp_fedavg_eps8.flags")  # sets --target_epsilon=8
+    config = parsed(f"--flagfile={preset}", "--dp=none", "--noise_multiplier=0.3")
+    assert config.dp.mechanism is configs.Mechanism.NONE and config.dp.given_noise_multiplier == 0.0
+    assert config.privacy.target_epsilon is None
+    assert capsys.readouterr().out == (
+        "note: no DP mechanism (dp none), so --noise_multiplier=0.3 and --target_epsilon=8.0 are unused: "
+        "no clipping, no noise\n"
+    )
+
+
+def test_task_defaults_are_what_an_unset_flag_resolves_to():
+    keyboard = parsed("--task=keyboard")
+    assert keyboard == configs.build({"task": configs.Task.KEYBOARD})  # configs_test checks those values
+    assert keyboard.algorithm.algorithm is configs.Algorithm.FEDADAM and keyboard.preprocess.epochs == 1
+    assert keyboard.algorithm.server_learning_rate == 0.01 and keyboard.dp.mechanism is configs.Mechanism.NONE
+    assert parsed("--task=keyboard", "--epochs=3", "--dp=fixed").preprocess.epochs == 3  # a given flag wins
+    emnist = parsed()
+    assert (emnist.algorithm.algorithm, emnist.preprocess.epochs, emnist.dp.mechanism) == (
+        configs.Algorithm.FEDAVG,
+        5,
+        configs.Mechanism.FIXED,
+    )
+
+
+def test_help_shows_each_tasks_defaults():
+    values = flags.FlagValues()
+    flag_groups.define_all(values)
+    assert values["epochs"].default is None
+    assert values["epochs"].help == "Local epochs per round. Unset: per task (emnist 5, keyboard 1)."
+    assert values["dp"].help.endswith("Unset: per task (emnist fixed, keyboard none).")
+    assert "fedadagrad 0.1; keyboard task: fedadam 0.01;" in values["server_learning_rate"].help

@@ -80,6 +80,23 @@ DEFAULT_SERVER_LEARNING_RATE: Mapping[Algorithm, float] = {
     Algorithm.FEDADAGRAD: 10**-1,
 }
 DEFAULT_NOISE_MULTIPLIER = 0.7  # with a DP mechanism; none without
+# Settings whose default depends on the task, used by `build` where the values leave them
+# unset. EMNIST's are the dataclass defaults. The keyboard LSTM hardly learns with those
+# (FedAvg, client SGD 0.1, 5 epochs, batch 20: loss 3.98 -> 3.81 in 20 rounds, top-1 0.0 on
+# a 50-word corpus), so it gets the keyboard preset's settings, Reddi et al. 2021's Stack
+# Overflow rates (client SGD 10^-0.5, server Adam 10^-2, tau 10^-5; 15.8% top-1 in 90
+# rounds), and no DP: with 1,000 users DP noise swamps the updates (README, "The keyboard task").
+TASK_DEFAULTS: Mapping[str, Mapping[Task, Any]] = {
+    "algorithm.algorithm": {Task.EMNIST: Algorithm.FEDAVG, Task.KEYBOARD: Algorithm.FEDADAM},
+    "algorithm.client_learning_rate": {Task.EMNIST: 0.1, Task.KEYBOARD: 10**-0.5},
+    "algorithm.adaptive_epsilon": {Task.EMNIST: 1e-3, Task.KEYBOARD: 1e-5},
+    "preprocess.epochs": {Task.EMNIST: 5, Task.KEYBOARD: 1},
+    "preprocess.batch_size": {Task.EMNIST: 20, Task.KEYBOARD: 16},
+    "clients_per_round": {Task.EMNIST: 50, Task.KEYBOARD: 20},
+    "dp.mechanism": {Task.EMNIST: Mechanism.FIXED, Task.KEYBOARD: Mechanism.NONE},
+}
+# Server learning rates of a task that differ from the algorithm's (`DEFAULT_SERVER_LEARNING_RATE`).
+TASK_SERVER_LEARNING_RATE: Mapping[Task, Mapping[Algorithm, float]] = {Task.KEYBOARD: {Algorithm.FEDADAM: 1e-2}}
 DEFAULT_MODEL: Mapping[Task, str] = {Task.EMNIST: "small_cnn", Task.KEYBOARD: "cifg_lstm"}
 # TFF's adaptive clipping noises the clipped count with std 0.05 * clients_per_round.
 ADAPTIVE_COUNT_STDDEV_PER_CLIENT = 0.05
@@ -305,21 +322,16 @@ class DpConfig:
                     f"bits must be an integer from 1 to {MAX_DISTRIBUTED_BITS}, got {self.bits}: TFF's distributed "
                     "DP rounds in float32, exact for integers up to 2^24 only",
                 )
-            if self.mechanism is not Mechanism.DISTRIBUTED:
+            if self.mechanism not in (Mechanism.DISTRIBUTED, Mechanism.NONE):  # none: unused, as noise_multiplier
                 raise validation.ConfigError(
                     "bits",
                     f"bits={self.bits} is the distributed mechanism's field width and has no effect with mechanism "
                     f"{self.mechanism.value}; choose mechanism distributed, or leave bits unset",
                 )
         if self.noise_multiplier is not None:
+            # With mechanism none it is unused (`ExperimentConfig.unused_dp_parameters`), not refused:
+            # `--dp=none` must be able to override a preset that sets it.
             validation.non_negative(noise_multiplier=self.noise_multiplier)
-            if self.mechanism is Mechanism.NONE and self.noise_multiplier > 0:
-                raise validation.ConfigError(
-                    "noise_multiplier",
-                    f"noise_multiplier={self.noise_multiplier:g} has no effect without a DP mechanism "
-                    "(mechanism none); choose the fixed, adaptive, tree or distributed mechanism, or leave "
-                    "noise_multiplier unset",
-                )
         validation.positive(clip=self.clip)
         validation.in_range(0, 1, closed="()", target_quantile=self.target_quantile)
         validation.positive(clip_learning_rate=self.clip_learning_rate)
@@ -512,8 +524,14 @@ class ExperimentConfig:
         if not self.root_dir:
             raise validation.ConfigError("root_dir", "root_dir must name a directory")
         validation.plain_name(experiment=self.experiment)
+        _drop_unused_dp_parameters(self)
         _check_sizes(self, memory_bytes())
         _check_combinations(self)
+
+    @property
+    def unused_dp_parameters(self) -> tuple[str, ...]:
+        """Paths of the DP parameters given with mechanism none, which the run does not use (dropped)."""
+        return getattr(self, "_unused_dp_parameters", ())
 
     @property
     def sampling(self) -> Sampling:
@@ -530,6 +548,40 @@ class ExperimentConfig:
         flat = _flatten(self, task=self.task)
         flat["privacy.sampling"] = self.sampling.value
         return flat
+
+
+def _drop_unused_dp_parameters(config: ExperimentConfig) -> None:
+    """With mechanism none, the DP parameters given (by a preset, say) are unused: dropped, and remembered.
+
+    So the config holds what the run uses (no noise, no target, no field width), and the
+    binaries can say in one line what was dropped; `--dp=none` overrides a preset's mechanism.
+    """
+    if config.dp.is_private:
+        return
+    given = {
+        "dp.noise_multiplier": config.dp.noise_multiplier or None,  # 0: no noise either way
+        "dp.bits": config.dp.bits,
+        "privacy.target_epsilon": config.privacy.target_epsilon,
+    }
+    object.__setattr__(config, "_unused_dp_parameters", tuple(path for path, value in given.items() if value))
+    object.__setattr__(config, "dp", dataclasses.replace(config.dp, noise_multiplier=None, bits=None))
+    object.__setattr__(config, "privacy", dataclasses.replace(config.privacy, target_epsilon=None))
+
+
+def task_of(path: str) -> Task | None:
+    """The task a field belongs to (its or an enclosing section's `task` metadata); None: every task."""
+    cls: type = ExperimentConfig
+    prefix = ""
+    for name in path.split("."):
+        field = {f.name: f for f in dataclasses.fields(cls)}[name]
+        if "task" in field.metadata:
+            return field.metadata["task"]
+        prefix = f"{prefix}{name}"
+        cls = _SECTIONS.get(prefix)
+        if cls is None:
+            return None
+        prefix += "."
+    return None
 
 
 def default_sampling(mechanism: Mechanism) -> Sampling:
@@ -683,17 +735,11 @@ def _check_combinations(config: ExperimentConfig) -> None:
             f"the PLD accountant does not support sampling={sampling.value}; use the RDP accountant",
         )
     _check_distributed(config, sampling)
-    if privacy.target_epsilon is not None:
-        if not dp.is_private:
-            raise error(
-                "privacy.target_epsilon",
-                "target_epsilon needs a DP mechanism: set the mechanism to fixed, adaptive or tree",
-            )
-        if dp.noise_multiplier is not None:
-            raise error(
-                "dp.noise_multiplier",
-                "give noise_multiplier or target_epsilon, not both (the noise is solved for the target)",
-            )
+    if privacy.target_epsilon is not None and dp.noise_multiplier is not None:  # without DP both were dropped
+        raise error(
+            "dp.noise_multiplier",
+            "give noise_multiplier or target_epsilon, not both (the noise is solved for the target)",
+        )
     if privacy.max_epsilon is not None and not dp.is_private:
         raise error("privacy.max_epsilon", "max_epsilon needs a DP mechanism: without one epsilon is infinite")
     if privacy.canaries and config.devices is not None:
@@ -797,12 +843,16 @@ _SECTIONS: Mapping[str, type] = {
 def build(values: Mapping[str, Any], *, devices: bool = False) -> ExperimentConfig:
     """An `ExperimentConfig` from `{dotted path: value}`; unnamed fields keep their defaults.
 
+    Fields in `TASK_DEFAULTS` that are absent or None take the task's default (and with
+    them the task's server learning rate, `TASK_SERVER_LEARNING_RATE`).
+
     Raises:
       validation.ConfigError: whose `field` is the dotted path of the value at fault.
     """
     unknown = sorted(set(values) - set(field_paths()))
     if unknown:
         raise KeyError(f"not configuration fields: {unknown}")
+    values = with_task_defaults(values)
     built: dict[str, Any] = {}
     # Innermost sections first, so a section finds its sub-sections built.
     for path in sorted(_SECTIONS, key=lambda p: -p.count(".")):
@@ -824,6 +874,19 @@ def build(values: Mapping[str, Any], *, devices: bool = False) -> ExperimentConf
     if not devices:
         top["devices"] = None
     return ExperimentConfig(**top)
+
+
+def with_task_defaults(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with the task's default for each `TASK_DEFAULTS` field that is absent or None."""
+    task = Task(values.get("task") or Task.EMNIST)
+    resolved = dict(values)
+    for path, by_task in TASK_DEFAULTS.items():
+        if resolved.get(path) is None:
+            resolved[path] = by_task[task]
+    if resolved.get("algorithm.server_learning_rate") is None:
+        algorithm = Algorithm(resolved["algorithm.algorithm"])
+        resolved["algorithm.server_learning_rate"] = TASK_SERVER_LEARNING_RATE.get(task, {}).get(algorithm)
+    return resolved
 
 
 def field_paths() -> list[str]:
