@@ -962,3 +962,25 @@ class ExportConfig:
         validation.integer(1, parity_examples=self.parity_examples)
         validation.integer(1, representative_examples=self.representative_examples)
         validation.integer(1, latency_runs=self.latency_runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class PersonalizationConfig:
+    """On-device personalization evaluation (`personalization`): fine-tune on each client's first examples.
+
+    Attributes:
+      epochs: local passes over a client's fine-tuning examples (client SGD at the run's rate and batch size).
+      fraction: share of each held-out client's examples, taken first, used for fine-tuning; the rest is evaluated.
+      max_clients: evaluate at most this many held-out clients, in id order (-1: all).
+    """
+
+    epochs: int = 1
+    fraction: float = 0.5
+    max_clients: int = -1
+
+    def __post_init__(self):
+        validation.integer(1, epochs=self.epochs)
+        validation.in_range(0, 1, closed="()", fraction=self.fraction)
+        validation.integer(-1, max_clients=self.max_clients)
+        if self.max_clients == 0:
+            raise validation.ConfigError("max_clients", "max_clients must be positive or -1 (all), got 0")

@@ -1,0 +1,85 @@
+"""On-device personalization, evaluated: how much each held-out client gains from fine-tuning the global model.
+
+Each held-out client's examples, in stored order, are split: the first --fraction fine-tune
+the global model for --personalize_epochs with the client optimizer (SGD at
+--client_learning_rate, --batch_size), the rest are evaluated before and after. Pass the
+training flags:
+  python -m experiments.personalize --experiment=default
+  python -m experiments.personalize --flagfile=experiments/presets/keyboard.flags --source=checkpoint
+Prints the per-client distribution and writes <root_dir>/<experiment>/personalization.json
+and a TensorBoard run (tensorboard/personalization).
+"""
+
+from experiments import cli
+
+cli.require_environment()
+
+import dataclasses  # noqa: E402
+import os  # noqa: E402
+
+from absl import flags  # noqa: E402
+
+from experiments import flag_groups  # noqa: E402
+from tffpipe import configs, validation  # noqa: E402
+
+flag_groups.define_all()
+_DEFAULTS = configs.PersonalizationConfig()
+flags.DEFINE_enum("source", "model", ["model", "checkpoint"], "Exported model.keras, or the latest checkpoint.")
+flags.DEFINE_integer("personalize_epochs", _DEFAULTS.epochs, "Local epochs of fine-tuning per client.")
+flags.DEFINE_float("fraction", _DEFAULTS.fraction, "Share of each client's examples (first) used to fine-tune.")
+flags.DEFINE_integer("max_clients", _DEFAULTS.max_clients, "Evaluate at most this many held-out clients (-1: all).")
+FLAGS = flags.FLAGS
+_FLAG_OF = {"epochs": "personalize_epochs", "fraction": "fraction", "max_clients": "max_clients"}
+
+
+def personalization_config() -> configs.PersonalizationConfig:
+    try:
+        return configs.PersonalizationConfig(
+            epochs=FLAGS.personalize_epochs, fraction=FLAGS.fraction, max_clients=FLAGS.max_clients
+        )
+    except validation.ConfigError as e:
+        name = _FLAG_OF[e.field]
+        raise flag_groups.FlagError(f"--{name}={FLAGS[name].value}: {e}") from None
+
+
+def main() -> None:
+    config = flag_groups.experiment_config()
+    settings = personalization_config()
+    from tffpipe import evaluation, outputs, personalization, program  # TensorFlow, once the flags are valid
+
+    dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
+    if FLAGS.source == "model" and not os.path.isfile(dirs.model):
+        raise flag_groups.FlagError(f"no Keras model file at {dirs.model}; train first, or pass --source=checkpoint")
+    prepared = program.prepare(config)
+    if FLAGS.source == "model":
+        model, where = evaluation.load_keras_model(dirs.model), dirs.model
+    else:
+        model, where = program.restore_model(prepared, dirs)
+    task = prepared.task
+    ids = sorted(task.test_data.client_ids)
+    if settings.max_clients > 0:
+        ids = ids[: settings.max_clients]
+    print(f"model: {where}")
+    metrics = [m for m in ("accuracy", "top3_accuracy") if m in task.metrics_fn()]
+    outcomes = personalization.evaluate(
+        model,
+        task.test_data,
+        ids,
+        loss_fn=task.loss_fn,
+        metrics_fn=task.metrics_fn,
+        metrics=metrics,
+        epochs=settings.epochs,
+        fraction=settings.fraction,
+        learning_rate=config.algorithm.client_learning_rate,
+        batch_size=config.preprocess.batch_size,
+    )
+    for summary, _ in outcomes.values():
+        print("\n".join(summary.lines()))
+    record = {"source": where, **dataclasses.asdict(settings)}
+    record["summaries"] = {m: dataclasses.asdict(s) for m, (s, _) in outcomes.items()}
+    outputs.write_json(os.path.join(dirs.path, "personalization.json"), record)
+    personalization.write_tensorboard(os.path.join(dirs.tensorboard, "personalization"), outcomes)
+
+
+if __name__ == "__main__":
+    cli.start(main, doc=__doc__, own_flags=["source", "personalize_epochs", "fraction", "max_clients"])
