@@ -18,7 +18,7 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
 from tests import conftest
-from tffpipe import accounting, algorithms, audit, configs, runtime
+from tffpipe import accounting, algorithms, audit, configs, runtime, serialization
 
 
 def _listening_addresses(pid: int) -> set[str]:
@@ -227,6 +227,43 @@ def test_a_dead_remote_worker_fails_its_call_instead_of_being_waited_for_forever
         context_stack_impl.context_stack.set_default_context(context)
 
 
+def test_the_data_check_leaves_no_executor_on_the_workers(monkeypatch):
+    # Each check opens an executor on the worker; left open, the worker would keep its
+    # stack for the whole run. Every executor the check obtains must be disposed of.
+    opened, disposed = [], []
+    get_executor, dispose_executor = runtime._Stub.get_executor, runtime._Stub.dispose_executor
+
+    def recording_get_executor(self, request):
+        response = get_executor(self, request)
+        opened.append(response.executor.id)
+        return response
+
+    def recording_dispose_executor(self, request):
+        disposed.append(request.executor.id)
+        return dispose_executor(self, request)
+
+    monkeypatch.setattr(runtime._Stub, "get_executor", recording_get_executor)
+    monkeypatch.setattr(runtime._Stub, "dispose_executor", recording_dispose_executor)
+
+    @tff.tensorflow.computation
+    def fingerprint():
+        return tf.constant(5, tf.int64), tf.constant(8, tf.int64)
+
+    services = [runtime.LocalWorker(bind_address="127.0.0.1") for _ in range(2)]
+    workers = runtime.Runtime([])
+    try:
+        for service in services:
+            service.start()
+        workers.workers = [runtime.RemoteWorker(f"127.0.0.1:{s.port}") for s in services]
+        workers.check_data(fingerprint, (5, 8), "/data")
+        assert len(opened) == 2  # one executor per worker
+        assert sorted(disposed) == sorted(opened)
+    finally:
+        workers.stop()
+        for service in services:
+            service.stop()
+
+
 def test_worker_dies_when_its_parent_is_killed_with_sigkill():
     script = textwrap.dedent(
         """
@@ -325,3 +362,21 @@ def test_federated_evaluation_over_two_workers_gives_what_one_gives(one_and_two_
         found.append(process.next(state, ids).metrics["client_work"]["eval"]["current_round_metrics"])
     assert found[0]["num_examples"] == found[1]["num_examples"] > 0
     assert float(found[0]["loss"]) == pytest.approx(float(found[1]["loss"]), rel=1e-5)
+
+
+def test_two_workers_receive_the_state_serialized_once(one_and_two_workers, tiny_data_dir, monkeypatch):
+    # The mergeable context sends each worker the same state; its bytes are made once a round.
+    task = conftest.emnist_task(tiny_data_dir, "linear")
+    process = task.compose_train(algorithms.build_training_process(task.learning_model(), configs.AlgorithmConfig()))
+    state_type = str(process.next.type_signature.parameter[0])  # compiled, it has lost its Python containers
+    serialized = []
+    serialize = serialization.serialize_value
+    monkeypatch.setattr(serialization, "serialize_value", lambda v, t: serialized.append(str(t)) or serialize(v, t))
+    workers = one_and_two_workers[1]
+    workers.start()
+    state = process.initialize()
+    serialized.clear()
+    process.next(state, task.train_data.client_ids[:4])
+    assert serialized.count(state_type) == 1  # two workers, 2 clients each
+    process.next(state, task.train_data.client_ids[:4])
+    assert serialized.count(state_type) == 2  # the next round makes it again (the cache lives one round)

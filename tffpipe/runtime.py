@@ -17,7 +17,10 @@ compiled to mergeable form, the clients are split into one contiguous slice per
 worker, every worker computes its slice's partial aggregate and the merge runs here.
 TFF's async contexts over `RemoteExecutor` make blocking gRPC calls inside coroutines,
 which would run the workers one after another; each worker's synchronous context is
-therefore run in a thread of its own (`_ThreadedContext`), so slices overlap.
+therefore run in a thread of its own (`_ThreadedContext`), so slices overlap. Values reach
+a worker through `_RemoteExecutor`, TFF's with `serialization`'s in-place serializer; the
+workers of a mergeable context share what one invocation serialized, so the server state
+is serialized once a round instead of once per worker (issue 22).
 
 `Runtime` owns the workers and the installed context. A round is a pure function of
 (state, sampled clients), so when a worker dies mid-round `Runtime.call` drops it,
@@ -33,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -47,10 +51,14 @@ import grpc
 import portpicker
 import tensorflow_federated as tff
 from absl import logging
-from tensorflow_federated.python.core.backends.native import compiler
+from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.core.backends.native import compiler, mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl
-from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
+from tensorflow_federated.python.core.impl.execution_contexts import (
+    mergeable_comp_execution_context,
+    sync_execution_context,
+)
 from tensorflow_federated.python.core.impl.executors import (
     executor_factory,
     executors_errors,
@@ -59,7 +67,7 @@ from tensorflow_federated.python.core.impl.executors import (
 )
 from tensorflow_federated.python.core.impl.types import placements
 
-from tffpipe import errors, network, processes
+from tffpipe import errors, network, processes, serialization
 
 _WORKER_BINARY = os.path.join(os.path.dirname(tff.__file__), "data", "worker_binary")
 _GRPC_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -262,7 +270,7 @@ class RemoteWorker:
                 f"{self.name} accepts connections but does not answer as a gRPC service within {self._timeout:g} s "
                 f"(is it a TFF worker?): {start_hint}"
             ) from None
-        self._stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(self._channel)
+        self._stub = _Stub(self._channel)
 
     def stub(self) -> remote_executor_grpc_stub.RemoteExecutorGrpcStub:
         if self._stub is None:
@@ -276,7 +284,27 @@ class RemoteWorker:
 
 
 def _stub(address: str) -> remote_executor_grpc_stub.RemoteExecutorGrpcStub:
-    return remote_executor_grpc_stub.RemoteExecutorGrpcStub(grpc.insecure_channel(address, _GRPC_OPTIONS))
+    return _Stub(grpc.insecure_channel(address, _GRPC_OPTIONS))
+
+
+class _Stub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
+    """TFF's stub, plus `CreateValue` from a request already serialized (`serialization.create_value_request`)."""
+
+    def __init__(self, channel: grpc.Channel):
+        super().__init__(channel)
+        self._create_value_serialized = channel.unary_unary(
+            "/tensorflow_federated.v0.ExecutorGroup/CreateValue",
+            request_serializer=None,  # the request is bytes
+            response_deserializer=executor_pb2.CreateValueResponse.FromString,
+        )
+
+    def create_value_serialized(self, request: bytes) -> executor_pb2.CreateValueResponse:
+        try:
+            return self._create_value_serialized(request)
+        except grpc.RpcError as e:  # as TFF's stub: "unavailable" and the like are for its retries
+            if isinstance(e, grpc.Call) and e.code() in executors_errors.get_grpc_retryable_error_codes():
+                raise executors_errors.RetryableGRPCError(e) from e
+            raise
 
 
 class WorkerLost(RuntimeError):  # noqa: N818  (TFF must not read it as retryable)
@@ -348,15 +376,49 @@ class ExecutorPerCohortSize(executor_factory.ExecutorFactory):
         if executor is not None:
             executor.close()
 
+    def close(self) -> None:
+        """Closes every executor kept, which disposes of their stacks on the worker."""
+        while self._executors:
+            _, executor = self._executors.popitem()
+            with contextlib.suppress(WorkerLost):  # a worker that is gone keeps nothing
+                executor.close()
 
-def _sync_context(worker) -> sync_execution_context.SyncExecutionContext:
+
+class _RemoteExecutor(remote_executor.RemoteExecutor):
+    """TFF's `RemoteExecutor`, with values serialized in place (`serialization`) and sent as bytes.
+
+    With `shared`, a value all workers receive within one invocation (the server state) is
+    serialized once for all of them.
+    """
+
+    def __init__(self, stub, *, shared: serialization.SharedValues | None = None):
+        super().__init__(stub)
+        self._shared = shared
+
+    async def create_value(self, value, type_spec=None):
+        self._check_has_executor_id()
+        if self._shared is not None:
+            serialized, value_type = self._shared.serialize(value, type_spec)
+        else:
+            proto, value_type = serialization.serialize_value(value, type_spec)
+            serialized = proto.SerializeToString()
+        request = serialization.create_value_request(serialized, self._executor_id)
+        response = self._stub.create_value_serialized(request)
+        return remote_executor.RemoteValue(response.value_ref, value_type, self)
+
+
+def _executors(worker, shared: serialization.SharedValues | None = None) -> ExecutorPerCohortSize:
     def stack_fn(cardinalities):
         cardinalities.setdefault(placements.CLIENTS, 0)
-        executor = remote_executor.RemoteExecutor(_GuardedStub(worker.stub(), worker))
+        executor = _RemoteExecutor(_GuardedStub(worker.stub(), worker), shared=shared)
         executor.set_cardinalities(cardinalities)
         return executor
 
-    return sync_execution_context.SyncExecutionContext(executor_fn=ExecutorPerCohortSize(stack_fn), **_CONTEXT_ARGS)
+    return ExecutorPerCohortSize(stack_fn)
+
+
+def _sync_context(executors: ExecutorPerCohortSize) -> sync_execution_context.SyncExecutionContext:
+    return sync_execution_context.SyncExecutionContext(executor_fn=executors, **_CONTEXT_ARGS)
 
 
 class _ThreadedContext(context_base.AsyncContext):
@@ -369,13 +431,26 @@ class _ThreadedContext(context_base.AsyncContext):
         return await asyncio.to_thread(self._sync.invoke, comp, arg)
 
 
-def _install(workers: Sequence) -> None:
-    if len(workers) == 1:
-        context = _sync_context(workers[0])
-    else:
-        context = tff.backends.native.create_mergeable_comp_execution_context(
-            [_ThreadedContext(_sync_context(w)) for w in workers]
+class _MergeableContext(mergeable_comp_execution_context.MergeableCompExecutionContext):
+    """TFF's mergeable context (as `create_mergeable_comp_execution_context` makes it), whose
+    workers share the values serialized during one invocation; forgotten after it."""
+
+    def __init__(self, workers: Sequence):
+        self._shared = serialization.SharedValues()
+        super().__init__(
+            [_ThreadedContext(_sync_context(_executors(w, self._shared))) for w in workers],
+            compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
         )
+
+    def invoke(self, comp, arg=None):
+        try:
+            return super().invoke(comp, arg)
+        finally:
+            self._shared.clear()
+
+
+def _install(workers: Sequence) -> None:
+    context = _sync_context(_executors(workers[0])) if len(workers) == 1 else _MergeableContext(workers)
     context_stack_impl.context_stack.set_default_context(context)
 
 
@@ -409,7 +484,8 @@ class Runtime:
         if len(self.workers) == 1 and isinstance(self.workers[0], LocalWorker):
             return  # the same machine and file as this process
         for worker in self.workers:
-            with context_stack_impl.context_stack.install(_sync_context(worker)):
+            executors = _executors(worker)
+            with context_stack_impl.context_stack.install(_sync_context(executors)):
                 try:
                     found = fingerprint()
                 except Exception as e:  # noqa: BLE001  (TFF wraps the worker's error in several types)
@@ -418,6 +494,8 @@ class Runtime:
                         f"{(str(e).strip().splitlines() or [''])[0][:200]}): every worker needs the same files at the "
                         "same path as this machine"
                     ) from None
+                finally:
+                    executors.close()  # else the worker keeps this check's executor for the whole run
             if tuple(map(int, found)) != tuple(map(int, expected)):
                 raise WorkerUnusable(
                     f"{worker.name} serves other data than this run at {where} (fingerprint "

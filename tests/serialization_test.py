@@ -1,0 +1,167 @@
+"""tffpipe's in-place serialization gives TFF's bytes, on every state tffpipe builds; shared bytes are made once."""
+
+import collections
+import threading
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.core.impl.executors import value_serialization
+from tensorflow_federated.python.core.impl.types import computation_types, placements
+
+from tests import conftest
+from tffpipe import accounting, algorithms, audit, configs, models, serialization
+from tffpipe.tasks.keyboard import task as keyboard_task
+
+Algorithm, Mechanism = configs.Algorithm, configs.Mechanism
+
+# Each algorithm's state, each aggregator's inside one of them (7 processes, not 14: building
+# one takes 2-5 s), canaries (ids in the round's argument, zeroing in their transform).
+FIXED = {"dp.mechanism": Mechanism.FIXED, "dp.noise_multiplier": 0.5}
+STATES = {
+    "fedavg, compression": {
+        "algorithm.algorithm": Algorithm.FEDAVG,
+        "dp.mechanism": Mechanism.NONE,
+        "compression": True,
+    },
+    "fedavgm, fixed clipping, zeroing, canaries": {
+        "algorithm.algorithm": Algorithm.FEDAVGM,
+        **FIXED,
+        "dp.zeroing_norm": 3.0,
+        "privacy.canaries": 2,
+    },
+    "fedadam, fixed clipping": {"algorithm.algorithm": Algorithm.FEDADAM, **FIXED},
+    # z = 0.2: adaptive clipping's count noise needs z < 0.1 * clients_per_round (`configs`).
+    "fedyogi, adaptive clipping": {
+        "algorithm.algorithm": Algorithm.FEDYOGI,
+        "dp.mechanism": Mechanism.ADAPTIVE,
+        "dp.noise_multiplier": 0.2,
+    },
+    # 2 rounds: the tree uses each of the 12 clients at most once.
+    "fedadagrad, DP-FTRL tree": {
+        "algorithm.algorithm": Algorithm.FEDADAGRAD,
+        **FIXED,
+        "dp.mechanism": Mechanism.TREE,
+        "loop.rounds": 2,
+    },
+    # z = 1: at 0.5, 20 bits would be refused for this model and cohort (`accounting.check_usable_bits`).
+    "fedprox, distributed DP": {
+        "algorithm.algorithm": Algorithm.FEDPROX,
+        "dp.mechanism": Mechanism.DISTRIBUTED,
+        "dp.noise_multiplier": 1.0,
+    },
+    "fedsgd": {"algorithm.algorithm": Algorithm.FEDSGD, "dp.mechanism": Mechanism.NONE},
+}
+
+
+def _tff_bytes(value, type_spec) -> bytes:
+    return value_serialization.serialize_value(value, type_spec)[0].SerializeToString(deterministic=True)
+
+
+def _tffpipe_bytes(value, type_spec) -> bytes:
+    # What the remote executor sends: the default (not the deterministic) serialization.
+    return serialization.serialize_value(value, type_spec)[0].SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def next_arguments(tiny_data_dir, tff_context):
+    """{name: (state, client ids, next's parameter type)}, each process built once for the module."""
+    task = conftest.emnist_task(tiny_data_dir, "linear")
+    found = {}
+    for name, values in STATES.items():
+        config = configs.build({"model": "linear", "clients_per_round": 3, "seed": 3, **values})
+        plan = accounting.create_plan(config, population=len(task.train_data.client_ids), model_size=lambda: 785 * 62)
+        process = algorithms.build_learning_process(task, config, plan)
+        ids = task.train_data.client_ids[:3] + audit.canary_ids(config.privacy.canaries)
+        found[name] = (process.initialize(), ids, process.next.type_signature.parameter)
+    return found
+
+
+@pytest.mark.parametrize("name", STATES)
+def test_a_states_bytes_and_a_rounds_argument_equal_tffs(next_arguments, name, monkeypatch):
+    state, ids, (state_type, ids_type) = next_arguments[name]
+    left_to_tff = []
+    with_tff = serialization._with_tff
+    monkeypatch.setattr(serialization, "_with_tff", lambda out, v, t: left_to_tff.append((v, t)) or with_tff(out, v, t))
+    assert _tffpipe_bytes(state, state_type) == _tff_bytes(state, state_type)
+    assert _tffpipe_bytes(ids, ids_type) == _tff_bytes(ids, ids_type)
+    # The in-place path did the rest: TFF only got scalars and the ids, no struct and no array.
+    assert left_to_tff
+    for v, t in left_to_tff:
+        assert isinstance(t, computation_types.TensorType) and (np.ndim(v) == 0 or t.dtype.type is np.str_), (v, t)
+
+
+def test_the_keyboard_models_fedadam_state_equals_tffs(tff_context):
+    # The CIFG LSTM as `models` builds it (custom cell, tied embedding), at a 6-word vocabulary.
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            models.create_cifg_lstm(6),
+            loss=keyboard_task.MaskedCrossEntropy(0),
+            input_spec=(tf.TensorSpec([None, 4], tf.int64), tf.TensorSpec([None, 4], tf.int64)),
+        )
+
+    process = algorithms.build_training_process(model_fn, configs.AlgorithmConfig(algorithm=Algorithm.FEDADAM))
+    state_type = process.next.type_signature.parameter[0]
+    state = process.initialize()
+    # 3 x (192 x 670 + 670) gate weights + 670 x 96 projection + 6 x 96 embedding + 6 output bias.
+    weights = process.get_model_weights(state).trainable
+    assert sum(np.size(w) for w in weights) == 387_930 + 64_320 + 576 + 6
+    assert _tffpipe_bytes(state, state_type) == _tff_bytes(state, state_type)
+
+
+T = computation_types.TensorType
+EDGES = {
+    "empty struct": ((), computation_types.StructType([])),
+    "empty array": (np.zeros((0, 3), np.float32), T(np.float32, [0, 3])),
+    "0-d array, unknown rank": (np.full((), 2.0), T(np.float64, None)),
+    "strided view": (np.arange(12, dtype=np.int32).reshape(3, 4)[:, ::2], T(np.int32, [3, None])),
+    "bools": (np.array([True, False]), T(np.bool_, [2])),
+    "names from the type, not the container": (
+        collections.OrderedDict(x=np.ones(2, np.float32), y=[]),
+        computation_types.StructType([("a", T(np.float32, [2])), ("b", computation_types.StructType([]))]),
+    ),
+    "no clients": ([], computation_types.FederatedType(np.str_, placements.CLIENTS)),
+    "arrays at clients": (
+        [np.ones(2, np.float32), np.zeros(2, np.float32)],
+        computation_types.FederatedType(T(np.float32, [2]), placements.CLIENTS),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", EDGES)
+def test_edge_cases_equal_tffs(name):
+    value, type_spec = EDGES[name]
+    assert _tffpipe_bytes(value, type_spec) == _tff_bytes(value, type_spec)
+
+
+def test_a_value_all_workers_receive_is_serialized_once_per_invocation(monkeypatch):
+    calls = []
+    serialize = serialization.serialize_value
+    monkeypatch.setattr(serialization, "serialize_value", lambda v, t: calls.append(t) or serialize(v, t))
+    state_type = computation_types.FederatedType(T(np.float32, [3]), placements.SERVER)
+    state = np.arange(3, dtype=np.float32)
+    shared = serialization.SharedValues()
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(shared.serialize(state, state_type))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1  # four workers, one serialization
+    assert {r[0] for r in results} == {_tff_bytes(state, state_type)}
+    shared.serialize(state.copy(), state_type)  # equal values, another object: serialized again
+    assert len(calls) == 2
+    shared.clear()  # the invocation ended
+    shared.serialize(state, state_type)
+    assert len(calls) == 3
+
+
+def test_a_create_value_request_from_bytes_equals_the_proto():
+    value = value_serialization.serialize_value(np.ones(200, np.float32), T(np.float32, [200]))[0]
+    executor = executor_pb2.ExecutorId(id="7")
+    expected = executor_pb2.CreateValueRequest(executor=executor, value=value).SerializeToString(deterministic=True)
+    assert (
+        serialization.create_value_request(value.SerializeToString(), executor) == expected
+    )  # 800 bytes: a 2-byte length
