@@ -96,6 +96,10 @@ def start(main: Callable[[], int | None], *, doc: str, own_flags: Sequence[str] 
         except BrokenPipeError:  # `--helpshort | head`
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
+    problem = flagfile_problem(sys.argv)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         rest = flags.FLAGS(sys.argv)
     except flags.Error as e:
@@ -192,3 +196,57 @@ def _save_traceback(directory: str | None) -> str:
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
+
+
+_FLAGFILE = ("--flagfile", "-flagfile")
+
+
+def flagfile_problem(argv: Sequence[str]) -> str | None:
+    """What absl would mishandle in the --flagfile files `argv` names, or None.
+
+    absl reads them itself, but one with non-UTF-8 bytes raised UnicodeDecodeError, and
+    one that includes itself was skipped with a warning, so the run went on with the
+    defaults (a 3,400-client generation). Both are refused here, naming the file. A
+    missing file is left to absl, whose error names it.
+    """
+
+    def directives(args: Sequence[str]) -> list[str]:
+        paths = []
+        for i, arg in enumerate(args):
+            name, sep, value = arg.strip().partition("=")
+            if name in _FLAGFILE and sep:
+                paths.append(value.strip())
+            elif name in _FLAGFILE and i + 1 < len(args):
+                paths.append(args[i + 1].strip())
+        return [os.path.expanduser(p) for p in paths if p]
+
+    def visit(path: str, chain: list[str]) -> str | None:
+        real = os.path.realpath(path)
+        if real in chain:
+            loop = " -> ".join([*chain[chain.index(real) :], real])
+            return f"--flagfile={path} includes itself ({loop}); remove the --flagfile line that closes the loop"
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[: e.start].count(b"\n") + 1
+            return f"--flagfile={path}: line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8"
+        lines = [line for line in text.splitlines() if not line.lstrip().startswith(("#", "//"))]
+        for nested in directives(lines):
+            problem = visit(nested, [*chain, real])
+            if problem:
+                return problem
+        return None
+
+    args = list(argv[1:])
+    if "--" in args:
+        args = args[: args.index("--")]
+    for path in directives(args):
+        problem = visit(path, [])
+        if problem:
+            return problem
+    return None

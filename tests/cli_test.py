@@ -162,3 +162,29 @@ def test_binaries_set_tf_log_level_3_unless_verbose(argv, exported, expected):
         env["TF_CPP_MIN_LOG_LEVEL"] = exported
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == str(expected), out.stderr
+
+
+def test_a_flagfile_with_non_utf8_bytes_is_named_with_its_line(tmp_path):
+    path = tmp_path / "latin1.flags"
+    path.write_bytes(b"--rounds=2\n--experiment=caf\xe9\n")  # absl raised UnicodeDecodeError
+    assert cli.flagfile_problem(["train", f"--flagfile={path}"]) == (
+        f"--flagfile={path}: line 2 is not UTF-8 text (invalid continuation byte); save the file as UTF-8"
+    )
+
+
+def test_a_flagfile_that_includes_itself_is_named_with_the_loop(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.flags").write_text("--rounds=2\n--flagfile=b.flags\n")
+    (tmp_path / "b.flags").write_text("# a comment\n--flagfile=./a.flags\n")  # another spelling of a.flags
+    a, b = tmp_path / "a.flags", tmp_path / "b.flags"
+    assert cli.flagfile_problem(["train", "--flagfile", "a.flags"]) == (
+        f"--flagfile=./a.flags includes itself ({a} -> {b} -> {a}); remove the --flagfile line that closes the loop"
+    )
+
+
+def test_flagfiles_included_twice_without_a_loop_commented_or_missing_are_left_to_absl(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "leaf.flags").write_text("--rounds=2\n")
+    (tmp_path / "top.flags").write_text("--flagfile=leaf.flags\n--flagfile=leaf.flags\n# --flagfile=top.flags\n")
+    assert cli.flagfile_problem(["train", "--flagfile=top.flags", "--", "--flagfile=top.flags"]) is None
+    assert cli.flagfile_problem(["train", "--flagfile=/nonexistent.flags"]) is None  # absl's error names it

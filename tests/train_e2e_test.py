@@ -223,6 +223,9 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
     corrupt = _corrupt_checkpoint(runs, exp)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
+    latin1, loop = tmp_path / "latin1.flags", tmp_path / "loop.flags"
+    latin1.write_bytes(b"--rounds=2\n--experiment=caf\xe9\n")  # a UnicodeDecodeError traceback
+    loop.write_text(f"--rounds=2\n--flagfile={loop}\n")  # absl warned, then a default 3,400-client run began
     bad = str(tmp_path)
     not_a_model = tmp_path / "model.keras"
     not_a_model.write_text("not a model")
@@ -238,6 +241,10 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         (["--rounds=1e9"], "--rounds=1e9: invalid literal for int()"),
         (["--dp=bogus"], "--dp=bogus: value should be one of <none|fixed|adaptive|tree|distributed>"),
         (["--flagfile=/nonexistent.flags"], "/nonexistent.flags"),
+        ([f"--flagfile={latin1}"], f"--flagfile={latin1}: line 2 is not UTF-8 text"),
+        ([f"--flagfile={loop}"], f"--flagfile={loop} includes itself"),
+        # A cache directory that cannot be written: an OSError traceback.
+        ([f"--cache_dir={blocker}"], f"--cache_dir={blocker}: cannot create {blocker}/embedded-"),
         (["--roundz=3"], "Unknown command line flag 'roundz'"),
         (["extra"], "unexpected arguments ['extra']"),
         # Ranges, with the flag named once.
@@ -330,6 +337,8 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         ("compute_epsilon", ["--target_epsilon=nan"], "--target_epsilon=nan: target_epsilon must be a finite"),
         ("compute_epsilon", ["--num_writers=0"], "--num_writers=0: num_writers must be >= 1, got 0"),
         ("compute_epsilon", ["--data_dir=/nonexistent"], "data file not found"),
+        ("compute_epsilon", [f"--flagfile={latin1}"], f"--flagfile={latin1}: line 2 is not UTF-8 text"),
+        ("compute_epsilon", [f"--flagfile={loop}"], f"--flagfile={loop} includes itself"),
         ("compute_epsilon", ["--rounds=x"], "--rounds=x: invalid literal for int()"),
         ("compute_epsilon", ["--dp=none", "--max_epsilon=3"], "--max_epsilon=3.0: max_epsilon needs a DP mechanism"),
         # The budget check train makes (--max_epsilon=0.5 above), not "allows 0 rounds".

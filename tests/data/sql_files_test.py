@@ -151,3 +151,10 @@ def test_a_marks_directory_that_cannot_be_written_only_costs_the_check_again(tin
     seen: list[bytes] = []
     assert _checked(path, str(blocker / "marks"), seen) and _checked(path, str(blocker / "marks"), seen)
     assert len(seen) == 2 * rows  # read twice, and no error
+
+
+def test_a_directory_to_generate_in_must_be_writable(tmp_path, monkeypatch):
+    assert sql_files.writable_directory(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root writes through chmod 555: fake a refusal
+    with pytest.raises(sql_files.CacheDirError, match=r"cannot write the embedded data into .*/a/b \(not writable\)"):
+        sql_files.writable_directory(str(tmp_path / "a" / "b"))

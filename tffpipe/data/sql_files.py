@@ -33,6 +33,32 @@ class DataFileError(errors.InputError):
     field = "data.data_dir"
 
 
+class CacheDirError(errors.InputError):
+    """A cache directory the embedded data cannot be generated in."""
+
+    field = "data.cache_dir"
+
+
+def writable_directory(path: str) -> str:
+    """Creates `path`, a directory of the cache to generate files in, refusing one that cannot be written.
+
+    A read-only cache directory would otherwise fail inside the generator (an OSError
+    traceback); a cache whose data is already generated is only read and needs no write.
+
+    Raises:
+      CacheDirError: naming the directory and why.
+    """
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise CacheDirError(
+            f"cannot create {path} to generate the embedded data in ({e.strerror}); give a writable cache_dir"
+        ) from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CacheDirError(f"cannot write the embedded data into {path} (not writable); give a writable cache_dir")
+    return path
+
+
 def read_only_uri(path: str) -> str:
     """The SQLite URI that opens `path` read-only: the one place such a URI is built.
 

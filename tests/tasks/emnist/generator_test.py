@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import os
 import sqlite3
@@ -11,6 +12,7 @@ from tensorflow_federated.python.simulation.datasets import emnist as tff_emnist
 
 from tests import conftest
 from tffpipe import processes
+from tffpipe.data import sql_files
 from tffpipe.tasks.emnist import files as emnist_files
 from tffpipe.tasks.emnist import generator
 
@@ -190,3 +192,19 @@ def test_a_stop_request_abandons_the_file(tmp_path):
     with pytest.raises(processes.Interrupted):
         generator.generate(config, str(tmp_path / "s.sqlite"), workers=2, stop_requested=lambda: True)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_cache_that_cannot_be_written_is_named_and_one_already_generated_is_only_read(
+    tmp_path, tiny_data_dir, monkeypatch
+):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(sql_files.CacheDirError, match=r"cannot create .*a_file/embedded-\w+ to generate") as e:
+        generator.ensure_generated(str(blocker), conftest.TINY, workers=1)
+    assert e.value.field == "data.cache_dir" and "(Not a directory); give a writable cache_dir" in str(e.value)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "makedirs", read_only)  # a read-only file system holding the generated data
+    assert generator.ensure_generated(os.path.dirname(tiny_data_dir), conftest.TINY) == tiny_data_dir

@@ -240,7 +240,7 @@ def ensure_generated(
     path = os.path.join(data_dir, FILE_NAME)
     if is_generated(cache_dir, config):
         return data_dir
-    os.makedirs(data_dir, exist_ok=True)
+    sql_files.writable_directory(data_dir)
     sql_files.remove_stale_temporaries(path)
     generate(config, path, workers=workers, progress=progress, stop_requested=stop_requested)
     return data_dir

@@ -693,7 +693,7 @@ def ensure_generated(
     data_dir = cached_data_dir(cache_dir, config)
     if is_generated(cache_dir, config):
         return data_dir
-    os.makedirs(data_dir, exist_ok=True)
+    sql_files.writable_directory(data_dir)
     for name in (FILE_NAME, WORD_COUNT_FILE, TAG_COUNT_FILE):
         sql_files.remove_stale_temporaries(os.path.join(data_dir, name))
     generate(config, data_dir, workers=workers, progress=progress, stop_requested=stop_requested)
