@@ -169,3 +169,12 @@ def test_a_mechanism_that_reports_noise_it_does_not_add_is_caught(audit_dir, mon
     broken, text = _audited_run(audit_dir, "broken")
     assert broken["empirical_epsilon_final_model_lower_95"] > broken["accountant_epsilon"]
     assert "warning: the measured privacy is worse than the reported one" in text
+
+
+def test_distributed_dp_estimate_stays_at_or_below_its_accountant(audit_dir):
+    # The canaries' updates go through each device's clipping, rounding and noise share like
+    # any client's, and the 20-bit sum's epsilon is accounted with the clients each round had.
+    private, text = _audited_run(audit_dir, "distributed", **{"dp.mechanism": configs.Mechanism.DISTRIBUTED})
+    assert 0 <= private["empirical_epsilon_final_model"] <= private["accountant_epsilon"]
+    assert private["empirical_epsilon_all_iterates"] <= private["accountant_epsilon"]
+    assert "warning" not in text and "distributed discrete Gaussian (20-bit" in text
