@@ -76,16 +76,34 @@ def test_canary_directions_are_unit_and_the_null_cosines_spread_as_one_over_sqrt
     assert np.linalg.norm(one) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_the_running_maxima_are_checkpointed_state():
-    tracker = audit.CanaryAudit(3, [np.zeros(4, np.float32)], seed=0)
+def _process_state(weights: list[np.ndarray]):
+    """The part of a `tff.learning` process state that `CanaryAudit.restore` reads."""
     state = type("State", (), {})()
-    state.global_model_weights = type("Weights", (), {"trainable": [np.ones(4, np.float32)]})()
-    tracker.observe([np.ones(4)])
-    saved = tracker.state()
-    assert saved.shape == (6,) and np.all(saved > -1)
-    again = audit.CanaryAudit(3, [np.zeros(4, np.float32)], seed=0)
-    again.restore(saved, state)
-    np.testing.assert_array_equal(again.state(), saved)
+    state.global_model_weights = type("Weights", (), {"trainable": weights})()
+    return state
+
+
+def test_a_restored_audit_continues_as_if_never_interrupted():
+    # Three rounds without a stop, against round 1, a checkpoint, and rounds 2-3 after a restart.
+    rng = np.random.default_rng(2)
+    initial = [np.zeros((3, 2), np.float32), np.zeros(2, np.float32)]
+    rounds = [[w + rng.normal(size=w.shape).astype(np.float32) * (r + 1) for w in initial] for r in range(3)]
+    whole = audit.CanaryAudit(4, initial, seed=1)
+    for weights in rounds:
+        whole.observe(weights)
+    first = audit.CanaryAudit(4, initial, seed=1)
+    first.observe(rounds[0])
+    saved = first.state()
+    assert saved.shape == (8,)  # one running maximum per inserted and per null direction
+    resumed = audit.CanaryAudit(4, initial, seed=1)
+    resumed.restore(saved, _process_state(rounds[0]))  # round 1's model is the checkpoint's
+    for weights in rounds[1:]:
+        resumed.observe(weights)
+    np.testing.assert_array_equal(resumed.state(), whole.state())
+    expected, found = whole.estimate(rounds[-1], 1e-3), resumed.estimate(rounds[-1], 1e-3)
+    assert found.epsilon_all_iterates is not None
+    assert found.epsilon_all_iterates == expected.epsilon_all_iterates
+    assert found.epsilon_all_iterates_lower == expected.epsilon_all_iterates_lower
 
 
 def test_a_canarys_update_goes_through_the_real_clipping(tiny_data_dir, tff_context):
@@ -151,7 +169,13 @@ def audit_dir(tmp_path_factory):
 def test_with_dp_the_estimate_stays_below_the_accountant_and_without_it_is_large(audit_dir):
     private, text = _audited_run(audit_dir, "dp")
     assert 0 < private["empirical_epsilon_final_model"] < private["accountant_epsilon"]
-    assert private["empirical_epsilon_final_model_lower_95"] <= private["empirical_epsilon_final_model"]
+    # audit.json holds what the estimates are computed from: the final-model cosines give them again,
+    # the mean's shift against the null spread 1/sqrt(d), and for the bound that mean less 1.645 standard errors.
+    inserted, spread = np.array(private["final_model_cosines"]["inserted"]), private["dimension"] ** -0.5
+    shift, error = inserted.mean(), inserted.std(ddof=1) / math.sqrt(len(inserted))
+    for key, mean in (("", shift), ("_lower_95", max(0.0, shift - 1.645 * error))):
+        again = audit.epsilon_two_gaussians(0.0, spread, mean, spread, private["delta"])
+        assert private["empirical_epsilon_final_model" + key] == pytest.approx(again, rel=1e-9, abs=1e-12)
     assert private["empirical_epsilon_all_iterates"] < private["accountant_epsilon"]
     assert "warning" not in text and "privacy audit: empirical epsilon" in text
     assert len(private["final_model_cosines"]["inserted"]) == len(private["final_model_cosines"]["null"]) == 20
