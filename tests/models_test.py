@@ -20,13 +20,34 @@ def wrong_output(num_classes):
     )
 
 
-def nan_logits(num_classes):
-    """Fits the task but outputs NaN logits: every loss is NaN (the NaN-loss e2e test)."""
+class _DenseNanWhenFar(tf.keras.layers.Dense):
+    """A dense layer whose outputs turn NaN once its kernel's norm passes `limit`."""
+
+    def __init__(self, units: int, limit: float, **kwargs):
+        super().__init__(units, **kwargs)
+        self.limit = limit
+
+    def call(self, inputs):
+        logits = super().call(inputs)
+        # NaN not computed from the logits: `logits * nan` would make their gradient NaN in every round.
+        return tf.where(tf.norm(self.kernel) > self.limit, tf.fill(tf.shape(logits), float("nan")), logits)
+
+    def get_config(self):
+        return {**super().get_config(), "limit": self.limit}
+
+
+def nan_after_three_rounds(num_classes):
+    """Fits the task; its logits turn NaN once the kernel's norm passes 17.3 (the NaN-loss e2e test).
+
+    The kernel starts at zero and, with the e2e tests' seeded DP noise (std z*C/m = 0.3 * 0.5 / 3
+    = 0.05 on each of 784 * 62 = 48,608 weights, far above the clipped updates), its norm after r
+    rounds is about 0.05 * sqrt(48,608 r) = 11.0 sqrt(r): 15.6 after round 2, 19.1 after round 3
+    (19.16 measured). So rounds 1-3 train from finite logits and every client of round 4 gets NaN.
+    """
     return tf.keras.Sequential(
         [
             tf.keras.layers.Flatten(input_shape=(28, 28, 1)),
-            tf.keras.layers.Dense(num_classes),
-            tf.keras.layers.Lambda(lambda x: x * float("nan")),
+            _DenseNanWhenFar(num_classes, limit=17.3, kernel_initializer="zeros"),
         ]
     )
 

@@ -478,19 +478,19 @@ def test_sigterm_stops_after_saving_and_tensorboard_really_shows_the_scalars(wor
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(workspace):
     cache, runs = workspace
     # A learning rate of 1e12 is not enough: TFF drops non-finite client results and the
-    # loss stays huge but finite. A model with NaN logits makes every client diverge.
-    proc = train("--rounds=5", "--experiment=diverged", "--model=tests.models_test:nan_logits", cache=cache, root=runs)
+    # loss stays huge but finite. This model's logits turn NaN from round 4 on (see its docstring).
+    model = "--model=tests.models_test:nan_after_three_rounds"
+    proc = train("--rounds=5", "--experiment=diverged", model, cache=cache, root=runs)
     assert proc.returncode == 3, proc.stderr
-    assert "non-finite training loss" in proc.stderr and "Lower the client learning rate" in proc.stderr
-    checkpoints = os.path.join(runs, "diverged", "checkpoints")
-    saved = sorted(os.listdir(checkpoints)) if os.path.isdir(checkpoints) else []
+    assert "round 4 produced a non-finite training loss" in proc.stderr
+    assert "the last good checkpoint (round 3) is kept" in proc.stderr
+    assert "Lower the client learning rate" in proc.stderr
+    # Rounds 1-3 were written, each with a finite loss; round 4 left no row and no checkpoint.
     rows_written = rows(os.path.join(runs, "diverged", "metrics.csv"))
-    # Every CSV row is from a finite round, and the newest checkpoint is the last of them.
-    assert all(float(r["train/loss"]) < float("inf") for r in rows_written)
-    if rows_written:
-        assert f"program_state_{rows_written[-1]['round']}" in saved
-    else:
-        assert saved == []
+    assert [r["round"] for r in rows_written] == ["1", "2", "3"]
+    assert all(math.isfinite(float(r["train/loss"])) for r in rows_written)
+    saved = os.listdir(os.path.join(runs, "diverged", "checkpoints"))
+    assert "program_state_3" in saved and "program_state_4" not in saved
 
 
 def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace):
