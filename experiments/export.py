@@ -51,7 +51,7 @@ def export_config() -> configs.ExportConfig:
 def main() -> int:
     config = flag_groups.experiment_config()
     settings = export_config()
-    from tffpipe import evaluation, export, outputs, program, tasks  # TensorFlow, once the flags are valid
+    from tffpipe import outputs, program  # TensorFlow, once the flags are valid
 
     dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
     if FLAGS.model_path or FLAGS.source == "model":
@@ -60,16 +60,15 @@ def main() -> int:
             raise flag_groups.FlagError(
                 f"no Keras model file at {path}; train first, or pass --model_path=<file.keras> or --source=checkpoint"
             )
-    out_dir = FLAGS.export_dir or dirs.export
     if not FLAGS.export_dir and not os.path.isdir(dirs.path):
         raise flag_groups.FlagError(f"no experiment at {dirs.path} to export into; train first, or pass --export_dir")
-    prepared = program.prepare(config)
-    if FLAGS.model_path or FLAGS.source == "model":
-        model, where = evaluation.load_keras_model(path), path
-    else:
-        model, where = program.restore_model(prepared, dirs)
-    spec = tasks.serving_spec(config, prepared.data_dir)
-    manifest = export.export_for_task(model, prepared.task, spec, out_dir, source=where, config=settings)
+    manifest, out_dir = program.export_experiment(
+        config,
+        settings,
+        from_checkpoint=FLAGS.source == "checkpoint",
+        model_path=FLAGS.model_path,
+        out_dir=FLAGS.export_dir,
+    )
     print(manifest.table())
     print(f"\nwritten to {out_dir}")
     for failure in manifest.failures:

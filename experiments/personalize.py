@@ -50,7 +50,7 @@ def main() -> None:
     dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
     if FLAGS.source == "model" and not os.path.isfile(dirs.model):
         raise flag_groups.FlagError(f"no Keras model file at {dirs.model}; train first, or pass --source=checkpoint")
-    prepared = program.prepare(config)
+    prepared = program.prepare(config, trained=dirs)  # only with the flags the run was trained with
     if FLAGS.source == "model":
         model, where = evaluation.load_keras_model(dirs.model), dirs.model
     else:

@@ -8,12 +8,15 @@ from experiments import cli
 
 cli.require_environment()
 
+import sys  # noqa: E402
+
 from absl import flags  # noqa: E402
 
 from experiments import flag_groups  # noqa: E402
 
 flag_groups.define_all()
 flags.DEFINE_bool("tensorboard", False, "Serve TensorBoard on 127.0.0.1 for this run's logdir while it trains.")
+flags.DEFINE_bool("export", False, "When training finishes, write the TFLite files (experiments.export's defaults).")
 FLAGS = flags.FLAGS
 
 
@@ -25,9 +28,18 @@ def main() -> int:
     if FLAGS.tensorboard:
         _, url = tensorboard_server.start(f"{config.root_dir}/{config.experiment}/tensorboard")
         print(f"TensorBoard: {url}", flush=True)
-    program.run(config, stop_requested=stop)
+    result = program.run(config, stop_requested=stop)
+    if FLAGS.export and not result.stopped_early and not stop():
+        from tffpipe import configs
+
+        manifest, out_dir = program.export_experiment(config, configs.ExportConfig())
+        print(f"{manifest.table()}\n\nTFLite files in {out_dir}", flush=True)
+        for failure in manifest.failures:
+            print(f"error: export {failure}", file=sys.stderr)
+        if manifest.failures:
+            return 1
     return stop.exit_code
 
 
 if __name__ == "__main__":
-    cli.start(main, doc=__doc__, own_flags=["tensorboard"])
+    cli.start(main, doc=__doc__, own_flags=["tensorboard", "export"])

@@ -253,24 +253,23 @@ def test_the_binary_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path)
     assert os.listdir(runs / "default") == [] and not os.path.exists(tmp_path / "cache")
 
 
-def test_the_binary_exports_an_experiments_model_with_emnist_pixels_in(tmp_path, tiny_data_dir):
+def test_the_binary_exports_a_model_file_with_emnist_pixels_in(tmp_path, tiny_data_dir):
     from tffpipe import models
 
-    runs = tmp_path / "runs"
-    (runs / "default").mkdir(parents=True)
-    models.create_model("linear", configs.Task.EMNIST, 62).save(runs / "default" / "model.keras")
+    path = tmp_path / "linear.keras"
+    models.create_model("linear", configs.Task.EMNIST, 62).save(path)
     tiny = ["--num_writers=12", "--median_examples=24", "--data_seed=7", "--model=linear", "--clients_per_round=3"]
     cache = os.path.dirname(tiny_data_dir)
+    out = tmp_path / "export"
     done = subprocess.run(
-        [sys.executable, "-m", "experiments.export", f"--root_dir={runs}", f"--cache_dir={cache}", *tiny]
-        + ["--variants=float32", "--latency_runs=5"],
+        [sys.executable, "-m", "experiments.export", f"--root_dir={tmp_path}/runs", f"--cache_dir={cache}", *tiny]
+        + [f"--model_path={path}", f"--export_dir={out}", "--variants=float32", "--latency_runs=5"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0 and done.stderr == "", done.stderr
-    out = runs / "default" / "export"
     assert sorted(os.listdir(out)) == ["manifest.json", "model_float32.tflite", "tensorboard"]
     with open(out / "manifest.json") as f:
         manifest = json.load(f)
@@ -279,5 +278,5 @@ def test_the_binary_exports_an_experiments_model_with_emnist_pixels_in(tmp_path,
     assert float32["outputs"] == {"logits": {"shape": [1, 62], "dtype": "float32"}}
     assert float32["ops"] == {"FULLY_CONNECTED": 1, "RESHAPE": 1, "SUB": 1}  # 1 - pixels, flatten, the layer
     assert float32["argmax_agreement"] == 1.0 and manifest["counted"] == manifest["parity_examples"]
-    assert manifest["source"] == str(runs / "default" / "model.keras")
+    assert manifest["source"] == str(path)
     assert "| float32 | model_float32.tflite | " in done.stdout

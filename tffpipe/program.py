@@ -27,6 +27,8 @@ from tffpipe import (
     audit,
     configs,
     devices,
+    evaluation,
+    export,
     models,
     outputs,
     progress,
@@ -182,6 +184,35 @@ def restore_model(prepared: Prepared, dirs: outputs.ExperimentDirs) -> tuple[tf.
     model = prepared.task.create_keras_model()
     weights.assign_weights_to(model)
     return model, f"checkpoint of round {round_num} in {dirs.checkpoints}"
+
+
+def export_experiment(
+    config: configs.ExperimentConfig,
+    settings: configs.ExportConfig,
+    *,
+    from_checkpoint: bool = False,
+    model_path: str | None = None,
+    out_dir: str | None = None,
+) -> tuple[export.Manifest, str]:
+    """Writes the TFLite files and manifest of the experiment's model (`export`); returns them and where they went.
+
+    Args:
+      settings: the variants and how much to measure.
+      from_checkpoint: the latest checkpoint's weights instead of the exported model.keras.
+      model_path: a .keras file instead of the experiment's (checked by the caller).
+      out_dir: where the files go; None: the experiment's `export/`.
+    """
+    dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
+    # The experiment's own model or checkpoint: only with the flags it was trained with (model_path: any file).
+    prepared = prepare(config, trained=None if model_path else dirs)
+    if from_checkpoint and model_path is None:
+        model, where = restore_model(prepared, dirs)
+    else:
+        where = model_path or dirs.model
+        model = evaluation.load_keras_model(where)
+    spec = tasks.serving_spec(config, prepared.data_dir)
+    out_dir = out_dir or dirs.export
+    return export.export_for_task(model, prepared.task, spec, out_dir, source=where, config=settings), out_dir
 
 
 def run(
