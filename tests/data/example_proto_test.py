@@ -28,3 +28,27 @@ def test_examples_written_by_tensorflow_decode_the_same():
 def test_garbage_is_reported_not_crashed_on():
     with pytest.raises(example_proto.ProtoError):
         example_proto.decode_example(b"\x0a\xff\xff\xff")
+
+
+_TOKENS = example_proto.encode_example({"tokens": [b"hello world ."], "score": [3]})
+
+
+@pytest.mark.parametrize(
+    "blob, expected",
+    [
+        (_TOKENS, b"hello world ."),
+        (example_proto.encode_example({"tokens": [b"a", b"b"]}), None),  # two values, not one
+        (example_proto.encode_example({"tokens": [1]}), None),  # an int64 list
+        (example_proto.encode_example({"title": [b"x"]}), None),  # no tokens
+        (_TOKENS[:-3], None),  # truncated
+        (b"\x0a\x05garbage", None),  # a length past the end
+    ],
+)
+def test_the_protobuf_fast_path_reads_one_bytes_value_as_tensorflow_does(blob, expected):
+    assert example_proto.single_bytes_value(blob, "tokens") == expected
+    try:
+        feature = tf.train.Example.FromString(blob).features.feature.get("tokens")
+    except Exception:  # noqa: BLE001  (TF's protobuf refuses it too)
+        feature = None
+    values = list(feature.bytes_list.value) if feature is not None else []
+    assert (values[0] if len(values) == 1 and feature.WhichOneof("kind") == "bytes_list" else None) == expected
