@@ -657,8 +657,9 @@ def test_a_small_keyboard_run_with_dp_trains_evaluates_and_reports_its_metrics(t
     for column in ("train/accuracy", "train/top3_accuracy", "train/perplexity", "train/num_tokens", "privacy/epsilon"):
         assert table[-1][column] != "", column
     assert 0 <= float(table[-1]["eval/accuracy"]) <= float(table[-1]["eval/top3_accuracy"]) <= 1
-    # Perplexity is exp(mean cross-entropy over real tokens).
-    assert float(table[-1]["eval/perplexity"]) == pytest.approx(math.exp(float(table[-1]["eval/loss"])), rel=0.05)
+    # Evaluation reports perplexity too. That it is exp(the loss) is checked on a hand-computed example in
+    # tests/tasks/keyboard/task_test.py: here both come from the same sums, so comparing them checks nothing.
+    assert math.isfinite(float(table[-1]["eval/perplexity"]))
     acc = event_accumulator.EventAccumulator(
         os.path.join(root, "keyboard", "tensorboard"), size_guidance={"tensors": 0}
     )
