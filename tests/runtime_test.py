@@ -320,6 +320,27 @@ OVER_WORKERS = {
 }
 
 
+def _largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
+def _fedsgd_round(task, weights: list[np.ndarray], ids: list[str], learning_rate: float) -> list[np.ndarray]:
+    """One FedSGD round computed in plain TensorFlow, without TFF's runtime.
+
+    TFF's FedSGD sums each batch's gradient times its size, and weights clients by their
+    examples: the round's gradient is that of the mean loss over all the clients'
+    examples, which the server's SGD (no momentum) subtracts, scaled by the learning rate.
+    """
+    model = task.create_keras_model()
+    model.set_weights(weights)
+    batches = [b for cid in ids for b in task.train_data.create_tf_dataset_for_client(cid)]
+    x, y = (tf.concat([b[k] for b in batches], 0) for k in ("x", "y"))
+    with tf.GradientTape() as tape:
+        loss = task.loss_fn()(y, model(x))
+    gradients = tape.gradient(loss, model.trainable_weights)
+    return [w - learning_rate * g.numpy() for w, g in zip(weights, gradients, strict=True)]
+
+
 # TFF's compression rounds stochastically with unseeded randomness: two runs on ONE worker
 # already differ by up to ~2.3e-4 here (one 8-bit step of these updates is ~1e-3).
 COMPRESSION_STEP = 2e-3
@@ -338,14 +359,21 @@ def test_every_algorithm_and_aggregator_gives_over_two_workers_what_one_gives(
     for workers in one_and_two_workers:
         workers.start()
         state = process.initialize()
+        initial = audit.trainable_weights(state)
         for _ in range(2):  # the second round reads state the first one wrote (tree, adaptive clip, Adam)
             weights, output = _round(task, process, state, ids)
             state = output.state
         results.append((weights, output.metrics))
     (one, one_metrics), (two, two_metrics) = results
     tolerance = COMPRESSION_STEP if config.compression else 1e-5
-    assert max(float(np.max(np.abs(a - b))) for a, b in zip(one, two, strict=True)) < tolerance
-    assert any(float(np.max(np.abs(w))) > 0 for w in one)
+    assert _largest_difference(one, two) < tolerance
+    # Both moved the model, by far more than they may differ: two rounds that change nothing fail here.
+    assert _largest_difference(one, initial) > 10 * tolerance
+    if config.algorithm.algorithm is configs.Algorithm.FEDSGD:
+        expected = initial
+        for _ in range(2):
+            expected = _fedsgd_round(task, expected, ids, config.algorithm.server_learning_rate)
+        assert _largest_difference(one, expected) < 1e-5
     flat_one, flat_two = tff.structure.flatten(one_metrics), tff.structure.flatten(two_metrics)
     rtol = 1e-3 if config.compression else 1e-4
     np.testing.assert_allclose(np.asarray(flat_one, np.float64), np.asarray(flat_two, np.float64), rtol=rtol, atol=1e-5)
