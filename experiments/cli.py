@@ -210,13 +210,13 @@ def flagfile_problem(argv: Sequence[str]) -> str | None:
     missing file is left to absl, whose error names it.
     """
 
-    def directives(args: Sequence[str]) -> list[str]:
+    def directives(args: Sequence[str], *, command_line: bool) -> list[str]:
         paths = []
         for i, arg in enumerate(args):
             name, sep, value = arg.strip().partition("=")
             if name in _FLAGFILE and sep:
                 paths.append(value.strip())
-            elif name in _FLAGFILE and i + 1 < len(args):
+            elif name in _FLAGFILE and command_line and i + 1 < len(args):  # `--flagfile x`: argv only, as absl
                 paths.append(args[i + 1].strip())
         return [os.path.expanduser(p) for p in paths if p]
 
@@ -236,7 +236,7 @@ def flagfile_problem(argv: Sequence[str]) -> str | None:
             line = data[: e.start].count(b"\n") + 1
             return f"--flagfile={path}: line {line} is not UTF-8 text ({e.reason}); save the file as UTF-8"
         lines = [line for line in text.splitlines() if not line.lstrip().startswith(("#", "//"))]
-        for nested in directives(lines):
+        for nested in directives(lines, command_line=False):
             problem = visit(nested, [*chain, real])
             if problem:
                 return problem
@@ -245,7 +245,7 @@ def flagfile_problem(argv: Sequence[str]) -> str | None:
     args = list(argv[1:])
     if "--" in args:
         args = args[: args.index("--")]
-    for path in directives(args):
+    for path in directives(args, command_line=True):
         problem = visit(path, [])
         if problem:
             return problem
