@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from tffpipe import processes
 from tffpipe.data import sql_files
 from tffpipe.tasks.emnist import files
 
@@ -158,3 +159,23 @@ def test_a_directory_to_generate_in_must_be_writable(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root writes through chmod 555: fake a refusal
     with pytest.raises(sql_files.CacheDirError, match=r"cannot write the embedded data into .*/a/b \(not writable\)"):
         sql_files.writable_directory(str(tmp_path / "a" / "b"))
+
+
+def test_checking_every_row_reports_clients_done_and_stops_when_asked(tiny_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sql_files, "_STOP_POLL_ROWS", 10)  # the tiny file has hundreds of rows, not 10,000s
+    path, marks = files.database_path(tiny_data_dir), str(tmp_path / "marks")
+    with sql_files.connect(path) as con:
+        (clients,) = con.execute("SELECT COUNT(*) FROM client_metadata").fetchone()  # 12 writers x 4 splits
+    calls = []
+
+    def check(**kwargs):
+        return sql_files.check_every_row(
+            path, lambda blob: None, check_name="t-v1", marks_dir=marks, what_is_expected="", how_to_get="", **kwargs
+        )
+
+    with pytest.raises(processes.Interrupted):
+        check(stop_requested=lambda: True)
+    assert not os.path.exists(marks)
+    assert check(progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) > 2 and calls[-1] == (clients, clients) and all(t == clients for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-2][0] < clients

@@ -151,6 +151,7 @@ def check_every_row(
     marks_dir: str,
     what_is_expected: str,
     how_to_get: str,
+    progress: Callable[[int, int], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> bool:
     """Checks every example of `path` with `problem`, once per file: a later call on the same file is free.
@@ -166,6 +167,10 @@ def check_every_row(
       problem: what is wrong with one serialized example, or None.
       check_name: names the check and its version; change it when `problem` changes.
       what_is_expected: a sentence on what a good example holds, for the error.
+      progress: on a file of more than 10,000 rows, called with (clients done, clients)
+        now and then: clients as `client_metadata` counts them (client and split), done
+        as the row order brings them (TFF's files and tffpipe's hold each client's rows
+        together).
 
     Returns:
       Whether the rows were read (False: the mark says they passed before).
@@ -180,7 +185,11 @@ def check_every_row(
     query = "SELECT rowid, client_id, split_name, serialized_example_proto FROM examples"
     try:
         with connect(path) as con:
+            clients = con.execute("SELECT COUNT(*) FROM client_metadata").fetchone()[0] if progress else 0
+            group, groups, done = None, 0, 0
             for done, (rowid, client_id, split, blob) in enumerate(con.execute(query), start=1):
+                if (client_id, split) != group:
+                    group, groups = (client_id, split), groups + 1
                 if isinstance(blob, bytes):
                     found = problem(blob)
                 else:
@@ -190,10 +199,15 @@ def check_every_row(
                         f"{path}: row {rowid} (client {client_id!r}, split {split!r}) {found}; {what_is_expected} "
                         f"{how_to_get}"
                     )
-                if done % _STOP_POLL_ROWS == 0 and stop_requested():
-                    raise processes.Interrupted()
+                if done % _STOP_POLL_ROWS == 0:
+                    if stop_requested():
+                        raise processes.Interrupted()
+                    if progress and clients:
+                        progress(min(groups, clients - 1), clients)
     except sqlite3.DatabaseError as e:
         raise DataFileError(f"{path} is a damaged SQLite database ({e}). {how_to_get}") from e
+    if progress and clients and done >= _STOP_POLL_ROWS:
+        progress(clients, clients)
     with contextlib.suppress(OSError):
         os.makedirs(marks_dir, exist_ok=True)
         with replaced_atomically(mark) as (tmp,), open(tmp, "w") as f:

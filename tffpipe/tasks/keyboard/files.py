@@ -69,7 +69,13 @@ def check_database(path: str) -> dict[str, int]:
     return counts
 
 
-def check_every_example(data_dir: str, cache_dir: str, *, stop_requested: Callable[[], bool] = lambda: False) -> bool:
+def check_every_example(
+    data_dir: str,
+    cache_dir: str,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> bool:
     """Checks every example of a user's file once (`sql_files.check_every_row`); marks it in `cache_dir`.
 
     The embedded files need no such check: the generator wrote them.
@@ -84,6 +90,7 @@ def check_every_example(data_dir: str, cache_dir: str, *, stop_requested: Callab
         marks_dir=os.path.join(cache_dir, sql_files.CHECKED_DIR),
         what_is_expected="TFF's Stack Overflow examples hold their text as one UTF-8 `tokens` bytes value.",
         how_to_get=HOW_TO_GET,
+        progress=progress,
         stop_requested=stop_requested,
     )
 
@@ -240,7 +247,7 @@ class KeyboardData:
             data_dir = self._config.data_dir
             check_database(database_path(data_dir))
             check_word_counts(word_count_path(data_dir), self._text.vocab_size)
-            check_every_example(data_dir, self._config.cache_dir, stop_requested=stop_requested)
+            check_every_example(data_dir, self._config.cache_dir, progress=progress, stop_requested=stop_requested)
             return data_dir
         data_dir = generator.ensure_generated(
             self._config.cache_dir, self._text.population, progress=progress, stop_requested=stop_requested
