@@ -163,6 +163,12 @@ GROUPS: dict[str, tuple[Flag, ...]] = {
         Flag("server_gap_seconds", "devices.server_gap_seconds", "float", "Device model: simulated s between rounds."),
         Flag("device_profiles", "devices.device_profiles", "string", "Device model: profile CSV (devices.py)."),
         Flag("compression", "compression", "bool", "Upload 8-bit quantized updates (TFF's compression; no DP)."),
+        Flag(
+            "secure_aggregation",
+            "secure_aggregation",
+            "bool",
+            "TFF's secure sum of the weighted mean, adaptive bounds (no DP; simulated as a plain modular sum).",
+        ),
     ),
     "rounds": (
         Flag("rounds", "loop.rounds", "integer", "Total rounds; raise it to extend a finished run."),

@@ -251,6 +251,21 @@ def test_memory_is_this_machines():
             "dp.zeroing_norm",
             "zeroing is not wired into the distributed mechanism",
         ),
+        (
+            lambda: configs.ExperimentConfig(secure_aggregation=True),  # with the default fixed mechanism
+            "secure_aggregation",
+            "secure sum without DP and is not combined with mechanism fixed",
+        ),
+        (
+            lambda: configs.ExperimentConfig(dp=configs.DpConfig(M.DISTRIBUTED), secure_aggregation=True),
+            "secure_aggregation",
+            "not combined with mechanism distributed; use it with mechanism none",
+        ),
+        (
+            lambda: configs.ExperimentConfig(dp=configs.DpConfig(M.NONE), secure_aggregation=True, compression=True),
+            "secure_aggregation",
+            "not combined with compression",
+        ),
     ],
 )
 def test_distributed_bits_and_combinations_are_checked_naming_the_parameter(build, field, message):

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
@@ -98,3 +99,21 @@ def test_two_workers_give_the_one_worker_mean_within_the_rounding_bound(tff_cont
     assert np.linalg.norm(two.result - np.mean(updates, axis=0)) <= bound
     assert int(one.measurements["mean_value"]["actual_num_clients"]) == 4
     assert int(two.measurements["mean_value"]["actual_num_clients"]) == 4
+
+
+def test_secure_aggregation_is_the_weighted_mean_of_clipped_updates(tff_context):
+    plan = accounting.PrivacyPlan(M.NONE, 0.0, 2, 100, configs.Sampling.UNIFORM, 1e-5)
+    factory = aggregation.build_factory(configs.DpConfig(M.NONE), plan, noise_seed=0, secure_aggregation=True)
+    process = factory.create(tff.TensorType(np.float32, [2]), tff.TensorType(np.float32))
+    updates = [np.array([0.3, 0.4], np.float32), np.array([3.0, 4.0], np.float32)]
+    output = process.next(process.initialize(), updates, [1.0, 3.0])
+    # TFF's adaptive clip starts at 1: [3, 4] (norm 5) becomes [0.6, 0.8], [0.3, 0.4] (norm 0.5) stays.
+    # Weighted by 1 and 3: ([0.3, 0.4] + 3 * [0.6, 0.8]) / 4 = [0.525, 0.7], up to 32-bit quantization
+    # of the secure sum's range [-100, 100] (a step of 200 / 2^32 = 5e-8).
+    np.testing.assert_allclose(output.result, [0.525, 0.7], atol=1e-6)
+    metrics = aggregation.round_metrics(plan, output.measurements, 2, secure_aggregation=True)
+    assert metrics["secure/clipped_clients"] == 1 and metrics["secure/zeroed_clients"] == 0
+    assert metrics["secure/sum_bound"] == 100.0 and metrics["secure/sum_bound_clipped_clients"] == 0
+    # 4 bytes per coordinate (32-bit integers) and 3 for the 20-bit weight.
+    specs = [tf.TensorSpec([784, 10]), tf.TensorSpec([10])]
+    assert aggregation.upload_bytes(specs, False, plan=plan, secure_aggregation=True) == 4 * 7850 + 3

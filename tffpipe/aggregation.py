@@ -184,20 +184,32 @@ def _encoded_bytes(record_specs) -> int:
     return total
 
 
-def upload_bytes(record_specs, compression: bool, *, plan: accounting.PrivacyPlan | None = None) -> int:
+def upload_bytes(
+    record_specs,
+    compression: bool,
+    *,
+    plan: accounting.PrivacyPlan | None = None,
+    secure_aggregation: bool = False,
+) -> int:
     """Bytes one client uploads: 4 per float32 weight, or with compression what TFF's encoders produce.
 
-    With a `plan` whose mechanism has a spec (`mechanisms.SPECS`), the spec's count.
+    With a `plan` whose mechanism has a spec (`mechanisms.spec_for`), the spec's count.
     """
-    if plan is not None and plan.mechanism in mechanisms.SPECS:
-        return mechanisms.SPECS[plan.mechanism].upload_bytes(record_specs, plan)
+    spec = mechanisms.spec_for(plan, secure_aggregation=secure_aggregation) if plan is not None else None
+    if spec is not None:
+        return spec.upload_bytes(record_specs, plan)
     if compression:
         return _encoded_bytes(record_specs)
     return sum(4 * int(np.prod(spec.shape)) for spec in tf.nest.flatten(record_specs))
 
 
 def build_factory(
-    dp: configs.DpConfig, plan: accounting.PrivacyPlan, *, noise_seed: int, compression: bool = False
+    dp: configs.DpConfig,
+    plan: accounting.PrivacyPlan,
+    *,
+    noise_seed: int,
+    compression: bool = False,
+    secure_aggregation: bool = False,
 ) -> tff.aggregators.UnweightedAggregationFactory | tff.aggregators.WeightedAggregationFactory | None:
     """The TFF aggregation factory of the plan, or None for TFF's default weighted mean.
 
@@ -211,12 +223,14 @@ def build_factory(
       compression: TFF's compression aggregator (weighted mean of 8-bit quantized
         updates). `configs` refuses it with DP: quantizing a clipped update can raise
         its norm above the clip, which the accounting would not cover.
+      secure_aggregation: TFF's secure weighted mean without DP (`mechanisms`).
     """
     z, m = plan.noise_multiplier, float(plan.clients_per_round)
     if compression:
         return compression_factory()
-    if plan.mechanism in mechanisms.SPECS:
-        return mechanisms.SPECS[plan.mechanism].build_factory(dp, plan, noise_seed)
+    spec = mechanisms.spec_for(plan, secure_aggregation=secure_aggregation)
+    if spec is not None:
+        return spec.build_factory(dp, plan, noise_seed)
     if plan.mechanism is Mechanism.NONE:
         return None
     if plan.mechanism is Mechanism.FIXED:
@@ -246,8 +260,12 @@ def build_factory(
     return factory
 
 
-def round_metrics(plan: accounting.PrivacyPlan, measurements: Mapping[str, Any], clients: int) -> dict[str, float]:
+def round_metrics(
+    plan: accounting.PrivacyPlan, measurements: Mapping[str, Any], clients: int, *, secure_aggregation: bool = False
+) -> dict[str, float]:
     """The mechanism's per-round metrics, read from the aggregator's measurements.
+
+    A mechanism with a spec (`mechanisms.spec_for`, secure aggregation included) reports its own.
 
     `privacy/noise_multiplier`, `privacy/clip` (after the round: adaptive clipping
     moves it), `privacy/noise_stddev` (the noise added this round to each coordinate
@@ -261,10 +279,11 @@ def round_metrics(plan: accounting.PrivacyPlan, measurements: Mapping[str, Any],
       RuntimeError: the measurements lack the clip or the noise (a TFF whose DP factory
         reports other keys): a made-up value would be released as if measured.
     """
+    spec = mechanisms.spec_for(plan, secure_aggregation=secure_aggregation)
+    if spec is not None:
+        return spec.round_metrics(plan, measurements, clients)
     if not plan.is_private:
         return {}
-    if plan.mechanism in mechanisms.SPECS:
-        return mechanisms.SPECS[plan.mechanism].round_metrics(plan, measurements, clients)
     if "zeroing" in measurements:  # zeroing_factory nests the inner aggregator's measurements
         measurements = measurements["zeroing"]
     query = measurements.get("dp_query_metrics", {})

@@ -97,7 +97,13 @@ def build_learning_process(
     checkpoint holds this process's state, so anything that restores one must build
     it here.
     """
-    aggregator = aggregation.build_factory(config.dp, plan, noise_seed=config.seed, compression=config.compression)
+    aggregator = aggregation.build_factory(
+        config.dp,
+        plan,
+        noise_seed=config.seed,
+        compression=config.compression,
+        secure_aggregation=config.secure_aggregation,
+    )
     transform = None
     if config.privacy.canaries:
         transform = audit.create_result_transform(

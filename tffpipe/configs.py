@@ -493,6 +493,9 @@ class ExperimentConfig:
       root_dir, experiment: outputs go to <root_dir>/<experiment>.
       devices: the mobile device model; None: every sampled client reports.
       compression: TFF's 8-bit compression aggregator (not with DP).
+      secure_aggregation: TFF's secure sum of the weighted mean, with adaptive zeroing,
+        clipping and secure bounds (not with DP: the distributed mechanism sums securely
+        itself). Simulated: the secure sum runs as a plain modular sum.
       runtime: the worker services the client work runs on.
     """
 
@@ -511,6 +514,7 @@ class ExperimentConfig:
     loop: LoopConfig = LoopConfig()
     devices: DeviceConfig | None = None
     compression: bool = False
+    secure_aggregation: bool = False
     runtime: RuntimeConfig = RuntimeConfig()
 
     def __post_init__(self):
@@ -735,6 +739,13 @@ def _check_combinations(config: ExperimentConfig) -> None:
             f"the PLD accountant does not support sampling={sampling.value}; use the RDP accountant",
         )
     _check_distributed(config, sampling)
+    if config.secure_aggregation and (dp.is_private or config.compression):
+        other = "compression" if config.compression else f"mechanism {dp.mechanism.value}"
+        raise error(
+            "secure_aggregation",
+            f"secure_aggregation is TFF's secure sum without DP and is not combined with {other}; use it with "
+            "mechanism none and no compression, or choose mechanism distributed for DP with secure aggregation",
+        )
     if privacy.target_epsilon is not None and dp.noise_multiplier is not None:  # without DP both were dropped
         raise error(
             "dp.noise_multiplier",

@@ -245,7 +245,9 @@ def run(
         start_workers(workers, prepared)
     try:
         # Models are created in this order since the seed was set, which fixes the initial weights.
-        upload = aggregation.upload_bytes(task.record_specs(), config.compression, plan=plan)
+        upload = aggregation.upload_bytes(
+            task.record_specs(), config.compression, plan=plan, secure_aggregation=config.secure_aggregation
+        )
         with report.phase("building the learning process"):
             process = runtime.ResilientProcess(algorithms.build_learning_process(task, config, plan), workers)
             evaluate = _build_evaluate(task, config) if config.eval_clients > 0 else None
@@ -452,7 +454,9 @@ def _build_round_metrics(
     def round_metrics(round_num: int, output, clients) -> dict[str, float]:
         mechanism = {}
         if output is not None:
-            mechanism = aggregation.round_metrics(plan, output.metrics["aggregator"], len(clients))
+            mechanism = aggregation.round_metrics(
+                plan, output.metrics["aggregator"], len(clients), secure_aggregation=config.secure_aggregation
+            )
         if "privacy/noised_clients" in mechanism:  # noise that depends on who took part (distributed)
             epsilon.observe(round_num, int(mechanism["privacy/noised_clients"]))
         metrics = {"privacy/epsilon": epsilon(round_num), "privacy/delta": plan.delta}
