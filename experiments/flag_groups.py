@@ -63,10 +63,6 @@ def _rates() -> str:
     return f"{per_algorithm}; {per_task}" if per_task else per_algorithm
 
 
-def _values(enum_class: type[enum.Enum]) -> str:
-    return "/".join(e.value for e in enum_class)
-
-
 GROUPS: dict[str, tuple[Flag, ...]] = {
     "task and data": (
         Flag("task", "task", "enum", "What clients hold and the model predicts.", configs.Task),

@@ -153,10 +153,6 @@ class CanaryAudit:
             self._directions = np.stack([self._flat_direction(i) for i in range(2 * count)])
         self._max = np.full(2 * count, -1.0) if self._directions is not None else None
 
-    @property
-    def tracks_iterates(self) -> bool:
-        return self._max is not None
-
     def _flat_direction(self, index: int) -> np.ndarray:
         return np.concatenate([p.numpy().ravel() for p in direction(index, self._shapes, self._seed)]).astype(
             np.float64

@@ -104,10 +104,6 @@ class ExperimentDirs:
         return self._file("summary.png")
 
     @property
-    def worker_log(self) -> str:
-        return self._file("worker.log")
-
-    @property
     def device_participation(self) -> str:
         return self._file("device_participation.json")
 

@@ -128,9 +128,6 @@ class BigramChain:
     def index(self) -> dict[str, int]:
         return {w: i for i, w in enumerate(self.words)}
 
-    def has_successors(self, word: int) -> bool:
-        return self.offsets[word + 1] > self.offsets[word]
-
     def next_word(self, word: int, u: float) -> int:
         """The successor of `word` at uniform draw `u` in [0, 1); -1 if it has none."""
         start, end = self.offsets[word], self.offsets[word + 1]
