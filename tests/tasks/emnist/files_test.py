@@ -1,5 +1,6 @@
 import lzma
 import os
+import shutil
 import sqlite3
 
 import numpy as np
@@ -108,3 +109,15 @@ def test_digit_labels_are_checked_against_ten_classes(tiny_data_dir, tmp_path):
     assert emnist_files.check_database(path, only_digits=False)  # 12 is a letter: fine for all 62 classes
     with pytest.raises(emnist_files.DataFileError, match=r"label \[12\] outside \[0, 10\)"):
         emnist_files.check_database(path, only_digits=True)
+
+
+def test_tensorflow_reads_a_data_dir_named_with_uri_characters_as_a_plain_path(tiny_data_dir, tmp_path):
+    directory = tmp_path / "a#b?mode=rw%41"  # SQLite URI syntax: TF's SqlDataset opens a plain path, not a URI
+    directory.mkdir()
+    shutil.copy(emnist_files.database_path(tiny_data_dir), directory)
+    train, _ = emnist_files.load_client_rows(str(directory))
+    expected, _ = emnist_files.load_client_rows(tiny_data_dir)
+    client = expected.client_ids[0]
+    rows = list(train.create_tf_dataset_for_client(client).as_numpy_iterator())
+    assert rows == list(expected.create_tf_dataset_for_client(client).as_numpy_iterator()) and rows
+    assert sorted(os.listdir(tmp_path)) == ["a#b?mode=rw%41"]
