@@ -106,8 +106,17 @@ DEFAULT_DISTRIBUTED_BITS = 20
 MAX_DISTRIBUTED_BITS = 22
 
 
+class _GeneratedPopulation:
+    """The configuration of an embedded population, which a generator turns into files."""
+
+    def fingerprint(self, generator_version: int) -> str:
+        """Short stable hash of generator version and configuration; names the cache directory."""
+        blob = json.dumps({"version": generator_version, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 @dataclasses.dataclass(frozen=True)
-class PopulationConfig:
+class PopulationConfig(_GeneratedPopulation):
     """Size and skew of the embedded EMNIST-style population (see `tasks.emnist.generator`).
 
     Attributes:
@@ -145,14 +154,9 @@ class PopulationConfig:
         validation.non_negative(style_spread=self.style_spread)
         validation.in_range(0, 1, closed="[)", label_noise=self.label_noise)
 
-    def fingerprint(self, generator_version: int) -> str:
-        """Short stable hash of generator version and configuration; names the cache directory."""
-        blob = json.dumps({"version": generator_version, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
 
 @dataclasses.dataclass(frozen=True)
-class TextPopulationConfig:
+class TextPopulationConfig(_GeneratedPopulation):
     """Size and skew of the embedded keyboard population (see `tasks.keyboard.generator`).
 
     Attributes:
@@ -172,10 +176,6 @@ class TextPopulationConfig:
         validation.integer(0, seed=self.seed)
         validation.integer(1, median_messages=self.median_messages)
         validation.in_range(0, 5, quantity_sigma=self.quantity_sigma)
-
-    def fingerprint(self, generator_version: int) -> str:
-        blob = json.dumps({"version": generator_version, **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 @dataclasses.dataclass(frozen=True)
