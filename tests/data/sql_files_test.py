@@ -22,18 +22,6 @@ def test_statistics_are_the_per_client_counts(tiny_data_dir):
     assert stats["p90"] == pytest.approx(counts[9] + 0.9 * (counts[10] - counts[9]))
 
 
-def test_fingerprint_tells_files_apart_and_ignores_where_they_are(tiny_data_dir, tmp_path):
-    path = files.database_path(tiny_data_dir)
-    copy = str(tmp_path / "copy.sqlite")
-    shutil.copy(path, copy)
-    assert sql_files.fingerprint(copy) == sql_files.fingerprint(path)
-    con = sqlite3.connect(copy)
-    con.execute("UPDATE client_metadata SET num_examples = num_examples + 1 WHERE rowid = 1")
-    con.commit()
-    con.close()
-    assert sql_files.fingerprint(copy) != sql_files.fingerprint(path)
-
-
 def test_only_temporary_files_of_dead_writers_are_removed(tmp_path):
     path = str(tmp_path / "data.sqlite")
     dead = subprocess.Popen(["true"])

@@ -256,24 +256,6 @@ def statistics_markdown(stats: dict[str, dict[str, float]], client_noun: str = "
     return "\n".join(lines)
 
 
-def fingerprint(path: str) -> str:
-    """A short hash that differs between files a run could tell apart, without reading every example.
-
-    Covers the file size, every client's example counts and a spread sample of the
-    serialized examples: two machines holding the same file get the same value.
-    """
-    h = hashlib.sha256(str(os.path.getsize(path)).encode())
-    with connect(path) as con:
-        for row in con.execute("SELECT client_id, split_name, num_examples FROM client_metadata ORDER BY 1, 2"):
-            h.update(repr(row).encode())
-        total = con.execute("SELECT MAX(rowid) FROM examples").fetchone()[0] or 0
-        for (blob,) in con.execute(
-            "SELECT serialized_example_proto FROM examples WHERE rowid % ? = 1", (max(1, total // 64),)
-        ):
-            h.update(blob)
-    return h.hexdigest()[:16]
-
-
 def create_layout(con: sqlite3.Connection) -> None:
     """TFF's tables in a new database being written."""
     con.execute("PRAGMA journal_mode=OFF")

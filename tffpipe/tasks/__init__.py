@@ -4,7 +4,7 @@ Each task is a sibling package (`emnist`, `keyboard`) with three sides:
 
 * its data source (`files`), standard library only: the population size for the
   privacy plan, checking the user's files or generating the embedded data once, the
-  data fingerprint and the data card, all before TensorFlow is imported;
+  files a worker reads and the data card, all before TensorFlow is imported;
 * its learning side (`task`), TensorFlow: preprocessing, loss, metrics and samples,
   assembled into a `base.Task`;
 * its serving side (`serving`): the phone model's signature, with the preprocessing
@@ -51,8 +51,6 @@ class DataSource(Protocol):
     def example_counts(self, data_dir: str) -> dict[str, int]: ...
 
     def worker_files(self, data_dir: str) -> list[str]: ...
-
-    def fingerprint(self, data_dir: str) -> str: ...
 
     def card(self, data_dir: str) -> str: ...
 

@@ -100,15 +100,6 @@ def test_load_gives_tffs_sql_client_data_of_train_and_test(tiny_dir):
     assert set(test.client_ids) <= set(train.client_ids)
 
 
-def test_fingerprint_changes_with_the_word_counts(copy_dir):
-    data = files.KeyboardData(_data_config(copy_dir, copy_dir))
-    before = data.fingerprint(copy_dir)
-    assert data.fingerprint(copy_dir) == before and len(before) == 16
-    with open(files.word_count_path(copy_dir), "a") as f:
-        f.write("zzz\t1\n")
-    assert data.fingerprint(copy_dir) != before
-
-
 def test_a_users_good_files_pass_and_their_population_is_read_from_the_file(copy_dir):
     data = files.KeyboardData(_data_config(copy_dir, copy_dir))
     assert not data.is_embedded and not data.needs_generation()

@@ -190,9 +190,6 @@ class EmnistData:
         """The files a worker reads while it builds client datasets (at these absolute paths)."""
         return [database_path(data_dir)]
 
-    def fingerprint(self, data_dir: str) -> str:
-        return sql_files.fingerprint(database_path(data_dir))
-
     def card(self, data_dir: str) -> str:
         """The data card: clients and examples per split, and the classes."""
         stats = sql_files.split_statistics(database_path(data_dir), ALL_SPLITS)

@@ -16,7 +16,6 @@ train users first, whose first `vocab_size` words are the vocabulary.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import statistics
 from collections.abc import Callable
@@ -274,13 +273,6 @@ class KeyboardData:
     def worker_files(self, data_dir: str) -> list[str]:
         """The files a worker reads while it builds client datasets (at these absolute paths)."""
         return [database_path(data_dir)]
-
-    def fingerprint(self, data_dir: str) -> str:
-        """The SQLite file's fingerprint combined with a hash of the word counts (the vocabulary)."""
-        h = hashlib.sha256(sql_files.fingerprint(database_path(data_dir)).encode())
-        with open(word_count_path(data_dir), "rb") as f:
-            h.update(hashlib.sha256(f.read()).digest())
-        return h.hexdigest()[:16]
 
     def card(self, data_dir: str) -> str:
         """The data card: users and messages per split, message length, vocabulary coverage, source."""
