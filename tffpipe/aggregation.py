@@ -1,4 +1,7 @@
-"""Differentially private aggregators: the only module that knows the DP mechanism.
+"""Aggregators: each DP mechanism's TFF factory, compression, their round metrics and upload bytes.
+
+Central DP is built here from TF Privacy queries; a mechanism with a spec (distributed
+DP, secure aggregation) comes from `mechanisms`.
 
 TFF's DP factories are *unweighted*: every client's clipped update counts the same,
 whatever its number of examples. That is what bounds one client's influence (the
@@ -13,13 +16,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import dp_accounting
-import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 from tensorflow_federated.python.aggregators import differential_privacy
 
-from tffpipe import accounting, configs, mechanisms
+from tffpipe import accounting, configs, mechanisms, models
 
 Mechanism = configs.Mechanism
 
@@ -200,7 +202,7 @@ def upload_bytes(
         return spec.upload_bytes(record_specs, plan)
     if compression:
         return _encoded_bytes(record_specs)
-    return sum(4 * int(np.prod(spec.shape)) for spec in tf.nest.flatten(record_specs))
+    return models.weight_bytes(tf.nest.flatten(record_specs))
 
 
 def build_factory(

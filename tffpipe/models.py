@@ -221,7 +221,7 @@ class ModelInfo:
 
     name: str
     num_parameters: int
-    update_bytes: int  # float32 trainable weights: what one client uploads per round
+    update_bytes: int  # `weight_bytes` of the trainable weights: downloaded, and uploaded as is
 
 
 def create_model(name: str, task: configs.Task, num_classes: int) -> tf.keras.Model:
@@ -319,6 +319,10 @@ def _text_contract(vocab_size: int):
 _CONTRACTS = {configs.Task.EMNIST: _image_contract, configs.Task.KEYBOARD: _text_contract}
 
 
+def weight_bytes(weights) -> int:
+    """Bytes of float32 weights (or of their specs): what a device downloads, and uploads unencoded."""
+    return sum(4 * int(tf.TensorShape(w.shape).num_elements()) for w in weights)
+
+
 def describe(name: str, model: tf.keras.Model) -> ModelInfo:
-    trainable = sum(int(tf.size(w)) for w in model.trainable_weights)
-    return ModelInfo(name=name, num_parameters=model.count_params(), update_bytes=4 * trainable)
+    return ModelInfo(name=name, num_parameters=model.count_params(), update_bytes=weight_bytes(model.trainable_weights))

@@ -1,4 +1,6 @@
-"""Client dataset pipelines shared by every task: seeded, and without tf.data functions.
+"""Client dataset pipelines for tasks that parse their own rows (EMNIST): seeded, without tf.data functions.
+
+The keyboard task uses TFF's Stack Overflow pipeline instead (`tasks.keyboard.task`).
 
 A task supplies `to_model_batch`, which turns a batch of a client's raw rows (or of
 parsed elements) into the model's input {x, y}; the pipelines here read a client's
