@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -121,7 +122,24 @@ def test_without_retries_the_run_stops_at_its_checkpoint_and_the_rerun_resumes_e
     _same_metrics(rows(os.path.join(runs, "stopped", "metrics.csv")), reference)
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def _no_mount_namespace() -> str | None:
+    """Why this user cannot have a mount namespace of its own, or None if it can.
+
+    In a user namespace of its own (`--map-root-user`) any user may bind-mount there, so
+    the test needs no root; only a kernel or container that allows no user namespaces stops it.
+    """
+    if shutil.which("unshare") is None:
+        return "unshare(1) is not installed"
+    probe = subprocess.run(["unshare", "--map-root-user", "--mount", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"`unshare --map-root-user --mount` fails ({probe.stderr.strip()}): no user namespaces allowed here"
+    return None
+
+
+_NO_MOUNT_NAMESPACE = _no_mount_namespace()
+
+
+@pytest.mark.skipif(_NO_MOUNT_NAMESPACE is not None, reason=str(_NO_MOUNT_NAMESPACE))
 def test_a_worker_serving_other_data_at_the_same_path_is_refused_and_nothing_is_written(space, tmp_path):
     cache, runs, _ = space
     # The worker runs in a mount namespace of its own, where the run's data file is another file.
@@ -138,20 +156,104 @@ def test_a_worker_serving_other_data_at_the_same_path_is_refused_and_nothing_is_
     serve = f"{sys.executable} -m experiments.worker --port={port} --cache_dir={cache} {' '.join(DATA)}"
     script = f"mount --bind {other} {path} && exec {serve}"
     worker = subprocess.Popen(
-        ["unshare", "--mount", "sh", "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ["unshare", "--map-root-user", "--mount", "sh", "-c", script],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         line = worker.stdout.readline()
-        if not line.startswith("worker serving"):
-            pytest.skip(f"no mount namespace here: {worker.stderr.read()[-300:]}")
+        assert line.startswith("worker serving"), worker.stderr.read()[-300:]
         before = sorted(os.listdir(runs))
         proc = train("--rounds=2", "--experiment=other_data", f"--workers=127.0.0.1:{port}", cache=cache, root=runs)
-        assert proc.returncode == 1
+        assert proc.returncode == 2  # the --workers given cannot serve this run: bad input (runtime.WorkerUnusable)
         assert f"worker 127.0.0.1:{port} serves other data than this run at {path}" in proc.stderr
         assert sorted(os.listdir(runs)) == before  # refused before the experiment directory exists
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
+@contextlib.contextmanager
+def network_namespaces(names: list[str]):
+    """Creates the namespaces; on leaving, kills what runs in them and deletes them, whatever happened."""
+    made = []
+    try:
+        for name in names:
+            _ip("netns", "add", name)
+            made.append(name)
+            _ip("-n", name, "link", "set", "lo", "up")
+        yield
+    finally:
+        for name in made:
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+            _ip("netns", "delete", name, check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creating network namespaces needs root")
+@pytest.mark.skipif(shutil.which("ip") is None, reason="needs ip(8) (iproute2)")
+def test_a_run_over_workers_on_separate_hosts_equals_one_worker(space):
+    # Three hosts: a coordinator and two workers, each in a network namespace of its own,
+    # the coordinator joined to each worker by a veth pair. Their addresses (198.18.0.0/15,
+    # RFC 2544's test range) exist only inside these namespaces, which have no other link.
+    cache, runs, reference = space
+    tag = f"tfp{os.getpid() % 100_000}"  # interface names: at most 15 characters
+    coordinator, hosts = f"{tag}c", [f"{tag}w{i}" for i in range(2)]
+    port = 8470  # the same on each host: three network stacks
+    try:
+        _ip("netns", "add", coordinator)
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"no network namespaces here: {e.stderr.strip()}")
+    _ip("netns", "delete", coordinator)
+    workers = []
+    with network_namespaces([coordinator, *hosts]):
+        try:
+            for i, host in enumerate(hosts):
+                near, far = f"{tag}c{i}", f"{tag}h{i}"
+                _ip("-n", coordinator, "link", "add", near, "type", "veth", "peer", "name", far, "netns", host)
+                _ip("-n", coordinator, "addr", "add", f"198.18.{i}.1/24", "dev", near)
+                _ip("-n", host, "addr", "add", f"198.18.{i}.2/24", "dev", far)
+                _ip("-n", coordinator, "link", "set", near, "up")
+                _ip("-n", host, "link", "set", far, "up")
+                serve = [sys.executable, "-m", "experiments.worker", f"--bind=198.18.{i}.2", f"--port={port}"]
+                workers.append(
+                    subprocess.Popen(
+                        ["ip", "netns", "exec", host, *serve, f"--cache_dir={cache}", *DATA],
+                        cwd=REPO,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL,
+                        text=True,
+                    )
+                )
+            for i, worker in enumerate(workers):
+                line = worker.stdout.readline()
+                assert line.startswith(f"worker serving on 198.18.{i}.2:{port}"), line
+            addresses = ",".join(f"198.18.{i}.2:{port}" for i in range(len(hosts)))
+            train_flags = [f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS, "--rounds=2"]
+            run = subprocess.run(
+                ["ip", "netns", "exec", coordinator, sys.executable, "-m", "experiments.train", *train_flags]
+                + ["--experiment=hosts", f"--workers={addresses}"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
+            assert run.returncode == 0, run.stderr[-3000:]
+        finally:
+            for worker in workers:
+                worker.terminate()
+                worker.wait(timeout=30)
+    assert all(not os.path.exists(f"/run/netns/{name}") for name in (coordinator, *hosts))
+    table = rows(os.path.join(runs, "hosts", "metrics.csv"))
+    _same_metrics(table, reference[:2])  # two hosts' partial sums, merged: one worker's first two rounds
+    assert {float(r["system/workers"]) for r in table} == {2.0}
 
 
 def test_no_worker_service_outlives_these_runs():
