@@ -233,6 +233,7 @@ class Batched:
 
     learning_rate: float
     batch_size: int
+    forward: Callable[[tuple, tf.Tensor], tf.Tensor] | None = None  # see `create_dense_forward`
 
 
 def train_members_batched(
@@ -264,20 +265,33 @@ def train_members_batched(
     spec = model.input_spec
     b = batched.batch_size
 
-    def member_examples(client_id):
+    k = tf.size(ids)
+    flat_spec = tf.nest.flatten(spec)
+
+    def read_member(i, rows, counts):
+        # A while loop, not a tf.data map: a map instantiates the member's nested datasets
+        # at several times the cost (W3: ~6 ms against ~1.5 ms per member).
         empty = tf.data.Dataset.from_tensors(
             tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), spec)
         )
-        examples = dataset_fn(client_id).unbatch().batch(_ALL).concatenate(empty).take(1).get_single_element()
-        return examples, tf.shape(tf.nest.flatten(examples)[0])[0]
+        examples = dataset_fn(ids[i]).unbatch().batch(_ALL).concatenate(empty).take(1).get_single_element()
+        flat = tf.nest.flatten(examples)
+        rows = tuple(ta.write(i, t) for ta, t in zip(rows, flat, strict=True))
+        return i + 1, rows, counts.write(i, tf.shape(flat[0])[0])
 
-    k = tf.size(ids)
-    nobody = tf.data.Dataset.from_tensors(
-        (tf.nest.map_structure(lambda s: tf.zeros([0, 0, *s.shape[1:]], s.dtype), spec), tf.zeros([0], tf.int32))
+    rows0 = tuple(
+        tf.TensorArray(s.dtype, size=k, infer_shape=False, element_shape=tf.TensorShape([None, *s.shape[1:]]))
+        for s in flat_spec
     )
-    members = tf.data.Dataset.from_tensor_slices(ids).map(member_examples)
-    data, counts = (
-        members.padded_batch(tf.maximum(tf.cast(k, tf.int64), 1)).concatenate(nobody).take(1).get_single_element()
+    _, rows, counts = tf.while_loop(
+        lambda i, *_: i < k, read_member, (tf.constant(0), rows0, tf.TensorArray(tf.int32, size=k))
+    )
+    counts = counts.stack()
+    counts = tf.reshape(counts, [k])
+    # [K, max count, ...], each member's examples first, zeros after.
+    data = tf.nest.pack_sequence_as(
+        spec,
+        [tf.RaggedTensor.from_row_lengths(ta.concat(), counts).to_tensor() for ta in rows],
     )
     steps = (tf.reduce_max(tf.concat([counts, [0]], 0)) + b - 1) // b
 
@@ -305,7 +319,10 @@ def train_members_batched(
         sample_weight = tf.cast(valid, tf.float32) * (b / tf.maximum(rows, 1.0))[:, None]
         with tf.GradientTape() as tape:
             tape.watch(weights)
-            output = tf.vectorized_map(predict, (weights, x))
+            if batched.forward is not None:
+                output = batched.forward(weights, x)
+            else:
+                output = tf.vectorized_map(predict, (weights, x))
             loss = tf.reduce_sum(tf.vectorized_map(mean_loss, (output, y, sample_weight)))
         gradients = tape.gradient(loss, weights)
         weights = tuple(
@@ -333,6 +350,51 @@ def train_members_batched(
     scale = clip * tf.minimum(1.0 / norms, 1.0 / clip)  # as tf.clip_by_global_norm scales
     total = tuple(tf.reduce_sum(d * _per_member(scale, d), 0) for d in deltas)
     return total, tf.cast(k, tf.float32), metrics, tf.reduce_sum(tf.cast(norms > clip, tf.float32))
+
+
+_ACTIVATIONS = {"linear": tf.identity, "relu": tf.nn.relu}
+
+
+def create_dense_forward(keras_model: tf.keras.Model) -> Callable[[tuple, tf.Tensor], tf.Tensor] | None:
+    """K members' forward pass for a stack of Flatten and Dense layers, or None for other models.
+
+    `forward(weights, x)`: weights `[K, ...]` per trainable weight in the model's order
+    (kernel, bias per Dense), x `[K, B, ...]`, gives the logits `[K, B, C]` with one
+    batched matmul per layer: what `tf.vectorized_map` of the model computes, without
+    its per-member gathers (whose gradients are scatters of the K weight copies).
+    """
+    if not isinstance(keras_model, tf.keras.Sequential):
+        return None
+    layers = []
+    for layer in keras_model.layers:
+        if isinstance(layer, tf.keras.layers.InputLayer):
+            continue
+        if isinstance(layer, tf.keras.layers.Flatten):
+            layers.append(None)
+        elif (
+            isinstance(layer, tf.keras.layers.Dense)
+            and layer.activation.__name__ in _ACTIVATIONS
+            and layer.use_bias
+            and not layer.losses
+        ):
+            layers.append(_ACTIVATIONS[layer.activation.__name__])
+        else:
+            return None
+    if len(keras_model.trainable_weights) != 2 * sum(a is not None for a in layers):
+        return None
+
+    def forward(weights: tuple, x: tf.Tensor) -> tf.Tensor:
+        k, b = tf.shape(x)[0], tf.shape(x)[1]
+        h, i = x, 0
+        for activation in layers:
+            if activation is None:
+                h = tf.reshape(h, [k, b, -1])
+            else:
+                h = activation(tf.linalg.matmul(h, weights[i]) + weights[i + 1][:, None, :])
+                i += 2
+        return h
+
+    return forward
 
 
 def _per_member(values: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
@@ -389,6 +451,7 @@ def build_training_process(
     aggregator: tff.aggregators.UnweightedAggregationFactory | None = None,
     clip: float | None = None,
     batch_size: int | None = None,
+    forward: Callable[[tuple, tf.Tensor], tf.Tensor] | None = None,
 ) -> GroupedLearningProcess:
     """The algorithm's process over groups, composed from TFF's parts as `fed_avg.py` does.
 
@@ -407,6 +470,8 @@ def build_training_process(
       batch_size: None trains a group's members one after the other (TFF's client
         update, any functional model); B, the member datasets' batch size, trains
         them together (`train_members_batched`).
+      forward: with `batch_size`, the members' batched forward pass
+        (`create_dense_forward`); None: `tf.vectorized_map` of the model's.
     """
     if not isinstance(model, tff.learning.models.FunctionalModel):
         raise GroupingError(
@@ -427,7 +492,7 @@ def build_training_process(
         )
 
     weights_type = initial_model_weights_fn.type_signature.result
-    batched = None if batch_size is None else Batched(config.client_learning_rate, batch_size)
+    batched = None if batch_size is None else Batched(config.client_learning_rate, batch_size, forward)
     client_work = build_group_client_work(
         model, tff.learning.optimizers.build_sgdm(config.client_learning_rate), dataset_fn, clip=clip, batched=batched
     )
@@ -483,4 +548,5 @@ def build_learning_process(
         aggregator=aggregator,
         clip=clip,
         batch_size=config.preprocess.batch_size if batched else None,
+        forward=create_dense_forward(task.create_keras_model()) if batched else None,
     )
