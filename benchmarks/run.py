@@ -11,7 +11,7 @@ the TFF computation from client ids), the plain TFF-tutorial pipeline
 limit). Medians over rounds after a warm-up, with the interquartile range, peak RSS of
 the whole process tree (TFF's worker included), the time from setting a workload up
 (loading its data, building its process) to its first finished round, and once the
-time from process start to main() (imports). Results print as a table and go to benchmarks/results/<time>.json.
+time from process start to main() (imports). Results print as a table and go to benchmarks/results/run-<time>.json.
 """
 
 from __future__ import annotations
@@ -20,10 +20,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -36,6 +32,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_federated as tff  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from benchmarks import measurements, workloads  # noqa: E402
 from tffpipe import algorithms, configs, program, runtime, tasks  # noqa: E402
 from tffpipe.data import sampling  # noqa: E402
 from tffpipe.tasks.emnist import files as emnist_files  # noqa: E402
@@ -52,91 +49,16 @@ FLAGS = flags.FLAGS
 _STARTED = psutil.Process().create_time()
 
 
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    name: str
-    model: str
-    clients_per_round: int
-    population: tuple[tuple[str, object], ...]  # config paths of the embedded population
-    rounds: int
-    quick_rounds: int
-    task: configs.Task = configs.Task.EMNIST
-    batch_size: int = 20
-
-    def config(self, cache_dir: str) -> configs.ExperimentConfig:
-        """The experiment `train` would run: FedAvg (client SGD 0.05), 1 epoch, no DP, uniform sampling."""
-        return configs.build(
-            {
-                "task": self.task,
-                "model": self.model,
-                "clients_per_round": self.clients_per_round,
-                "data.cache_dir": cache_dir,
-                "preprocess.epochs": 1,
-                "preprocess.batch_size": self.batch_size,
-                "preprocess.shuffle_buffer": 1,
-                "algorithm.algorithm": configs.Algorithm.FEDAVG,  # the keyboard task's default is FedAdam
-                "algorithm.client_learning_rate": 0.05,
-                "dp.mechanism": configs.Mechanism.NONE,
-                **dict(self.population),
-            }
-        )
-
-
-def _emnist(writers: int, median: int) -> tuple:
-    return (
-        ("data.population.num_writers", writers),
-        ("data.population.median_examples", median),  # per writer before the 10% test split
-        ("data.population.quantity_sigma", 0.0),
-        ("data.population.seed", 42),
-    )
-
-
-WORKLOADS = {
-    "w1": Workload("w1", "cnn", 10, _emnist(200, 334), 8, 4),  # ~300 train examples per client
-    "w2": Workload("w2", "mlp", 100, _emnist(1000, 56), 8, 4),  # ~50 per client
-    "w3": Workload("w3", "linear", 1000, _emnist(10_000, 22), 5, 3),  # ~20 per client
-    "w3_2k": Workload("w3_2k", "linear", 1000, _emnist(2_000, 22), 5, 3),  # W3 on a 5x smaller population
-    "fixed": Workload("fixed", "linear", 10, _emnist(200, 22), 30, 10),  # ~20 per client
-    # The keyboard task's default population (1,000 users, median 60 messages), its phone-sized model.
-    "keyboard": Workload("keyboard", "cifg_lstm", 10, (), 6, 3, configs.Task.KEYBOARD, 16),
-}
-
-
-class PeakRss:
-    """Samples the RSS of this process and its children (the TFF worker) every 100 ms."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):  # a child may exit between listing and reading
-                    total += p.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(0.1)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return self.peak
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    q1, med, q3 = np.percentile(values, [25, 50, 75])
-    return {"median": float(med), "q1": float(q1), "q3": float(q3)}
+# The workloads, here too as `benchmarks.run.WORKLOADS` (benchmarks.client_groups times the same ones).
+Workload = workloads.Workload
+WORKLOADS = workloads.WORKLOADS
 
 
 def run_workload(w: Workload, rounds: int) -> dict:
     config = w.config(FLAGS.cache_dir)
     program.check(config)  # the same checks as train
     tasks.data_source(config).prepare()  # generated once per population, not timed
-    rss = PeakRss()
+    rss = measurements.TreeRss([os.getpid()], interval=0.1)  # this process and TFF's worker
     began = time.perf_counter()
     prepared = program.prepare(config)
     task, plan = prepared.task, prepared.plan
@@ -157,12 +79,12 @@ def run_workload(w: Workload, rounds: int) -> dict:
             seconds.append(dt)
             examples.append(float(out.metrics["client_work"]["train"]["num_examples"]))
     tffpipe_eps = [e / s for e, s in zip(examples, seconds, strict=True)]
-    peak_after_tffpipe = rss.peak
+    peak_after_tffpipe = rss.peak_total
     result = {
-        "workload": dataclasses.asdict(w) | {"task": w.task.value},
+        "workload": w.to_json(),
         "rounds_timed": rounds,
-        "tffpipe_seconds_per_round": _stats(seconds),
-        "tffpipe_examples_per_second": _stats(tffpipe_eps),
+        "tffpipe_seconds_per_round": measurements.stats(seconds),
+        "tffpipe_examples_per_second": measurements.stats(tffpipe_eps),
         "examples_per_round": float(np.median(examples)),
         "setup_to_first_round_seconds": first_round_s,
         "peak_rss_tffpipe_phase_bytes": peak_after_tffpipe,
@@ -187,7 +109,7 @@ def run_workload(w: Workload, rounds: int) -> dict:
         dt = time.perf_counter() - t
         if r > 1:
             fit_eps.append(len(x) / dt)
-    result["fit_examples_per_second"] = _stats(fit_eps)
+    result["fit_examples_per_second"] = measurements.stats(fit_eps)
     result["ratio_to_fit"] = (
         result["tffpipe_examples_per_second"]["median"] / result["fit_examples_per_second"]["median"]
     )
@@ -213,12 +135,13 @@ def run_workload(w: Workload, rounds: int) -> dict:
             if r > 1:
                 base_s.append(dt)
                 base_eps.append(float(out.metrics["client_work"]["train"]["num_examples"]) / dt)
-        result["tutorial_seconds_per_round"] = _stats(base_s)
-        result["tutorial_examples_per_second"] = _stats(base_eps)
+        result["tutorial_seconds_per_round"] = measurements.stats(base_s)
+        result["tutorial_examples_per_second"] = measurements.stats(base_eps)
         result["speedup_over_tutorial"] = (
             result["tffpipe_examples_per_second"]["median"] / result["tutorial_examples_per_second"]["median"]
         )
-    result["peak_rss_bytes"] = rss.stop()
+    rss.stop()
+    result["peak_rss_bytes"] = rss.peak_total
     return result
 
 
@@ -266,20 +189,14 @@ def main(argv) -> None:
             print(_row(r), flush=True)
     finally:
         worker.stop()
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    path = os.path.join(FLAGS.out_dir, time.strftime("%Y%m%d-%H%M%S") + ".json")
-    with open(path, "w") as f:
-        json.dump(
-            {
-                "flags": FLAGS.flag_values_dict(),
-                "cpu_count": os.cpu_count(),
-                "startup_seconds": startup,
-                "results": results,
-            },
-            f,
-            indent=2,
-        )
-    print(f"results: {path}")
+    measurements.save_results(
+        "run",
+        results,
+        out_dir=FLAGS.out_dir,
+        flag_values=FLAGS.flag_values_dict(),
+        cpu_count=os.cpu_count(),
+        startup_seconds=startup,
+    )
 
 
 if __name__ == "__main__":

@@ -22,19 +22,19 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 import portpicker
 import psutil
 from absl import app, flags
+
+from benchmarks import measurements, workloads
 
 flags.DEFINE_list("workloads", ["fixed", "w2", "w1", "w3"], "Workloads to time.")
 flags.DEFINE_integer("repeats", 1, "Runs per workload (fresh experiment each).")
@@ -47,52 +47,17 @@ flags.DEFINE_bool("pin_remote_workers", False, "Pin remote worker i to CPU i (ta
 FLAGS = flags.FLAGS
 
 
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    name: str
-    model: str
-    clients_per_round: int
-    num_writers: int
-    median_examples: int
-    rounds: int
-    epochs: int = 1
-
-
-# The same populations and models as benchmarks/run.py (10% of each writer's examples are held out).
-WORKLOADS = {
-    "fixed": Workload("fixed", "linear", 10, 200, 22, 30),
-    "w2": Workload("w2", "mlp", 100, 1000, 56, 15),
-    "w1": Workload("w1", "cnn", 10, 200, 334, 8),
-    "w3": Workload("w3", "linear", 1000, 10_000, 22, 6),
-    "w1e5": Workload("w1e5", "cnn", 10, 200, 334, 6, epochs=5),  # W1 with 5 local epochs: 5x the work per round
-}
-
-
-def flags_of(w: Workload, cache_dir: str) -> list[str]:
-    return [
-        f"--model={w.model}",
-        f"--clients_per_round={w.clients_per_round}",
-        f"--num_writers={w.num_writers}",
-        f"--median_examples={w.median_examples}",
-        "--quantity_sigma=0",
-        "--data_seed=42",
-        f"--epochs={w.epochs}",
-        "--batch_size=20",
-        "--shuffle_buffer=1",
-        "--client_learning_rate=0.05",
-        "--dp=none",
-        f"--eval_every={w.rounds}",
-        "--eval_clients=20",
-        f"--rounds={w.rounds}",
-        f"--cache_dir={cache_dir}",
-    ]
+# The workloads (`benchmarks.workloads`), here too as `benchmarks.wall.WORKLOADS` (benchmarks.workers runs them).
+Workload = workloads.Workload
+WORKLOADS = workloads.WORKLOADS
 
 
 def _data_flags(w: Workload, cache_dir: str) -> list[str]:
     return [
         f
-        for f in flags_of(w, cache_dir)
-        if f.split("=")[0] in ("--num_writers", "--median_examples", "--quantity_sigma", "--data_seed", "--cache_dir")
+        for f in w.train_flags(cache_dir)
+        if f.split("=")[0]
+        in ("--task", "--num_writers", "--median_examples", "--quantity_sigma", "--data_seed", "--cache_dir")
     ]
 
 
@@ -119,49 +84,19 @@ def start_remote_workers(w: Workload, cache_dir: str, repo: str, count: int, pin
     return procs, addresses
 
 
-class TreeRss:
-    """Peak RSS of a process and of each of its descendants, sampled every 200 ms."""
-
-    def __init__(self, pids: list[int]):
-        self.peaks: dict[str, int] = {}
-        self.cpu: dict[str, float] = {}  # user + system seconds, last seen
-        self._pids = pids
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            for pid in self._pids:
-                with contextlib.suppress(psutil.Error):
-                    root = psutil.Process(pid)
-                    for p in [root, *root.children(recursive=True)]:
-                        name = "worker" if "worker_binary" in " ".join(p.cmdline()) else "python"
-                        key = f"{name}:{p.pid}"
-                        self.peaks[key] = max(self.peaks.get(key, 0), p.memory_info().rss)
-                        times = p.cpu_times()
-                        self.cpu[key] = times.user + times.system
-            time.sleep(0.2)
-
-    def stop(self) -> tuple[dict[str, int], dict[str, float]]:
-        self._stop.set()
-        self._thread.join()
-        return self.peaks, self.cpu
-
-
 def time_run(w: Workload, cache_dir: str, root: str, repo: str = ".", extra: list[str] = (), pids=()) -> dict:
     cache_dir = os.path.abspath(cache_dir)
-    cmd = [sys.executable, "-m", "experiments.train", *flags_of(w, cache_dir), f"--root_dir={root}", "--experiment=w"]
+    cmd = [sys.executable, "-m", "experiments.train", *w.train_flags(cache_dir), f"--root_dir={root}", "--experiment=w"]
     started = time.monotonic()
     proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo)
-    rss = TreeRss([proc.pid, *pids])
+    rss = measurements.TreeRss([proc.pid, *pids])
     arrivals: dict[int, float] = {}
     cpu_at: dict[int, dict[str, float]] = {}  # CPU seconds when rounds 2 and R-1 are reported
     for line in proc.stdout:
         if line.startswith("round "):
             r = int(line.split()[1].split("/")[0])
             arrivals[r] = time.monotonic()
-            if r in (2, w.rounds - 1):
+            if r in (2, w.wall_rounds - 1):
                 cpu_at[r] = cpu_seconds([proc.pid, *pids])
     _, err = proc.communicate()
     peaks, cpu = rss.stop()
@@ -170,7 +105,7 @@ def time_run(w: Workload, cache_dir: str, root: str, repo: str = ".", extra: lis
     with open(os.path.join(root, "w", "metrics.csv"), newline="") as f:
         inside = {int(r["round"]): float(r["system/round_seconds"]) for r in csv.DictReader(f)}
     # Round 1 is the first call (tracing); the last evaluates. Between them: plain rounds.
-    rounds = range(3, w.rounds)
+    rounds = range(3, w.wall_rounds)
     wall = [arrivals[r] - arrivals[r - 1] for r in rounds]
     inner = [inside[r] for r in rounds]
     return {
@@ -182,7 +117,8 @@ def time_run(w: Workload, cache_dir: str, root: str, repo: str = ".", extra: lis
         "cpu_seconds": cpu,  # per process, over the whole run (the last sample before it exited)
         # Per plain round (rounds 3 .. R-1, as `wall_seconds`): coordinator and all workers.
         "cpu_seconds_per_round": {
-            kind: (cpu_at[w.rounds - 1][kind] - cpu_at[2][kind]) / max(len(rounds), 1) for kind in ("python", "worker")
+            kind: (cpu_at[w.wall_rounds - 1][kind] - cpu_at[2][kind]) / max(len(rounds), 1)
+            for kind in ("python", "worker")
         },
     }
 
@@ -201,15 +137,10 @@ def cpu_seconds(pids: list[int]) -> dict[str, float]:
     return total
 
 
-def _stats(values: list[float]) -> dict[str, float]:
-    q1, med, q3 = np.percentile(values, [25, 50, 75])
-    return {"median": float(med), "q1": float(q1), "q3": float(q3)}
-
-
 def generate(w: Workload, cache_dir: str, repo: str = ".") -> None:
     """Generates the workload's population, untimed (a short run does it)."""
     with tempfile.TemporaryDirectory() as root:
-        time_run(dataclasses.replace(w, rounds=3), cache_dir, root, repo)
+        time_run(dataclasses.replace(w, wall_rounds=3), cache_dir, root, repo)
 
 
 def run_once(
@@ -237,9 +168,9 @@ def summarize(w: Workload, runs: list[dict]) -> dict:
     python = [max((v for k, v in r["peak_rss_bytes"].items() if k.startswith("python")), default=0) for r in runs]
     worker = [max((v for k, v in r["peak_rss_bytes"].items() if k.startswith("worker")), default=0) for r in runs]
     return {
-        "workload": dataclasses.asdict(w),
-        "wall_between_rounds": _stats(wall),
-        "round_seconds": _stats(inner),
+        "workload": w.to_json(),
+        "wall_between_rounds": measurements.stats(wall),
+        "round_seconds": measurements.stats(inner),
         "ratio": float(np.median(wall) / np.median(inner)),
         "start_to_round_1": {"median": float(np.median(start)), "min": min(start), "max": max(start)},
         "peak_rss_coordinator_bytes": max(python),
@@ -292,13 +223,9 @@ def main(argv) -> None:
     save_results("wall", results)
 
 
-def save_results(kind: str, results: dict) -> None:
+def save_results(kind: str, results) -> None:
     """Writes the flags and `results` to `--out_dir/<kind>-<time>.json` and says where."""
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
-    path = os.path.join(FLAGS.out_dir, time.strftime(f"{kind}-%Y%m%d-%H%M%S") + ".json")
-    with open(path, "w") as f:
-        json.dump({"flags": FLAGS.flag_values_dict(), "results": results}, f, indent=2)
-    print(f"results: {path}")
+    measurements.save_results(kind, results, out_dir=FLAGS.out_dir, flag_values=FLAGS.flag_values_dict())
 
 
 if __name__ == "__main__":
