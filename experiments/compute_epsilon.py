@@ -4,9 +4,11 @@ python -m experiments.compute_epsilon --noise_multiplier=1.0 --clients_per_round
 python -m experiments.compute_epsilon --target_epsilon=8 --clients_per_round=100 --rounds=50
 python -m experiments.compute_epsilon --max_epsilon=3 --rounds=1000   # rounds a budget allows
 python -m experiments.compute_epsilon --table      # the README's grid of plans
+python -m experiments.compute_epsilon --dp=distributed --bits=16 --model=mlp   # refuses a width unusable here
 
 Takes the training binary's privacy and data flags, with the same names and defaults;
 the population is that of the data flags (--num_writers, or the file in --data_dir).
+Only the distributed mechanism loads TensorFlow: its epsilon depends on the model's size.
 """
 
 from experiments import cli
@@ -22,7 +24,7 @@ from absl import flags  # noqa: E402
 from experiments import flag_groups  # noqa: E402
 from tffpipe import accounting, configs, tasks, validation  # noqa: E402
 
-flag_groups.define("task and data", "privacy", "devices")
+flag_groups.define("task and data", "model", "privacy", "devices")  # the model: distributed DP depends on its size
 flag_groups.define("rounds", only=("rounds",))
 flags.DEFINE_bool(
     "table",
