@@ -493,23 +493,30 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(worksp
     assert "program_state_3" in saved and "program_state_4" not in saved
 
 
-def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace):
-    # Over two local workers: the device model and compression work there too (tests/runtime_test.py
-    # compares each algorithm and aggregator over one and two workers).
+# Over two local workers: the device model and compression work there too (tests/runtime_test.py
+# compares each algorithm and aggregator over one and two workers).
+MOBILE_FLAGS = (
+    "--device_model",
+    "--dp=none",
+    "--noise_multiplier=0",
+    "--compression",
+    "--deadline_seconds=60",
+    "--local_workers=2",
+)
+
+
+@pytest.fixture(scope="module")
+def mobile_run(workspace) -> subprocess.CompletedProcess:
+    """Two rounds of the device model with compression, experiment `mobile`."""
     cache, runs = workspace
-    proc = train(
-        "--rounds=2",
-        "--experiment=mobile",
-        "--device_model",
-        "--dp=none",
-        "--noise_multiplier=0",
-        "--compression",
-        "--deadline_seconds=60",
-        "--local_workers=2",
-        cache=cache,
-        root=runs,
-    )
+    proc = train("--rounds=2", "--experiment=mobile", *MOBILE_FLAGS, cache=cache, root=runs)
     assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace, mobile_run):
+    cache, runs = workspace
+    proc = mobile_run
     # Compression runs without DP, so there is no epsilon to label (devices_test checks the DP label).
     assert "finished at round 2: no differential privacy (no clipping, no noise), so no epsilon." in proc.stdout
     round_lines = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
@@ -541,6 +548,25 @@ def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace)
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "checkpoint of round 2" in evaluated.stdout and "pooled accuracy" in evaluated.stdout
+
+
+def test_a_resumed_device_model_run_replays_the_device_clock(workspace, mobile_run):
+    # The two-round run, as if killed after round 2's row but before its checkpoint: the rerun
+    # resumes from round 1's and must give round 2 the devices the uninterrupted run had (who was
+    # available, asked, reported, dropped or late, and the simulated clock). Without replaying
+    # round 1, a restart would start the clock, and the windows it opens, again.
+    cache, runs = workspace
+    resumed_dir = os.path.join(runs, "mobile_resumed")
+    shutil.copytree(os.path.join(runs, "mobile"), resumed_dir)
+    shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "program_state_2"))
+    resumed = train("--rounds=2", "--experiment=mobile_resumed", *MOBILE_FLAGS, cache=cache, root=runs)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "round 1/2" not in resumed.stdout and "round 2/2" in resumed.stdout  # only round 2 ran again
+    expected, found = (rows(os.path.join(runs, e, "metrics.csv")) for e in ("mobile", "mobile_resumed"))
+    assert [r["round"] for r in found] == ["1", "2"]
+    columns = ("available", "selected", "reported", "dropped", "late", "simulated_round_seconds")
+    for column in (*columns, "simulated_clock_hours", "bytes_up", "bytes_down"):
+        assert found[1][f"system/{column}"] == expected[1][f"system/{column}"], column
 
 
 def _descendants(pid: int) -> set[int]:
