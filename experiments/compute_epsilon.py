@@ -68,6 +68,11 @@ def _table(config: configs.ExperimentConfig, population: int) -> None:
     """Epsilon over a grid of (clients/round, z, rounds), for the mechanism, delta and population of the flags."""
     if not config.dp.is_private:
         raise flag_groups.FlagError("--table needs a DP mechanism (--dp=fixed, adaptive or tree): without one, inf")
+    if config.dp.mechanism is configs.Mechanism.DISTRIBUTED:
+        raise flag_groups.FlagError(
+            "--table covers the central mechanisms; for --dp=distributed ask for one plan (its epsilon depends on "
+            "--bits and the --model's size): drop --table"
+        )
     canaries = config.privacy.canaries
     total = population + canaries
     delta = config.privacy.delta or accounting.default_delta(total)
