@@ -430,13 +430,10 @@ _WORKER_MEMORY_BYTES = 512 << 20
 _MAX_LOCAL_WORKERS = 64
 
 
-def _physical_memory_bytes() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def max_local_workers() -> int:
-    """Local workers this machine can hold: one per 512 MiB of memory, at most 64."""
-    return max(1, min(_MAX_LOCAL_WORKERS, _physical_memory_bytes() // _WORKER_MEMORY_BYTES))
+    """Local workers this machine can hold: one per 512 MiB of memory (`memory_bytes`), at most 64."""
+    memory = memory_bytes()
+    return max(1, min(_MAX_LOCAL_WORKERS, memory // _WORKER_MEMORY_BYTES)) if memory else _MAX_LOCAL_WORKERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,12 +461,12 @@ class RuntimeConfig:
             except ValueError as e:
                 raise validation.ConfigError("workers", f"workers: {e}") from None
         validation.integer(1, local_workers=self.local_workers)
-        limit = max_local_workers()
+        limit = max_local_workers() if self.local_workers > 1 else 1  # (memory_bytes is defined below)
         if self.local_workers > limit:
             raise validation.ConfigError(
                 "local_workers",
                 f"local_workers must be <= {limit} here: each local worker needs about "
-                f"{_WORKER_MEMORY_BYTES >> 20} MiB of this machine's {_physical_memory_bytes() / 2**30:.1f} GiB "
+                f"{_WORKER_MEMORY_BYTES >> 20} MiB of this machine's {memory_bytes() / 2**30:.1f} GiB "
                 "(and more workers than cores add no speed); for more, start workers on other machines (--workers)",
             )
         validation.integer(0, worker_retries=self.worker_retries)
