@@ -52,7 +52,7 @@ def test_a_stop_request_raises_interrupted_and_leaves_no_worker():
     with pytest.raises(processes.Interrupted):
         for _ in processes.map_in_processes(time.sleep, [(30,)] * 6, processes=2, stop_requested=stop_requested):
             pass
-    assert len(pool) == 2  # the pool's two workers, each busy with a 30 s task
+    assert len(pool) == 2  # the pool's two workers, with six 30 s tasks to run
     assert time.monotonic() - began < 15  # they were stopped, not waited for
     assert {p.pid for p in psutil.Process().children()} & pool == set()  # and reaped: not even a zombie
 
