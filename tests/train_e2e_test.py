@@ -25,6 +25,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 from tests import conftest
+from tffpipe import accounting, configs
 from tffpipe.tasks.emnist import generator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -782,3 +783,31 @@ def test_distributed_dp_bad_input_is_one_error_line_before_any_data(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, proc.stderr[-1500:])
     assert not os.path.exists(cache) and not os.path.exists(root)  # no data generated, nothing written
+
+
+def test_distributed_budget_stops_before_a_round_the_realized_noise_cannot_pay_for(tmp_path):
+    # Seed 5 samples 2 clients in round 1 where the shares are sized for 3, so round 1 costs
+    # epsilon 15.3 instead of the planned 9.7. The plan allowed 2 rounds within 20 (9.7, then
+    # 18.05); after round 1 as it was, round 2 with the expected 3 clients would reach 23.6.
+    flags = ("--model=linear", "--dp=distributed", "--seed=5", "--max_epsilon=20", "--rounds=3")
+    proc = train(*flags, "--experiment=budget", cache=str(tmp_path / "cache"), root=str(tmp_path / "runs"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = accounting.PrivacyPlan(
+        configs.Mechanism.DISTRIBUTED,
+        0.3,
+        3,
+        12,
+        configs.Sampling.POISSON,
+        12**-1.1,
+        clip=0.5,
+        bits=20,
+        dimension=48_670,
+    )
+    tracker = accounting.EpsilonTracker(plan)
+    tracker.observe(1, 2)
+    assert accounting.epsilon(plan, 2) <= 20 < tracker(2)
+    assert f"stopped at round 1 of 3: round 2 would take epsilon to {tracker(2):.4g}, past the budget" in proc.stdout
+    with open(tmp_path / "runs" / "budget" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["round"] for r in rows] == ["1"] and float(rows[0]["privacy/noised_clients"]) == 2
+    assert float(rows[0]["privacy/epsilon"]) == pytest.approx(tracker(1), rel=1e-9)

@@ -253,6 +253,7 @@ def run(
             evaluate = _build_evaluate(task, config) if config.eval_clients > 0 else None
         device_rounds = create_device_rounds(prepared, upload) if config.devices is not None else None
         tracker = _epsilon_tracker(plan, dirs)
+        over_budget: dict[str, float] = {}  # the round the budget stops before, found while running
         canaries = None
         if config.privacy.canaries:
             initial = audit.trainable_weights(process.initialize())
@@ -267,9 +268,11 @@ def run(
             releaser=outputs.MetricsReleaser(dirs),
             config=loop,
             evaluate=evaluate,
-            round_metrics=_build_round_metrics(prepared, upload, device_rounds, canaries, loop, workers, tracker),
+            round_metrics=_build_round_metrics(
+                prepared, upload, device_rounds, canaries, loop, workers, tracker, over_budget
+            ),
             progress=ProgressPrinter(loop.rounds, stream, private=plan.is_private),
-            stop_requested=stop_requested,
+            stop_requested=lambda: stop_requested() or bool(over_budget),
             carry=canaries,
         )
         _export(process, result, prepared, dirs, recorded)
@@ -281,11 +284,16 @@ def run(
     eps = tracker(result.last_round)  # with the noise each round had (distributed), as released
     if estimate is not None:
         report_audit(estimate, eps, result.last_round, plan, dirs, stream)
-    if loop.rounds < config.loop.rounds and result.last_round == loop.rounds:
-        next_eps = accounting.epsilon(plan, loop.rounds + 1)
+    stop_at = int(over_budget.get("round", loop.rounds + 1)) - 1
+    if stop_at < config.loop.rounds and result.last_round == stop_at:
+        next_eps = tracker(stop_at + 1)  # the past rounds as they were, the next with the expected clients
+        fewer = ""
+        if over_budget:
+            fewer = f" (its rounds noised fewer clients than the {plan.clients_per_round} planned for"
+            fewer += f"; epsilon is already {eps:.4g})" if eps > config.privacy.max_epsilon else ")"
         print(
-            f"stopped at round {loop.rounds} of {config.loop.rounds}: round {loop.rounds + 1} would take epsilon to "
-            f"{next_eps:.4g}, past the budget max_epsilon={config.privacy.max_epsilon:g}. Raise it to continue.",
+            f"stopped at round {stop_at} of {config.loop.rounds}: round {stop_at + 1} would take epsilon to "
+            f"{next_eps:.4g}, past the budget max_epsilon={config.privacy.max_epsilon:g}{fewer}. Raise it to continue.",
             file=stream,
         )
     privacy = f"epsilon {eps:.4g} at delta {plan.delta:.3g} ({accounting.describe(plan)})"
@@ -447,9 +455,17 @@ def _build_round_metrics(
     loop: configs.LoopConfig,
     workers: runtime.Runtime,
     epsilon: accounting.EpsilonTracker,
+    over_budget: dict[str, float],
 ):
+    """The per-round metrics; with a budget, `over_budget` gets the next round when it would pass it.
+
+    The plan cut the rounds to the budget with the expected clients (`_within_budget`);
+    a distributed round that noised fewer takes epsilon higher than planned, so the next
+    round is checked again here, from the rounds as they were.
+    """
     plan, config = prepared.plan, prepared.config
     download = prepared.task.model_info.update_bytes
+    budget = config.privacy.max_epsilon
 
     def round_metrics(round_num: int, output, clients) -> dict[str, float]:
         mechanism = {}
@@ -457,9 +473,14 @@ def _build_round_metrics(
             mechanism = aggregation.round_metrics(
                 plan, output.metrics["aggregator"], len(clients), secure_aggregation=config.secure_aggregation
             )
-        if "privacy/noised_clients" in mechanism:  # noise that depends on who took part (distributed)
-            epsilon.observe(round_num, int(mechanism["privacy/noised_clients"]))
+        # Noise that depends on who took part (distributed); a round without clients ran no
+        # aggregation, but a client that had joined it would have been alone with its share.
+        noised = mechanism.get("privacy/noised_clients", 0 if output is None else None)
+        if noised is not None:
+            epsilon.observe(round_num, int(noised))
         metrics = {"privacy/epsilon": epsilon(round_num), "privacy/delta": plan.delta}
+        if budget is not None and round_num < loop.rounds and not over_budget and epsilon(round_num + 1) > budget:
+            over_budget["round"] = round_num + 1
         if len(workers.workers) > 1 or config.runtime.workers:
             metrics["system/workers"] = float(len(workers.workers))
             metrics["system/worker_retries"] = float(workers.retried)
