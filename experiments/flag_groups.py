@@ -178,6 +178,13 @@ GROUPS: dict[str, tuple[Flag, ...]] = {
         Flag("local_workers", "runtime.local_workers", "integer", "Worker processes started on this machine."),
         Flag("pin_workers", "runtime.pin_workers", "bool", "Pin each local worker to one CPU of its own."),
         Flag("worker_retries", "runtime.worker_retries", "integer", "Reruns of a round when a worker dies."),
+        Flag(
+            "client_batching",
+            "client_batching",
+            "string",
+            "off: one TFF client per real client; K: groups of up to K real clients trained in one TensorFlow call "
+            "(same results); auto: groups where the model and mechanism allow.",
+        ),
     ),
     "outputs": (
         Flag("root_dir", "root_dir", "string", "Root of all experiments' outputs."),

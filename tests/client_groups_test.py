@@ -1,9 +1,19 @@
+import concurrent.futures
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_federated as tff
 
 from tests import conftest
-from tffpipe import aggregation, algorithms, client_groups, configs
+from tffpipe import aggregation, algorithms, client_groups, configs, validation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FEDAVG, FEDADAM, FEDYOGI = configs.Algorithm.FEDAVG, configs.Algorithm.FEDADAM, configs.Algorithm.FEDYOGI
 NONE, FIXED = configs.Mechanism.NONE, configs.Mechanism.FIXED
@@ -206,3 +216,63 @@ def test_dense_forward_gives_each_members_keras_output():
     np.testing.assert_allclose(output, np.stack(expected), rtol=1e-5, atol=1e-6)
     # Convolutions have no dense formulation: they go through tf.vectorized_map.
     assert client_groups.create_dense_forward(models.create_model("small_cnn", configs.Task.EMNIST, 62)) is None
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0", "client_batching must be a positive group size, got 0"),
+        ("-4", "client_batching must be a positive group size, got -4"),
+        ("nan", "client_batching must be off, auto or a group size (a positive integer), got 'nan'"),
+        ("51", "client_batching=51 is more than clients_per_round=50"),
+    ],
+)
+def test_bad_group_sizes_name_the_parameter(value, message):
+    with pytest.raises(validation.ConfigError, match=re.escape(message)) as raised:
+        configs.ExperimentConfig(client_batching=value, clients_per_round=50)
+    assert raised.value.field == "client_batching"
+
+
+def test_an_explicit_group_size_is_refused_where_groups_cannot_run_and_auto_falls_back():
+    adaptive = {"dp.mechanism": configs.Mechanism.ADAPTIVE, "clients_per_round": 50}
+    with pytest.raises(validation.ConfigError, match="the adaptive DP mechanism has no grouped path"):
+        configs.build({**adaptive, "client_batching": "10"})
+    auto = configs.build({**adaptive, "client_batching": "auto"})
+    assert client_groups.group_size(auto, model=object()) is None  # auto: per client, no error
+    fixed = configs.build({"clients_per_round": 50, "client_batching": "auto", "runtime.local_workers": 2})
+    functional = object.__new__(tff.learning.models.FunctionalModel)
+    assert client_groups.group_size(fixed, functional) == 25  # one group per worker: ceil(50 / 2)
+    assert client_groups.group_size(fixed, model=object()) is None  # a Keras-wrapped model runs per client
+    assert client_groups.group_size(configs.build({"client_batching": "off"}), functional) is None
+
+
+def test_the_process_builder_groups_with_client_batching_and_not_without(tiny_data_dir, tff_context):
+    task = _task(tiny_data_dir, "linear")
+    plan = conftest.plan(NONE, 0.0, 3, population=12)
+    config = configs.build({"clients_per_round": 3, "dp.mechanism": NONE, "client_batching": "auto"})
+    grouped = algorithms.build_learning_process(task, config, plan)
+    assert isinstance(grouped, client_groups.GroupedLearningProcess) and grouped.group_size == 3
+    per_client = algorithms.build_learning_process(task, dataclasses.replace(config, client_batching="off"), plan)
+    assert not isinstance(per_client, client_groups.GroupedLearningProcess)
+    # The same state type: a checkpoint of either restores into the other.
+    assert grouped.initialize.type_signature == per_client.initialize.type_signature
+
+
+def test_the_train_binary_refuses_bad_client_batching_before_any_data(tmp_path):
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    cases = [
+        (["--client_batching=0"], "--client_batching=0: client_batching must be a positive group size, got 0"),
+        (["--client_batching=8", "--model=small_cnn"], "--client_batching=8: client_batching=8 cannot run: model"),
+        (["--client_batching=8", "--dp=tree"], "--client_batching=8: client_batching=8 cannot run: the tree DP"),
+    ]
+
+    def attempt(flags):
+        cmd = [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *flags]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(attempt, [flags for flags, _ in cases]))
+    for (flags, message), proc in zip(cases, results, strict=True):
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), (flags, proc)
+    assert not cache.exists() and not runs.exists()  # no data generated, no run directory

@@ -95,7 +95,8 @@ def build_learning_process(
     (`(<S@SERVER, {str}@CLIENTS> -> <S@SERVER, M@SERVER>)`). With canaries, their
     clients' updates are replaced in that call, before the aggregator (`audit`). A
     checkpoint holds this process's state, so anything that restores one must build
-    it here.
+    it here. With `config.client_batching` the round's clients train in groups
+    (`client_groups`): the same state, `next` still takes the round's client ids.
     """
     aggregator = aggregation.build_factory(
         config.dp,
@@ -111,7 +112,15 @@ def build_learning_process(
             clip=config.dp.clip,
             zeroing_norm=config.dp.zeroing_norm,
         )
-    process = build_training_process(task.learning_model(), config.algorithm, aggregator=aggregator)
+    model = task.learning_model()
+    if config.client_batching != "off":
+        # Client groups build on this module's optimizers and loop, hence imported here.
+        from tffpipe import client_groups
+
+        group_size = client_groups.group_size(config, model)
+        if group_size is not None:
+            return client_groups.build_learning_process(task, config, plan, group_size, model=model)
+    process = build_training_process(model, config.algorithm, aggregator=aggregator)
     return task.compose_train(process, result_transform=transform)
 
 

@@ -494,6 +494,11 @@ class ExperimentConfig:
         clipping and secure bounds (not with DP: the distributed mechanism sums securely
         itself). Simulated: the secure sum runs as a plain modular sum.
       runtime: the worker services the client work runs on.
+      client_batching: how a round's real clients reach TensorFlow: "off", one TFF
+        client each (per-client computations); K (a positive integer, at most
+        clients_per_round), groups of up to K trained in one call each
+        (`client_groups`); "auto", groups where they run (functional models, FedAvg
+        and the server-optimizer variants, no DP or fixed DP), per client otherwise.
     """
 
     task: Task = Task.EMNIST
@@ -513,6 +518,7 @@ class ExperimentConfig:
     compression: bool = False
     secure_aggregation: bool = False
     runtime: RuntimeConfig = RuntimeConfig()
+    client_batching: str = "off"
 
     def __post_init__(self):
         if self.model is None:
@@ -528,6 +534,7 @@ class ExperimentConfig:
         _drop_unused_dp_parameters(self)
         _check_sizes(self, memory_bytes())
         _check_combinations(self)
+        _check_client_batching(self)
 
     @property
     def unused_dp_parameters(self) -> tuple[str, ...]:
@@ -682,6 +689,59 @@ def _check_sizes(config: ExperimentConfig, memory: int) -> None:
         _FLOAT32,
         f"a float32 logit per word position and output id, for a batch of {LOGIT_SEQUENCES} sequences",
     )
+
+
+# What `client_groups` trains in groups (the model kind is checked once the model is built).
+GROUPED_ALGORITHMS = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
+GROUPED_MECHANISMS = frozenset({"none", "fixed"})
+
+
+def client_group_size(config: ExperimentConfig) -> int | None:
+    """K of `client_batching` given as a number; None for "off" and "auto"."""
+    value = str(config.client_batching).strip().lower()
+    return None if value in ("off", "auto") else int(value)
+
+
+def client_batching_obstacle(config: ExperimentConfig) -> str | None:
+    """Why the configuration cannot train in client groups, or None if it can (the model aside)."""
+    if config.algorithm.algorithm.value not in GROUPED_ALGORITHMS:
+        return f"algorithm {config.algorithm.algorithm.value} has no grouped client work yet"
+    if config.dp.mechanism.value not in GROUPED_MECHANISMS:
+        return f"the {config.dp.mechanism.value} DP mechanism has no grouped path yet (only none and fixed)"
+    if config.dp.zeroing_norm > 0:
+        return "zeroing checks each update's norm and has no grouped path yet"
+    if config.compression or config.secure_aggregation:
+        return "compression and secure aggregation act on each update and have no grouped path yet"
+    if config.privacy.canaries:
+        return "the privacy audit's canaries replace single clients' updates and run per client"
+    return None
+
+
+def _check_client_batching(config: ExperimentConfig) -> None:
+    """`client_batching` is off, auto or a group size K in [1, clients_per_round] the configuration can use."""
+    value = str(config.client_batching).strip().lower()
+    if value in ("off", "auto"):
+        object.__setattr__(config, "client_batching", value)
+        return
+    try:
+        k = int(value)
+    except ValueError:
+        raise validation.ConfigError(
+            "client_batching",
+            f"client_batching must be off, auto or a group size (a positive integer), got {config.client_batching!r}",
+        ) from None
+    if k < 1:
+        raise validation.ConfigError("client_batching", f"client_batching must be a positive group size, got {k}")
+    if k > config.clients_per_round:
+        raise validation.ConfigError(
+            "client_batching",
+            f"client_batching={k} is more than clients_per_round={config.clients_per_round}: a group holds at most "
+            "a round's clients; use at most clients_per_round, or auto",
+        )
+    obstacle = client_batching_obstacle(config)
+    if obstacle is not None:
+        raise validation.ConfigError("client_batching", f"client_batching={k} cannot run: {obstacle}; use off or auto")
+    object.__setattr__(config, "client_batching", str(k))
 
 
 def _check_combinations(config: ExperimentConfig) -> None:
@@ -980,13 +1040,19 @@ class PersonalizationConfig:
       epochs: local passes over a client's fine-tuning examples (client SGD at the run's rate and batch size).
       fraction: share of each held-out client's examples, taken first, used for fine-tuning; the rest is evaluated.
       max_clients: evaluate at most this many held-out clients, in id order (-1: all).
+      learning_rate: the fine-tuning SGD rate; None: the run's client learning rate. A
+        training step is clipped and averaged over a cohort, a fine-tuning step is
+        neither, so the training rate can be too large for it (README, "What reaches the phone").
     """
 
     epochs: int = 1
     fraction: float = 0.5
     max_clients: int = -1
+    learning_rate: float | None = None
 
     def __post_init__(self):
+        if self.learning_rate is not None:
+            validation.positive(learning_rate=self.learning_rate)
         validation.integer(1, epochs=self.epochs)
         validation.in_range(0, 1, closed="()", fraction=self.fraction)
         validation.integer(-1, max_clients=self.max_clients)

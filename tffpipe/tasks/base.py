@@ -81,18 +81,7 @@ class Task:
         `predict_on_batch`); those use the Keras-wrapped `model_fn` too.
         """
         keras_model = self.create_keras_model()
-        keras_wrapped = (
-            tf.keras.layers.Dropout,
-            tf.keras.layers.GaussianNoise,
-            tf.keras.layers.GaussianDropout,
-            tf.keras.layers.Conv1D,
-            tf.keras.layers.Conv2D,
-            tf.keras.layers.Conv3D,
-            tf.keras.layers.RNN,
-            tf.keras.layers.LSTM,
-            tf.keras.layers.GRU,
-        )
-        if keras_model.non_trainable_weights or any(isinstance(m, keras_wrapped) for m in keras_model.submodules):
+        if not runs_functional(keras_model):
             return self.model_fn
         metrics_fn = self.metrics_fn
 
@@ -116,6 +105,26 @@ class Task:
 
     def compose_eval(self, process: tff.learning.templates.LearningProcess):
         return _compose(self.test_data, process)
+
+
+_KERAS_WRAPPED = (
+    tf.keras.layers.Dropout,
+    tf.keras.layers.GaussianNoise,
+    tf.keras.layers.GaussianDropout,
+    tf.keras.layers.Conv1D,
+    tf.keras.layers.Conv2D,
+    tf.keras.layers.Conv3D,
+    tf.keras.layers.RNN,
+    tf.keras.layers.LSTM,
+    tf.keras.layers.GRU,
+)
+
+
+def runs_functional(keras_model: tf.keras.Model) -> bool:
+    """Whether `Task.learning_model` trains this model as a functional model (see there for why)."""
+    return not keras_model.non_trainable_weights and not any(
+        isinstance(m, _KERAS_WRAPPED) for m in keras_model.submodules
+    )
 
 
 def _compose(
