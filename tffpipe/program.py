@@ -25,6 +25,7 @@ from tffpipe import (
     aggregation,
     algorithms,
     audit,
+    client_groups,
     configs,
     devices,
     evaluation,
@@ -64,6 +65,8 @@ def check(
     """
     data = tasks.data_source(config)
     models.check_builder(config.model, config.task, data.num_classes, stop_requested=stop_requested)  # fits the task
+    if configs.client_group_size(config) is not None:  # an explicit group size needs a model that can group
+        client_groups.check_model(config, models.create_model(config.model, config.task, data.num_classes))
     plan = accounting.create_plan(
         config, data.population() + config.privacy.canaries, model_size=lambda: trainable_parameters(config, data)
     )
