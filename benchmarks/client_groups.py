@@ -1,13 +1,13 @@
 """Rounds per second of client groups against the per-client path, in the same run (issue 21).
 
   python -m benchmarks.client_groups                                  # W3-like and W2-like
-  python -m benchmarks.client_groups --cg_workloads=w2 --group_sizes=10,100 --rounds=3 --member_loop
+  python -m benchmarks.client_groups --cg_workloads=w2 --group_sizes=50,100 --rounds=3 --batched
 
 For each workload (`benchmarks.run.WORKLOADS`: FedAvg, 1 epoch, batch 20, no DP, the
 rounds' clients from one seeded sampler), one process builds the per-client process
 `train` runs (`algorithms.build_learning_process`) and the grouped one
-(`client_groups.build_learning_process`, members batched; with --member_loop also one
-after the other) for each group size K, then times rounds in turn on the same clients
+(`client_groups.build_learning_process`, members one after the other; with --batched
+also all members stepping together) for each group size K, then times rounds in turn on the same clients
 from the same state (per-client, then each grouped variant, every round) after one
 warm-up round each, so a drift of the shared machine's speed hits every variant alike.
 It prints the median, min and max seconds per round, the ratio of medians (per-client /
@@ -36,7 +36,7 @@ from tffpipe.data import sampling  # noqa: E402
 flags.DEFINE_list("cg_workloads", ["w3_2k", "w2"], "Workloads of benchmarks.run to time.")
 flags.DEFINE_list("group_sizes", ["100", "1000"], "Group sizes K to time (each capped at clients per round).")
 flags.DEFINE_integer("rounds", 3, "Timed rounds per variant, after one warm-up round.")
-flags.DEFINE_bool("member_loop", False, "Also time groups whose members train one after the other.")
+flags.DEFINE_bool("batched", False, "Also time groups whose members take their steps together.")
 FLAGS = flags.FLAGS
 
 
@@ -53,9 +53,9 @@ def time_workload(w: bench.Workload, group_sizes: list[int], rounds: int) -> dic
     sizes = sorted({min(k, w.clients_per_round) for k in group_sizes})
     variants = {"per_client": algorithms.build_learning_process(task, config, plan)}
     for k in sizes:
-        if FLAGS.member_loop:
-            variants[f"loop K={k}"] = client_groups.build_learning_process(task, config, plan, k, batched=False)
-        variants[f"K={k}"] = client_groups.build_learning_process(task, config, plan, k)
+        variants[f"loop K={k}"] = client_groups.build_learning_process(task, config, plan, k)
+        if FLAGS.batched:
+            variants[f"batched K={k}"] = client_groups.build_learning_process(task, config, plan, k, batched=True)
     sampler = sampling.ClientSampler(task.train_data.client_ids, w.clients_per_round, config.sampling, seed=0)
     state = variants["per_client"].initialize()
     seconds = {name: [] for name in variants}
@@ -107,7 +107,7 @@ def main(argv) -> None:
     path = os.path.join(FLAGS.out_dir, time.strftime("client_groups-%Y%m%d-%H%M%S") + ".json")
     with open(path, "w") as f:
         json.dump(
-            {"results": results, "flags": {k: FLAGS[k].value for k in ("group_sizes", "rounds", "member_loop")}},
+            {"results": results, "flags": {k: FLAGS[k].value for k in ("group_sizes", "rounds", "batched")}},
             f,
             indent=1,
         )

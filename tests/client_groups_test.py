@@ -262,12 +262,14 @@ def test_the_train_binary_refuses_bad_client_batching_before_any_data(tmp_path):
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     cases = [
         (["--client_batching=0"], "--client_batching=0: client_batching must be a positive group size, got 0"),
-        (["--client_batching=8", "--model=small_cnn"], "--client_batching=8: client_batching=8 cannot run: model"),
-        (["--client_batching=8", "--dp=tree"], "--client_batching=8: client_batching=8 cannot run: the tree DP"),
+        (["--client_batching=2", "--model=small_cnn"], "--client_batching=2: client_batching=2 cannot run: model"),
+        (["--client_batching=2", "--dp=tree"], "--client_batching=2: client_batching=2 cannot run: the tree DP"),
     ]
+    # A tiny population and one round, so that a check that does not fire ends quickly (with files written).
+    tiny = ["--num_writers=12", "--median_examples=24", "--clients_per_round=3", "--eval_clients=0", "--rounds=1"]
 
     def attempt(flags):
-        cmd = [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *flags]
+        cmd = [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *tiny, *flags]
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
 
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
