@@ -259,11 +259,16 @@ def test_a_bit_width_unusable_for_the_model_and_cohort_is_refused_with_the_one_t
         return accounting.create_plan(config, 10_000, model_size=lambda: dim)
 
     # At 12 bits rounding inflates the sensitivity 3.2x and the shares are too coarse to add up
-    # to a discrete Gaussian: epsilon ~1,800 against 2.5 central; 14 bits is ~3.9x, 16 bits ~1.6x.
-    with pytest.raises(accounting.AccountingError, match=r"bits=12 is unusable .* use bits >= 16") as e:
+    # to a discrete Gaussian: epsilon ~1,800 against ~2.7 at 22 bits; 14 bits give ~3.4x the
+    # widest width's epsilon, 15 bits ~1.8x (within twice).
+    with pytest.raises(accounting.AccountingError, match=r"bits=12 is unusable .* use bits >= 15") as e:
         plan_with(12)
     assert e.value.field == "dp.bits"
-    assert plan_with(16).bits == 16
+    widest = plan_with(22)
+    central = dataclasses.replace(widest, mechanism=M.FIXED)
+    assert f"the {accounting.epsilon(widest, 1500):.4g} of 22 bits" in str(e.value)
+    assert f"central DP at noise_multiplier=1: {accounting.epsilon(central, 1500):.4g})" in str(e.value)
+    assert plan_with(15).bits == 15
     assert plan_with(12, dim=1000).bits == 12  # a small model rounds little: 12 bits do
     # 2^7 = 128 >= 100 clients and 4^7 >= 100 * 3.89^2 (a 1e-4 wrap probability): TFF's limits.
     with pytest.raises(accounting.AccountingError, match=r"bits=6 cannot hold the sum of 100 .* use bits >= 7"):
