@@ -2,7 +2,8 @@
 
 Each held-out client's examples, in stored order, are split: the first --fraction fine-tune
 the global model for --personalize_epochs with the client optimizer (SGD at
---client_learning_rate, --batch_size), the rest are evaluated before and after. Pass the
+--client_learning_rate, or --personalize_learning_rate, batch --batch_size), the rest are
+evaluated before and after. Pass the
 training flags:
   python -m experiments.personalize --experiment=default
   python -m experiments.personalize --flagfile=experiments/presets/keyboard.flags --source=checkpoint
@@ -28,14 +29,23 @@ flags.DEFINE_enum("source", "model", ["model", "checkpoint"], "Exported model.ke
 flags.DEFINE_integer("personalize_epochs", _DEFAULTS.epochs, "Local epochs of fine-tuning per client.")
 flags.DEFINE_float("fraction", _DEFAULTS.fraction, "Share of each client's examples (first) used to fine-tune.")
 flags.DEFINE_integer("max_clients", _DEFAULTS.max_clients, "Evaluate at most this many held-out clients (-1: all).")
+flags.DEFINE_float("personalize_learning_rate", None, "Fine-tuning SGD rate; unset: --client_learning_rate.")
 FLAGS = flags.FLAGS
-_FLAG_OF = {"epochs": "personalize_epochs", "fraction": "fraction", "max_clients": "max_clients"}
+_FLAG_OF = {
+    "epochs": "personalize_epochs",
+    "fraction": "fraction",
+    "max_clients": "max_clients",
+    "learning_rate": "personalize_learning_rate",
+}
 
 
 def personalization_config() -> configs.PersonalizationConfig:
     try:
         return configs.PersonalizationConfig(
-            epochs=FLAGS.personalize_epochs, fraction=FLAGS.fraction, max_clients=FLAGS.max_clients
+            epochs=FLAGS.personalize_epochs,
+            fraction=FLAGS.fraction,
+            max_clients=FLAGS.max_clients,
+            learning_rate=FLAGS.personalize_learning_rate,
         )
     except validation.ConfigError as e:
         name = _FLAG_OF[e.field]
@@ -59,7 +69,11 @@ def main() -> None:
     ids = sorted(task.test_data.client_ids)
     if settings.max_clients > 0:
         ids = ids[: settings.max_clients]
-    print(f"model: {where}")
+    learning_rate = settings.learning_rate or config.algorithm.client_learning_rate
+    print(
+        f"model: {where}; fine-tuning: {settings.epochs} epoch(s) of SGD at {learning_rate:g}, "
+        f"batch {config.preprocess.batch_size}"
+    )
     metrics = [m for m in ("accuracy", "top3_accuracy") if m in task.metrics_fn()]
     outcomes = personalization.evaluate(
         model,
@@ -70,16 +84,16 @@ def main() -> None:
         metrics=metrics,
         epochs=settings.epochs,
         fraction=settings.fraction,
-        learning_rate=config.algorithm.client_learning_rate,
+        learning_rate=learning_rate,
         batch_size=config.preprocess.batch_size,
     )
     for summary, _ in outcomes.values():
         print("\n".join(summary.lines()))
-    record = {"source": where, **dataclasses.asdict(settings)}
+    record = {"source": where, **dataclasses.asdict(settings), "learning_rate": learning_rate}
     record["summaries"] = {m: dataclasses.asdict(s) for m, (s, _) in outcomes.items()}
     outputs.write_json(os.path.join(dirs.path, "personalization.json"), record)
     personalization.write_tensorboard(os.path.join(dirs.tensorboard, "personalization"), outcomes)
 
 
 if __name__ == "__main__":
-    cli.start(main, doc=__doc__, own_flags=["source", "personalize_epochs", "fraction", "max_clients"])
+    cli.start(main, doc=__doc__, own_flags=["source", *_FLAG_OF.values()])
