@@ -65,8 +65,8 @@ def simulated_secure(comp: tff.Computation) -> tff.Computation:
     ("DecodeError: Error parsing message"). The type signature is kept as it was, so
     the rewritten process composes like the original.
     """
-    block, _ = test_compiler._replace_secure_intrinsics_with_insecure_bodies(comp.to_building_block())  # noqa: SLF001
-    block = transformations.to_call_dominant(block)
+    insecure = test_compiler.replace_secure_intrinsics_with_bodies(comp)
+    block = transformations.to_call_dominant(insecure.to_building_block())
     return computation_impl.ConcreteComputation(
         computation_proto=block.proto,
         context_stack=context_stack_impl.context_stack,
