@@ -37,7 +37,32 @@ What runs grouped today: functional models (tffpipe's `linear` and `mlp`: those
 `Task.learning_model` returns as a `FunctionalModel`), FedAvg and every server optimizer
 (FedAvgM, FedAdam, FedYogi, FedAdagrad: only the finalizer differs), without DP or
 with fixed-clip DP. Everything else raises `GroupingError` naming why (Keras-wrapped
-models, FedProx, FedSGD, adaptive and tree DP, zeroing, compression, canaries).
+models, FedProx, FedSGD, adaptive, tree and distributed DP, zeroing, compression,
+secure aggregation, canaries); `configs` refuses those combinations with an explicit
+`client_batching=K` and `auto` runs them per client. With DP the per-member clipped
+count is in `client_work/groups/clipped_count`, not in the query's metrics, so
+`diagnostic/clipped_fraction` is absent from grouped runs.
+
+Two ways to train a group's members, both tested against the per-client path:
+
+* the member loop (default): a `tf.while_loop` over members, each through TFF's client
+  update on its own dataset; a member's arithmetic is the per-client one exactly.
+* batched (`train_members_batched`): the members' examples stacked to
+  `[K, steps, B, ...]`, one `[K, ...]` weight tensor per layer, all members stepping
+  together (`create_dense_forward` for Flatten/Dense stacks, `tf.vectorized_map`
+  otherwise). Equal up to the rounding of batched kernels, except that a ReLU unit whose
+  pre-activation is within rounding of 0 can flip (seen once on W2: one unit of one
+  member, 2e-3 of that round's update). Slower than the loop under TFF's worker today
+  (W3 1.58x, W2 1.07-1.33x the per-client rounds against the loop's 2.42x and
+  2.24-2.61x): the worker runs each call on one op thread (`runtime`,
+  TF_NUM_INTRAOP_THREADS=1) and the K weight copies cost memory passes; in a plain
+  session with 2 threads the W2 group of 100 trains in 0.42-0.50 s.
+
+Measured (benchmarks/client_groups.py, 2026-12-05, shared 2-core machine, ratios within
+one run): the data stage costs ~0.5 ms per member read in a while loop (a tf.data map
+over members cost ~6 ms), and each group costs ~75 ms of its own (W3, member loop: 20
+groups of 50 took 3.07 s a round, 2 of 500 1.73 s), so few large groups are fastest:
+`auto` makes one group per worker.
 """
 
 from __future__ import annotations
@@ -544,7 +569,7 @@ def group_size(config: configs.ExperimentConfig, model) -> int | None:
     allow, else None. Few large groups measured fastest (benchmarks/client_groups.py,
     2026-12-05, same runs: W3, 1,000 linear clients, K=1000 2.42x the per-client rounds
     against K=100 1.30x; W2, 100 mlp clients, K=100 2.24x against K=50 1.83x): each
-    group costs a TFF call of ~100 ms here, and a worker runs one op thread per call.
+    group costs ~75 ms of its own here, and a worker runs one op thread per call.
 
     Raises:
       GroupingError: an explicit K for a Keras-wrapped model.
