@@ -275,6 +275,8 @@ def experiment_config(flag_values: flags.FlagValues = FLAGS) -> configs.Experime
             "no clipping, no noise",
             flush=True,
         )
+    if config.client_batching_fallback:
+        print(f"note: {config.client_batching_fallback}", flush=True)
     return config
 
 

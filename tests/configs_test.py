@@ -282,3 +282,13 @@ def test_distributed_defaults_to_20_bits_and_poisson_sampling():
         configs.ExperimentConfig(dp=configs.DpConfig(M.DISTRIBUTED), devices=configs.DeviceConfig()).sampling
         is S.DEVICE
     )
+
+
+def test_distributed_dp_and_secure_aggregation_fall_back_to_per_client_rounds():
+    distributed = configs.ExperimentConfig(dp=configs.DpConfig(M.DISTRIBUTED), client_batching="5")
+    secure = configs.ExperimentConfig(dp=configs.DpConfig(M.NONE), secure_aggregation=True, client_batching="5")
+    for config in (distributed, secure):
+        assert config.client_batching == "off" and config.client_batching_fallback.startswith("client_batching=5 runs")
+    assert "secure aggregation sums each real client's own update" in secure.client_batching_fallback
+    assert configs.ExperimentConfig(dp=configs.DpConfig(M.FIXED), client_batching="5").client_batching == "5"
+    assert configs.ExperimentConfig(dp=configs.DpConfig(M.FIXED), client_batching="5").client_batching_fallback is None

@@ -86,3 +86,12 @@ def test_help_shows_each_tasks_defaults():
     assert values["epochs"].help == "Local epochs per round. Unset: per task (emnist 5, keyboard 1)."
     assert values["dp"].help.endswith("Unset: per task (emnist fixed, keyboard none).")
     assert "fedadagrad 0.1; keyboard task: fedadam 0.01;" in values["server_learning_rate"].help
+
+
+def test_distributed_dp_with_a_client_group_size_runs_per_client_with_a_note(capsys):
+    config = parsed("--dp=distributed", "--client_batching=4", "--clients_per_round=10")
+    assert config.client_batching == "off"  # what the run does, as recorded in hparams
+    assert capsys.readouterr().out == (
+        "note: client_batching=4 runs per client: distributed DP needs each real client's own clipping, rounding "
+        "and noise share\n"
+    )

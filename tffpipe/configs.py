@@ -537,6 +537,11 @@ class ExperimentConfig:
         _check_client_batching(self)
 
     @property
+    def client_batching_fallback(self) -> str | None:
+        """Why a client group size given was set to off (`per_client_reason`), for a one-line note."""
+        return getattr(self, "_client_batching_fallback", None)
+
+    @property
     def unused_dp_parameters(self) -> tuple[str, ...]:
         """Paths of the DP parameters given with mechanism none, which the run does not use (dropped)."""
         return getattr(self, "_unused_dp_parameters", ())
@@ -738,10 +743,29 @@ def _check_client_batching(config: ExperimentConfig) -> None:
             f"client_batching={k} is more than clients_per_round={config.clients_per_round}: a group holds at most "
             "a round's clients; use at most clients_per_round, or auto",
         )
+    reason = per_client_reason(config)
+    if reason is not None:  # by design, not for want of a grouped path: the run goes per client, with a note
+        object.__setattr__(config, "_client_batching_fallback", f"client_batching={k} runs per client: {reason}")
+        object.__setattr__(config, "client_batching", "off")
+        return
     obstacle = client_batching_obstacle(config)
     if obstacle is not None:
         raise validation.ConfigError("client_batching", f"client_batching={k} cannot run: {obstacle}; use off or auto")
     object.__setattr__(config, "client_batching", str(k))
+
+
+def per_client_reason(config: ExperimentConfig) -> str | None:
+    """Why the aggregation must see each real client on its own, or None (then groups can carry several).
+
+    Distributed DP and secure aggregation act on each device's own update: its noise
+    share, its rounding, its secure-sum input. A group of clients trained in one call
+    would hand the aggregator one summed update, so these always run per client.
+    """
+    if config.dp.mechanism is Mechanism.DISTRIBUTED:
+        return "distributed DP needs each real client's own clipping, rounding and noise share"
+    if config.secure_aggregation:
+        return "secure aggregation sums each real client's own update"
+    return None
 
 
 def _check_combinations(config: ExperimentConfig) -> None:
