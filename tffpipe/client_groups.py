@@ -52,9 +52,9 @@ Two ways to train a group's members, both tested against the per-client path:
   together (`create_dense_forward` for Flatten/Dense stacks, `tf.vectorized_map`
   otherwise). Equal up to the rounding of batched kernels, except that a ReLU unit whose
   pre-activation is within rounding of 0 can flip (seen once on W2: one unit of one
-  member, 2e-3 of that round's update). Slower than the loop under TFF's worker today
-  (W3 1.58x, W2 1.07-1.33x the per-client rounds against the loop's 2.42x and
-  2.24-2.61x): the worker runs each call on one op thread (`runtime`,
+  member, 2e-3 of that round's update). No faster than the loop under TFF's worker today
+  (three runs: W3 K=1000 1.58-1.98x, W2 K=100 1.07-1.79x the per-client rounds, against
+  the loop's 1.89-2.42x and 2.09-2.61x): the worker runs each call on one op thread (`runtime`,
   TF_NUM_INTRAOP_THREADS=1) and the K weight copies cost memory passes; in a plain
   session with 2 threads the W2 group of 100 trains in 0.42-0.50 s.
 
@@ -604,8 +604,8 @@ def build_learning_process(
     `model`: the task's learning model if already built (building one draws initial
     weights from the seeded global generator, so the caller's model keeps them equal
     to the per-client path's). With `batched`, a group's members take their local steps
-    together; off by default, since the member loop measured faster under TFF's worker
-    (W3 2.42x against 1.58x, W2 2.24-2.61x against 1.07-1.33x the per-client rounds).
+    together; off by default, since the member loop measured as fast or faster under TFF's
+    worker (module doc).
     """
     if config.privacy.canaries:
         raise GroupingError("canaries replace single clients' updates: the audit runs per client")
