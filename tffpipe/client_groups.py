@@ -53,8 +53,8 @@ Two ways to train a group's members, both tested against the per-client path:
   otherwise). Equal up to the rounding of batched kernels, except that a ReLU unit whose
   pre-activation is within rounding of 0 can flip (seen once on W2: one unit of one
   member, 2e-3 of that round's update). No faster than the loop under TFF's worker today
-  (three runs: W3 K=1000 1.58-1.98x, W2 K=100 1.07-1.79x the per-client rounds, against
-  the loop's 1.89-2.42x and 2.09-2.61x): the worker runs each call on one op thread (`runtime`,
+  (W3 K=1000 1.58-1.98x, W2 K=100 1.07-1.79x the per-client rounds, against
+  the loop's 1.60-2.42x and 2.09-2.61x): the worker runs each call on one op thread (`runtime`,
   TF_NUM_INTRAOP_THREADS=1) and the K weight copies cost memory passes; in a plain
   session with 2 threads the W2 group of 100 trains in 0.42-0.50 s.
 
