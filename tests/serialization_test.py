@@ -156,6 +156,10 @@ def test_a_value_all_workers_receive_is_serialized_once_per_invocation(monkeypat
     shared.clear()  # the invocation ended
     shared.serialize(state, state_type)
     assert len(calls) == 3
+    # A slice of clients differs per worker: not kept, whatever its leaves.
+    ids, ids_type = ["a", "b"], computation_types.FederatedType(np.str_, placements.CLIENTS)
+    assert shared.serialize(ids, ids_type)[0] == shared.serialize(ids, ids_type)[0] == _tff_bytes(ids, ids_type)
+    assert len(calls) == 5 and len(shared._entries) == 1
 
 
 def test_a_create_value_request_from_bytes_equals_the_proto():

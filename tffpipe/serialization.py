@@ -131,7 +131,10 @@ class SharedValues:
 
     Valid within one invocation, while nobody mutates the leaves (TFF does not): the
     owner calls `clear` after each. Two threads asking for the same value serialize it
-    once; the second waits for the first's bytes.
+    once; the second waits for the first's bytes. Only values of an all-equal federated
+    type are kept: those are what the mergeable context gives every worker alike (the
+    server state); clients' slices and partial aggregates differ per call, and keeping
+    them would only hold their bytes until the invocation ends.
     """
 
     def __init__(self):
@@ -141,6 +144,9 @@ class SharedValues:
 
     def serialize(self, value: object, type_spec) -> tuple[bytes, object]:
         """(the serialized `executor_pb2.Value` of `value`, its type), made once per invocation."""
+        if not (isinstance(type_spec, computation_types.FederatedType) and type_spec.all_equal):
+            proto, value_type = serialize_value(value, type_spec)
+            return proto.SerializeToString(), value_type
         leaves: list = []
         _leaves(value, type_spec, leaves)
         key = (id(type_spec), *map(id, leaves))
