@@ -16,6 +16,12 @@ and reports each with the speedup of "2 pinned" over "1 pinned" and the overhead
 "remote 1" over "local" (ratios of the median wall time between rounds). The coordinator
 is not pinned: with two pinned workers it shares their CPUs, as it would not on a cluster,
 so its CPU per round is reported too.
+
+  python -m benchmarks.workers --workloads=w1 --per_worker=1,2,4 --repos=/tmp/before,.
+
+instead times only `--local_workers=N --pin_workers` at each N, for each checkout in
+`--repos` (alternated within each pass), and reports the coordinator's CPU per round at
+each N and per added worker: what the coordinator spends on one more worker (issue 22).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from benchmarks import wall
 FLAGS = flags.FLAGS
 FLAGS.set_default("workloads", ["w2", "w1", "w1e5"])
 FLAGS.set_default("repeats", 2)
+flags.DEFINE_list("per_worker", [], "Pinned worker counts (e.g. 1,2,4): the coordinator's CPU per added worker.")
+flags.DEFINE_list("repos", ["."], "With --per_worker: checkouts to compare in the same passes (e.g. before a change).")
 
 # name: (training flags, remote workers)
 CONFIGS = {
@@ -43,8 +51,36 @@ def _median_wall(summary: dict) -> float:
     return summary["wall_between_rounds"]["median"]
 
 
+def per_worker(counts: list[int], repos: list[str]) -> dict:
+    """Coordinator CPU per round at each pinned worker count, per checkout, alternated within each pass."""
+    results = {}
+    for name in FLAGS.workloads:
+        w = wall.WORKLOADS[name]
+        wall.generate(w, FLAGS.cache_dir, repos[0])
+        runs = {(repo, n): [] for repo in repos for n in counts}
+        for _ in range(FLAGS.repeats):
+            for repo in repos:
+                for n in counts:
+                    extra = [f"--local_workers={n}", "--pin_workers"]
+                    runs[repo, n].append(wall.run_once(w, FLAGS.cache_dir, repo, extra))
+        print(f"| {name}, checkout | " + " | ".join(f"{n} workers" for n in counts) + " | per added worker |")
+        print("|---" * (len(counts) + 2) + "|")
+        for repo in repos:
+            summaries = {n: wall.summarize(w, runs[repo, n]) for n in counts}
+            cpu = {n: s["cpu_seconds_coordinator_per_round"] for n, s in summaries.items()}
+            # Least squares over the counts: the coordinator's CPU for one more worker.
+            slope = float(np.polyfit(counts, [cpu[n] for n in counts], 1)[0])
+            cells = [f"{cpu[n] * 1000:.0f} ms ({_median_wall(summaries[n]) * 1000:.0f} ms wall)" for n in counts]
+            print(f"| {name}, {repo} | {' | '.join(cells)} | {slope * 1000:.0f} ms |", flush=True)
+            results[f"{name} {repo}"] = {"summaries": summaries, "coordinator_cpu_per_added_worker": slope}
+    return results
+
+
 def main(argv) -> None:
     del argv
+    if FLAGS.per_worker:
+        wall.save_results("workers-per-worker", per_worker([int(n) for n in FLAGS.per_worker], FLAGS.repos))
+        return
     print(wall.HEADER.replace("| workload |", "| workload, workers |"), flush=True)
     results = {}
     for name in FLAGS.workloads:
