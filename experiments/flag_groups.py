@@ -131,6 +131,13 @@ GROUPS: dict[str, tuple[Flag, ...]] = {
             f"--dp=distributed: the secure sum's field is 2^bits (1-{configs.MAX_DISTRIBUTED_BITS}); "
             f"unset: {configs.DEFAULT_DISTRIBUTED_BITS}.",
         ),
+        Flag(
+            "distributed_noise",
+            "dp.distributed_noise",
+            "enum",
+            "--dp=distributed: each device's noise; unset: discrete_gaussian.",
+            configs.DistributedNoise,
+        ),
         Flag("target_epsilon", "privacy.target_epsilon", "float", "Solve the noise multiplier for this epsilon."),
         Flag("max_epsilon", "privacy.max_epsilon", "float", "Budget: stop before the round that would exceed it."),
         Flag("canaries", "privacy.canaries", "integer", "Canary clients for the empirical privacy audit (0: none)."),

@@ -292,3 +292,12 @@ def test_distributed_dp_and_secure_aggregation_fall_back_to_per_client_rounds():
     assert "secure aggregation sums each real client's own update" in secure.client_batching_fallback
     assert configs.ExperimentConfig(dp=configs.DpConfig(M.FIXED), client_batching="5").client_batching == "5"
     assert configs.ExperimentConfig(dp=configs.DpConfig(M.FIXED), client_batching="5").client_batching_fallback is None
+
+
+def test_distributed_noise_defaults_to_the_discrete_gaussian_and_belongs_to_the_distributed_mechanism():
+    assert configs.DpConfig(M.DISTRIBUTED).distributed_noise is configs.DistributedNoise.DISCRETE_GAUSSIAN
+    assert configs.DpConfig(M.FIXED).distributed_noise is None
+    with pytest.raises(validation.ConfigError, match="distributed_noise=skellam is the distributed mechanism's noise"):
+        configs.DpConfig(M.FIXED, distributed_noise=configs.DistributedNoise.SKELLAM)
+    dropped = configs.ExperimentConfig(dp=configs.DpConfig(M.NONE, distributed_noise=configs.DistributedNoise.SKELLAM))
+    assert dropped.dp.distributed_noise is None and dropped.unused_dp_parameters == ("dp.distributed_noise",)

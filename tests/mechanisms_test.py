@@ -13,7 +13,7 @@ from tffpipe import accounting, aggregation, configs, mechanisms, runtime
 M = configs.Mechanism
 
 
-def _plan(noise_multiplier: float, clients_per_round: int, dim: int, bits: int = 16, clip: float = 1.0):
+def _plan(noise_multiplier: float, clients_per_round: int, dim: int, bits: int = 16, clip: float = 1.0, **kwargs):
     return accounting.PrivacyPlan(
         M.DISTRIBUTED,
         noise_multiplier,
@@ -24,6 +24,7 @@ def _plan(noise_multiplier: float, clients_per_round: int, dim: int, bits: int =
         clip=clip,
         bits=bits,
         dimension=dim,
+        **kwargs,
     )
 
 
@@ -53,11 +54,18 @@ def test_without_noise_the_mean_is_within_the_rounding_bound_of_the_exact_mean(t
     assert int(measured["actual_num_clients"]) == 3
 
 
-@pytest.mark.parametrize("clients", [4, 2])
-def test_noise_rms_is_z_c_scaled_by_the_clients_that_took_part(tff_context, clients):
+@pytest.mark.parametrize(
+    "clients, noise",
+    [(4, configs.DistributedNoise.DISCRETE_GAUSSIAN), (2, configs.DistributedNoise.DISCRETE_GAUSSIAN)]
+    + [(2, configs.DistributedNoise.SKELLAM)],
+)
+def test_noise_rms_is_z_c_scaled_by_the_clients_that_took_part(tff_context, clients, noise):
     z, clip, m, dim = 1.0, 0.5, 4, 20_000
-    plan = _plan(z, clients_per_round=m, dim=dim, bits=20, clip=clip)
+    plan = _plan(z, clients_per_round=m, dim=dim, bits=20, clip=clip, distributed_noise=noise)
     process = _process(plan)
+    # TF Privacy's Skellam query keeps an L1 bound in its state, the discrete Gaussian's does not.
+    skellam = "l1_norm_bound" in str(process.initialize.type_signature.result)
+    assert skellam == (noise is configs.DistributedNoise.SKELLAM)
     output = process.next(process.initialize(), [np.zeros(dim, np.float32)] * clients)
     # Zeros round to zeros: the sum is the noise alone, n shares of std z*C/sqrt(m) each,
     # i.e. z*C*sqrt(n/m) on each coordinate (0.5 with 4 of 4 clients, 0.354 with 2 of 4).

@@ -51,6 +51,13 @@ class Sampling(enum.Enum):
     DEVICE = "device"
 
 
+class DistributedNoise(enum.Enum):
+    """The noise each device adds under the distributed mechanism."""
+
+    DISCRETE_GAUSSIAN = "discrete_gaussian"  # Kairouz, Liu, Steinke 2021
+    SKELLAM = "skellam"  # Agarwal, Kairouz, Liu 2021: shares sum to a Skellam exactly
+
+
 class Accountant(enum.Enum):
     RDP = "rdp"
     PLD = "pld"
@@ -297,6 +304,8 @@ class DpConfig:
       clip_learning_rate: adaptive: geometric step of the clip towards the quantile.
       zeroing_norm: if > 0, updates with a larger L-inf norm are zeroed before
         clipping (robustness to corrupt devices; privacy unchanged).
+      distributed_noise: distributed: each device's noise, discrete Gaussian (None: the
+        default with the distributed mechanism) or Skellam.
       bits: distributed: the secure sum works modulo 2^bits; None: 20 with the
         distributed mechanism. Fewer bits mean coarser rounding, which inflates the
         sensitivity (`accounting` refuses a width that is unusable for the model and cohort).
@@ -309,6 +318,7 @@ class DpConfig:
     clip_learning_rate: float = 0.2
     zeroing_norm: float = 0.0
     bits: int | None = None
+    distributed_noise: DistributedNoise | None = None
 
     def __post_init__(self):
         if self.bits is None:
@@ -328,6 +338,15 @@ class DpConfig:
                     f"bits={self.bits} is the distributed mechanism's field width and has no effect with mechanism "
                     f"{self.mechanism.value}; choose mechanism distributed, or leave bits unset",
                 )
+        if self.distributed_noise is None:
+            if self.mechanism is Mechanism.DISTRIBUTED:
+                object.__setattr__(self, "distributed_noise", DistributedNoise.DISCRETE_GAUSSIAN)
+        elif self.mechanism not in (Mechanism.DISTRIBUTED, Mechanism.NONE):  # none: unused, as noise_multiplier
+            raise validation.ConfigError(
+                "distributed_noise",
+                f"distributed_noise={self.distributed_noise.value} is the distributed mechanism's noise and has no "
+                f"effect with mechanism {self.mechanism.value}; choose mechanism distributed, or leave it unset",
+            )
         if self.noise_multiplier is not None:
             # With mechanism none it is unused (`ExperimentConfig.unused_dp_parameters`), not refused:
             # `--dp=none` must be able to override a preset that sets it.
@@ -574,10 +593,13 @@ def _drop_unused_dp_parameters(config: ExperimentConfig) -> None:
     given = {
         "dp.noise_multiplier": config.dp.noise_multiplier or None,  # 0: no noise either way
         "dp.bits": config.dp.bits,
+        "dp.distributed_noise": config.dp.distributed_noise,
         "privacy.target_epsilon": config.privacy.target_epsilon,
     }
     object.__setattr__(config, "_unused_dp_parameters", tuple(path for path, value in given.items() if value))
-    object.__setattr__(config, "dp", dataclasses.replace(config.dp, noise_multiplier=None, bits=None))
+    object.__setattr__(
+        config, "dp", dataclasses.replace(config.dp, noise_multiplier=None, bits=None, distributed_noise=None)
+    )
     object.__setattr__(config, "privacy", dataclasses.replace(config.privacy, target_epsilon=None))
 
 

@@ -108,7 +108,8 @@ def build_distributed_factory(
     integers, adds a discrete Gaussian share of std z*C*scale/sqrt(m), and the sum modulo
     2^bits is mapped back and divided by the count of clients, itself a secure sum of
     ones (TFF's `UnweightedMeanFactory`). TFF's defaults otherwise (rotation,
-    unconditional rounding), with the wrap probability `accounting` plans with. The
+    unconditional rounding), with the wrap probability `accounting` plans with; Skellam
+    shares instead (Agarwal, Kairouz, Liu 2021) with `distributed_noise`. The
     noise comes from TFF's unseeded ops: `noise_seed` cannot replay it, so a resumed run
     matches an uninterrupted one in distribution only.
     """
@@ -119,7 +120,7 @@ def build_distributed_factory(
         bits=plan.bits,
         l2_clip=dp.clip,
         modclip_prob=accounting.DISTRIBUTED_MODCLIP_PROB,
-        mechanism="distributed_dgauss",
+        mechanism="distributed_skellam" if plan.distributed().skellam else "distributed_dgauss",
     )
     mean = tff.aggregators.UnweightedMeanFactory(
         value_sum_factory=ddp, count_sum_factory=tff.aggregators.SecureSumFactory(1, 0)
