@@ -51,7 +51,7 @@ def export_config() -> configs.ExportConfig:
 def main() -> int:
     config = flag_groups.experiment_config()
     settings = export_config()
-    from tffpipe import outputs, program  # TensorFlow, once the flags are valid
+    from tffpipe import export, outputs, program  # TensorFlow, once the flags are valid
 
     dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
     if FLAGS.model_path or FLAGS.source == "model":
@@ -62,6 +62,7 @@ def main() -> int:
             )
     if not FLAGS.export_dir and not os.path.isdir(dirs.path):
         raise flag_groups.FlagError(f"no experiment at {dirs.path} to export into; train first, or pass --export_dir")
+    export.check_out_dir(FLAGS.export_dir or dirs.export)
     manifest, out_dir = program.export_experiment(
         config,
         settings,

@@ -234,7 +234,9 @@ def test_the_binary_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path)
         (["--variants=float32,int4"], "--variants=float32,int4: unknown variant 'int4'"),
         (["--parity_examples=0"], "--parity_examples=0: parity_examples must be >= 1"),
         (["--experiment=absent"], "no Keras model file at"),
+        ([f"--model_path={tmp_path}/m.keras", f"--export_dir={tmp_path}"], "holds files but no manifest.json"),
     ]
+    (tmp_path / "m.keras").write_text("not checked before the export directory")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "experiments.export", f"--root_dir={runs}", f"--cache_dir={tmp_path}/cache", *a],
@@ -245,12 +247,18 @@ def test_the_binary_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path)
         )
         for a, _ in cases
     ]
-    for proc, (_, expected) in zip(procs, cases, strict=True):
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, err
-        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
-        assert out == ""
+    try:
+        for proc, (_, expected) in zip(procs, cases, strict=True):
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 2, err
+            assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+            assert out == ""
+    finally:
+        for proc in procs:  # one that went on (a check missing) would generate data for minutes
+            proc.kill()
+            proc.wait()
     assert os.listdir(runs / "default") == [] and not os.path.exists(tmp_path / "cache")
+    assert sorted(os.listdir(tmp_path)) == ["m.keras", "runs"]  # the directory it refused to replace is intact
 
 
 def test_the_binary_exports_a_model_file_with_emnist_pixels_in(tmp_path, tiny_data_dir):

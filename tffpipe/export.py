@@ -359,7 +359,8 @@ def export(
       model: the trained Keras model (any batch size).
       spec: the task's serving signature and scoring.
       out_dir: where the files go; written beside it first and renamed into place, so a
-        failure leaves the previous export as it was.
+        failure leaves the previous export as it was. It must be new, empty or a previous
+        export (`check_out_dir`).
       representative: serving inputs (one per row) from training clients, for int8 calibration.
       heldout: (x, y) of held-out clients, x as the Keras model takes it, for parity and latency.
       config: the variants and how much to measure (its example counts are the caller's to apply).
@@ -370,6 +371,7 @@ def export(
       The manifest; a variant whose conversion failed or crashed holds {"error": ...}
       and has no file; the others are written.
     """
+    check_out_dir(out_dir)
     x, y = heldout
     serving_x = spec.to_serving_input(x) if spec.to_serving_input is not None else x
     expected = (len(x), *spec.input_shape)
@@ -460,6 +462,23 @@ def _model_input_shape(model: tf.keras.Model, spec: ServingSpec) -> tuple[int, .
 
 def _model_input_dtype(model: tf.keras.Model) -> str:
     return tf.as_dtype(model.inputs[0].dtype).name
+
+
+def check_out_dir(out_dir: str) -> None:
+    """An export replaces `out_dir` as a whole: refuse anything but a previous export or an empty directory.
+
+    Raises:
+      errors.InputError: `out_dir` is a file, or a directory holding something else.
+    """
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise errors.InputError(f"{out_dir} exists and is not a directory; choose another export directory")
+    if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        raise errors.InputError(
+            f"{out_dir} holds files but no {MANIFEST}: it is not a previous export, and an export replaces its "
+            "directory as a whole; choose an empty or new export directory"
+        )
 
 
 def _replace(staging: str, out_dir: str) -> None:
