@@ -4,9 +4,10 @@ A run killed with SIGKILL cannot clean up after itself, so every child it starts
 workers, TensorBoard, data-generation workers, TFLite converters) asks the kernel to
 kill it when its parent dies (`PR_SET_PDEATHSIG`): programs through `spawn`, Python
 pool workers and `call_in_child`'s one-off children in their initializer. Pool workers
-are started with `spawn`, so their parent is the run itself (a `forkserver` would be their parent, and it survived a
-SIGKILLed run with 1.2 GB of workers), and they ignore SIGINT: Ctrl-C reaches the
-whole process group, and only the run decides what to do with it.
+are started with `spawn`, so their parent is the run itself (a `forkserver` would be
+their parent, and it survived a SIGKILLed run with 1.2 GB of workers), and they ignore
+SIGINT: Ctrl-C reaches the whole process group, and only the run decides what to do
+with it.
 """
 
 from __future__ import annotations
