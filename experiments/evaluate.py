@@ -9,8 +9,6 @@ from experiments import cli
 
 cli.require_environment()
 
-import os  # noqa: E402
-
 from absl import flags  # noqa: E402
 
 from experiments import flag_groups  # noqa: E402
@@ -30,11 +28,7 @@ def main() -> None:
 
     dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
     if FLAGS.model_path or FLAGS.source == "model":
-        path = FLAGS.model_path or dirs.model
-        if not path.endswith(".keras") or not os.path.isfile(path):
-            raise flag_groups.FlagError(
-                f"no Keras model file at {path}; train first, or pass --model_path=<file.keras> or --source=checkpoint"
-            )
+        path = outputs.model_file(dirs, FLAGS.model_path)
     # The experiment's own model or checkpoint: only with the flags it was trained with (--model_path: any file).
     prepared = program.prepare(config, trained=None if FLAGS.model_path else dirs)
     if FLAGS.model_path or FLAGS.source == "model":

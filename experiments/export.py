@@ -55,11 +55,7 @@ def main() -> int:
 
     dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
     if FLAGS.model_path or FLAGS.source == "model":
-        path = FLAGS.model_path or dirs.model
-        if not path.endswith(".keras") or not os.path.isfile(path):
-            raise flag_groups.FlagError(
-                f"no Keras model file at {path}; train first, or pass --model_path=<file.keras> or --source=checkpoint"
-            )
+        outputs.model_file(dirs, FLAGS.model_path)  # checked before any data is made
     if not FLAGS.export_dir and not os.path.isdir(dirs.path):
         raise flag_groups.FlagError(f"no experiment at {dirs.path} to export into; train first, or pass --export_dir")
     export.check_out_dir(FLAGS.export_dir or dirs.export)

@@ -202,6 +202,20 @@ def prepare(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> bool:
     return False
 
 
+def model_file(dirs: ExperimentDirs, model_path: str | None = None) -> str:
+    """The .keras file a reader loads: `model_path`, or the experiment's exported model.
+
+    Raises:
+      OutputError: there is no such .keras file.
+    """
+    path = model_path or dirs.model
+    if not path.endswith(".keras") or not os.path.isfile(path):
+        raise OutputError(
+            f"no Keras model file at {path}; train first, or pass --model_path=<file.keras> or --source=checkpoint"
+        )
+    return path
+
+
 def check_trained_with(dirs: ExperimentDirs, hparams: Mapping[str, Any]) -> None:
     """For reading a run's outputs (evaluate): it completed a round, with this configuration. Writes nothing.
 
