@@ -155,7 +155,13 @@ def test_an_ipv4_address_given_as_ipv4_mapped_ipv6_listens_on_that_ipv4_address_
         worker.stop()
 
 
-def test_a_pinned_worker_runs_on_its_cpu_and_the_socket_directory_goes_with_it():
+def test_a_pinned_worker_runs_on_its_cpu_and_socket_directories_go_with_their_runs():
+    # A run killed with SIGKILL leaves its socket directory; the next worker started removes
+    # those of dead runs (the pid is in the name) and keeps those of live ones.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tempfile.mkdtemp(prefix=f"tffpipe-worker-{dead.pid}-")
+    live = tempfile.mkdtemp(prefix=f"tffpipe-worker-{os.getpid()}-")
     worker = runtime.LocalWorker(cpus=[0])
     try:
         worker.start()
@@ -164,8 +170,11 @@ def test_a_pinned_worker_runs_on_its_cpu_and_the_socket_directory_goes_with_it()
         assert allowed == "0"
         directory = os.path.dirname(worker.target.removeprefix("unix:"))
         assert os.path.isdir(directory)
+        assert not os.path.exists(stale) and os.path.isdir(live)
     finally:
         worker.stop()
+        shutil.rmtree(live, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)
     assert not os.path.exists(directory)
 
 

@@ -90,6 +90,25 @@ def _connect_address(bind_address: str) -> str:
     return f"[{address}]" if address.version == 6 else str(address)
 
 
+_SOCKET_DIR_PREFIX = "tffpipe-worker-"
+
+
+def _remove_stale_socket_dirs() -> None:
+    """Removes this user's socket directories whose run is gone (killed before it could clean up)."""
+    for entry in os.scandir(tempfile.gettempdir()):
+        if not entry.name.startswith(_SOCKET_DIR_PREFIX):
+            continue
+        pid = entry.name[len(_SOCKET_DIR_PREFIX) :].split("-", 1)[0]
+        try:
+            if entry.stat(follow_symlinks=False).st_uid != os.geteuid() or not pid.isdigit():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 class LocalWorker:
     """One TFF C++ worker process on this machine, owned by this Python process.
 
@@ -171,7 +190,9 @@ class LocalWorker:
         # 305/293 -> 260/242 ms, W1 unchanged (BENCHMARKS.md). A user's setting wins.
         env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
         if self._bind is None:
-            self._socket_dir = tempfile.mkdtemp(prefix="tffpipe-worker-")  # 0700: this user only
+            _remove_stale_socket_dirs()
+            # 0700: this user only. The pid in the name lets a later run remove it after a kill -9.
+            self._socket_dir = tempfile.mkdtemp(prefix=f"{_SOCKET_DIR_PREFIX}{os.getpid()}-")
             port = 1  # the shim replaces the socket: no port is bound
             env["TFFPIPE_BIND_ADDRESS"] = self.target
         else:
