@@ -811,3 +811,11 @@ def test_distributed_budget_stops_before_a_round_the_realized_noise_cannot_pay_f
         rows = list(csv.DictReader(f))
     assert [r["round"] for r in rows] == ["1"] and float(rows[0]["privacy/noised_clients"]) == 2
     assert float(rows[0]["privacy/epsilon"]) == pytest.approx(tracker(1), rel=1e-9)
+    # Run again: the rounds as they were (read back from metrics.csv) already spend the budget,
+    # so the resumed run trains no round, not one more before it checks.
+    again = train(*flags, "--experiment=budget", cache=str(tmp_path / "cache"), root=str(tmp_path / "runs"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"stopped at round 1 of 3: round 2 would take epsilon to {tracker(2):.4g}" in again.stdout
+    assert not any(line.startswith("round 2/") for line in again.stdout.splitlines())
+    with open(tmp_path / "runs" / "budget" / "metrics.csv") as f:
+        assert [r["round"] for r in csv.DictReader(f)] == ["1"]

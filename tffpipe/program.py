@@ -257,6 +257,13 @@ def run(
         device_rounds = create_device_rounds(prepared, upload) if config.devices is not None else None
         tracker = _epsilon_tracker(plan, dirs)
         over_budget: dict[str, float] = {}  # the round the budget stops before, found while running
+        # On a resume, the rounds as they were may already spend the budget: train none (the
+        # loop checks its stop only after a round, which would be one round too many).
+        done = outputs.last_checkpointed_round(dirs) if resuming else 0
+        budget = config.privacy.max_epsilon
+        if resuming and budget is not None and done < loop.rounds and tracker(done + 1) > budget:
+            over_budget["round"] = done + 1
+            loop = dataclasses.replace(loop, rounds=done)
         canaries = None
         if config.privacy.canaries:
             initial = audit.trainable_weights(process.initialize())
