@@ -273,6 +273,33 @@ def test_the_data_check_leaves_no_executor_on_the_workers(monkeypatch):
             service.stop()
 
 
+def test_starting_workers_while_grpc_is_live_runs_no_python_between_fork_and_exec():
+    # gRPC warns when a process forks with its threads live and a Python `preexec_fn` runs in
+    # the child (that path hung a run with 10 local workers). Workers are started without one;
+    # the control shows the warning is what a preexec_fn child would print here.
+    script = textwrap.dedent(
+        """
+        import os, subprocess, sys
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        from tffpipe import runtime
+        workers = [runtime.LocalWorker() for _ in range(3)]
+        for w in workers:
+            w.start()  # each leaves a gRPC channel, and its threads, live here
+        if sys.argv[1] == "control":
+            subprocess.run(["true"], preexec_fn=lambda: None, check=True)
+        for w in workers:
+            w.stop()
+        """
+    )
+    outputs = {
+        mode: subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
+        for mode in ("workers", "control")
+    }
+    assert all(proc.returncode == 0 for proc in outputs.values()), outputs
+    assert "fork" not in outputs["workers"].stderr
+    assert "skipping fork() handlers" in outputs["control"].stderr
+
+
 def test_worker_dies_when_its_parent_is_killed_with_sigkill():
     script = textwrap.dedent(
         """
