@@ -44,9 +44,9 @@ def test_a_stop_request_raises_interrupted_and_leaves_no_worker():
     before = pool_workers()
     pool = set()
 
-    def stop_requested() -> bool:  # first polled once the tasks are submitted, so the pool is running
-        pool.update(pool_workers() - before)
-        return True
+    def stop_requested() -> bool:  # polled every 0.2 s once the tasks are submitted
+        pool.update(pool_workers() - before)  # a worker shows `spawn_main` only once it has exec'd Python
+        return len(pool) >= 2 or time.monotonic() - began > 10
 
     began = time.monotonic()
     with pytest.raises(processes.Interrupted):
