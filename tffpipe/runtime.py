@@ -28,7 +28,8 @@ installs a context over the workers left and runs the round again (at most
 `retries` times, counted in `system/worker_retries`); a local worker is started
 again instead. With none left it raises a `WorkerFault` naming the worker, and the
 run keeps its last checkpoint. TFF itself would wait forever for a dead worker
-(`_GuardedStub`).
+(`_GuardedStub`), and so would gRPC for a remote worker whose link went down silently
+(`_Watchdog` probes it while a call waits).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import atexit
 import collections
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import socket
@@ -245,27 +247,39 @@ class WorkerUnusable(WorkerFault):
 
 
 class RemoteWorker:
-    """A worker service started elsewhere (`python -m experiments.worker`), at host:port."""
+    """A worker service started elsewhere (`python -m experiments.worker`), at host:port.
 
-    def __init__(self, address: str, *, connect_timeout: float = 10.0):
+    Its calls are watched (`_Watchdog`): a worker whose link goes down without a word is
+    found gone within `probe_interval + probe_timeout` seconds, as a killed one is at once.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        connect_timeout: float = 10.0,
+        probe_interval: float = 2.0,
+        probe_timeout: float = 6.0,
+    ):
         self.address = address
         self._endpoint = network.parse_endpoint(address)
         self._timeout = connect_timeout
+        self._probe = (probe_interval, probe_timeout)
         self._stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub | None = None
         self._channel: grpc.Channel | None = None
+        self._watchdog: _Watchdog | None = None
 
     @property
     def name(self) -> str:
         return f"worker {self.address}"
 
     def alive(self) -> bool:
-        if self._channel is None:
-            return False
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=2)
-            return True
-        except grpc.FutureTimeoutError:
-            return False
+        """Connected, not given up by its watchdog, and its host still accepts a connection on its port.
+
+        Not the channel's state: over a link that went down silently the channel still reads
+        READY, since nothing told TCP the connection is gone.
+        """
+        return self._watchdog is not None and not self._watchdog.gone and self._watchdog.reachable()
 
     def start(self) -> None:
         """Connects; a closed port fails at once, a service that is not gRPC within the timeout.
@@ -291,7 +305,9 @@ class RemoteWorker:
                 f"{self.name} accepts connections but does not answer as a gRPC service within {self._timeout:g} s "
                 f"(is it a TFF worker?): {start_hint}"
             ) from None
-        self._stub = _Stub(self._channel)
+        # A new watchdog per connection: the stubs of a closed one stay given up.
+        self._watchdog = _Watchdog(self.name, self._endpoint, *self._probe)
+        self._stub = _Stub(self._channel, watchdog=self._watchdog)
 
     def stub(self) -> remote_executor_grpc_stub.RemoteExecutorGrpcStub:
         if self._stub is None:
@@ -299,25 +315,97 @@ class RemoteWorker:
         return self._stub
 
     def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.gone = True  # executors still holding its stub fail at once, free nothing
         if self._channel is not None:
             self._channel.close()
-        self._channel = self._stub = None
+        self._channel = self._stub = self._watchdog = None
 
 
 def _stub(address: str) -> remote_executor_grpc_stub.RemoteExecutorGrpcStub:
     return _Stub(grpc.insecure_channel(address, _GRPC_OPTIONS))
 
 
-class _Stub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
-    """TFF's stub, plus `CreateValue` from a request already serialized (`serialization.create_value_request`)."""
+class _Watchdog:
+    """Ends a remote worker's gRPC calls with `WorkerLost` once its host stops answering.
 
-    def __init__(self, channel: grpc.Channel):
+    A worker whose link goes down silently (a cable, a switch, `ip link set <dev> down`)
+    sends no reset: its TCP connection still looks open here and a call waits for an answer
+    until TCP gives up on its retransmissions, about 15 minutes later; TFF sets no deadline.
+    gRPC keepalive is no cure here: TFF's worker binary keeps gRPC's server defaults, which
+    allow a client's pings at most every 5 minutes while the server sends nothing (then
+    GOAWAY "too_many_pings"), and a worker sends nothing while it trains: pings frequent
+    enough to matter would end long rounds. Nor does a deadline drawn from past rounds tell
+    a slow round from a dead link. So while a call is in flight, every `interval` seconds,
+    the worker's port is probed with a new TCP connection, which the worker's kernel accepts
+    whatever the worker is busy with: none within `timeout` (or a refusal) and the worker is
+    `gone`. Its calls then fail at once, and disposing of its values is a no-op (there is
+    nothing to free on a host no longer reached, and TFF disposes from finalizers).
+    """
+
+    def __init__(self, name: str, endpoint: network.Endpoint, interval: float, timeout: float):
+        self._name = name
+        self._endpoint = endpoint
+        self.interval = interval
+        self.timeout = timeout
+        self.gone = False
+
+    def reachable(self) -> bool:
+        try:
+            socket.create_connection((self._endpoint.host, self._endpoint.port), timeout=self.timeout).close()
+            return True
+        except OSError:
+            return False
+
+    def call(self, method: grpc.UnaryUnaryMultiCallable, request, *, disposal: bool = False):
+        if self.gone:
+            if disposal:
+                return None
+            raise WorkerLost(f"{self._name} is gone")
+        future = method.future(request)
+        while True:
+            try:
+                return future.result(timeout=self.interval)  # a failed call raises its grpc.RpcError
+            except grpc.FutureTimeoutError:
+                if self.gone or not self.reachable():
+                    self.gone = True
+                    future.cancel()
+                    raise WorkerLost(
+                        f"{self._name} stopped answering: no TCP connection to {self._endpoint} within "
+                        f"{self.timeout:g} s during a call"
+                    ) from None
+
+
+class _WatchedMethods:
+    """A generated gRPC stub's methods, each called through a `_Watchdog`."""
+
+    _DISPOSALS = ("Dispose", "DisposeExecutor")
+
+    def __init__(self, stub, watchdog: _Watchdog):
+        self._stub = stub
+        self._watchdog = watchdog
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+        return functools.partial(self._watchdog.call, method, disposal=name in self._DISPOSALS)
+
+
+class _Stub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
+    """TFF's stub, plus `CreateValue` from a request already serialized (`serialization.create_value_request`).
+
+    With `watchdog` (remote workers), every call goes through it.
+    """
+
+    def __init__(self, channel: grpc.Channel, *, watchdog: _Watchdog | None = None):
         super().__init__(channel)
         self._create_value_serialized = channel.unary_unary(
             "/tensorflow_federated.v0.ExecutorGroup/CreateValue",
             request_serializer=None,  # the request is bytes
             response_deserializer=executor_pb2.CreateValueResponse.FromString,
         )
+        if watchdog is not None:
+            self._stub = _WatchedMethods(self._stub, watchdog)
+            self._create_value_serialized = functools.partial(watchdog.call, self._create_value_serialized)
 
     def create_value_serialized(self, request: bytes) -> executor_pb2.CreateValueResponse:
         try:
@@ -535,7 +623,11 @@ class Runtime:
                 if not dead:
                     raise
                 names = ", ".join(w.name for w in dead)
-                # A process of ours is started again; a remote service is dropped.
+                # A process of ours is started again; a remote service is dropped, its channel
+                # closed (a call still waiting on it in another thread ends).
+                for worker in dead:
+                    if not isinstance(worker, LocalWorker):
+                        worker.stop()
                 self.workers = [w for w in self.workers if w not in dead or isinstance(w, LocalWorker)]
                 if not self.workers or attempts >= self.retries:
                     raise WorkerFault(
