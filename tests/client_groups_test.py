@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from tests import conftest
-from tffpipe import aggregation, algorithms, client_groups, configs, validation
+from tffpipe import accounting, aggregation, algorithms, audit, client_groups, configs, validation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -278,3 +278,173 @@ def test_the_train_binary_refuses_bad_client_batching_before_any_data(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), (flags, proc)
     assert not cache.exists() and not runs.exists()  # no data generated, no run directory
+
+
+# The surroundings of a group (issue 21): canaries, several workers, the device model, auto's note.
+
+
+def _experiment_processes(task, values: dict, group_size: int):
+    """(config, plan, per-client process, grouped process) as `algorithms.build_learning_process` builds them."""
+    config = configs.build({"model": "linear", "seed": 3, "client_batching": str(group_size), **values})
+    plan = accounting.create_plan(config, population=len(task.train_data.client_ids) + config.privacy.canaries)
+    grouped = algorithms.build_learning_process(task, config, plan)
+    assert isinstance(grouped, client_groups.GroupedLearningProcess)
+    per_client = algorithms.build_learning_process(task, dataclasses.replace(config, client_batching="off"), plan)
+    return config, plan, per_client, grouped
+
+
+def _assert_same_round(plan, ids, expected, actual):
+    """The same train metrics and the same mechanism metrics (clip, noise, clipped fraction) as `program` reads them."""
+    train_e, train_a = expected.metrics["client_work"]["train"], actual.metrics["client_work"]["train"]
+    np.testing.assert_allclose(list(train_a.values()), list(train_e.values()), rtol=1e-5)
+    mechanism_e = aggregation.round_metrics(plan, expected.metrics["aggregator"], len(ids))
+    mechanism_a = aggregation.round_metrics(plan, actual.metrics["aggregator"], len(ids))
+    assert list(mechanism_a) == list(mechanism_e)
+    np.testing.assert_allclose(list(mechanism_a.values()), list(mechanism_e.values()), rtol=1e-5)
+    assert actual.metrics["client_work"]["groups"]["clients"] == len(ids)
+
+
+@pytest.fixture(scope="module")
+def two_workers():
+    """Two local workers, kept for the module; `start()` installs their context (each test restores its own)."""
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    from tffpipe import runtime
+
+    context = context_stack_impl.context_stack.current
+    workers = runtime.create(local_workers=2)
+    try:
+        yield workers
+    finally:
+        workers.stop()
+        context_stack_impl.context_stack.set_default_context(context)
+
+
+@pytest.mark.parametrize("mechanism", [NONE, FIXED])
+def test_canaries_in_groups_over_two_workers_give_the_per_client_rounds_on_one(
+    tiny_data_dir, tff_context, two_workers, mechanism
+):
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    task = _task(tiny_data_dir, "linear")
+    values = {"clients_per_round": 6, "privacy.canaries": 2, "dp.mechanism": mechanism, "dp.clip": CLIP}
+    if mechanism is FIXED:
+        values.update({"dp.noise_multiplier": NOISE, "algorithm.algorithm": FEDADAM})
+    config, plan, per_client, grouped = _experiment_processes(task, values, group_size=2)
+    real, (canary_0, canary_1) = task.train_data.client_ids, audit.canary_ids(2)
+    # Canaries share groups with real clients: [c0, a], [b, c1], [c, d] over two workers in round 1; in
+    # round 2 one group, [c1, e], is all there is, so one of the two workers has no client.
+    rounds = [[canary_0, real[0], real[1], canary_1, real[2], real[3]], [canary_1, real[4]]]
+    state = per_client.initialize()
+    expected = []
+    for ids in rounds:
+        expected.append(per_client.next(state if not expected else expected[-1].state, ids))
+    context = context_stack_impl.context_stack.current
+    try:
+        two_workers.start()
+        actual = []
+        for ids in rounds:
+            actual.append(grouped.next(state if not actual else actual[-1].state, ids))
+    finally:
+        context_stack_impl.context_stack.set_default_context(context)
+    for ids, e, a in zip(rounds, expected, actual, strict=True):
+        _assert_weights_close(per_client, e.state, grouped, a.state)
+        _assert_same_round(plan, ids, e, a)
+    if mechanism is FIXED:
+        # A canary's update is 1e4 times the clip: clipped wherever it goes, so each round counts at least its
+        # canaries among the clipped (round 1: 2 of 6, round 2: 1 of 2).
+        fractions = [
+            aggregation.round_metrics(plan, a.metrics["aggregator"], len(ids))
+            for ids, a in zip(rounds, actual, strict=True)
+        ]
+        assert (
+            fractions[0]["diagnostic/clipped_fraction"] >= 2 / 6
+            and fractions[1]["diagnostic/clipped_fraction"] >= 1 / 2
+        )
+    else:
+        # Without DP nothing clips a canary: its update (norm 1e4 times the clip, weight 1) outweighs the real
+        # clients' (norm ~1, ~20 examples each), so the model moved along c0 + c1, at cosine ~1/sqrt(2) with each
+        # direction; a null direction's cosine is ~N(0, 1/d), d = 48,670.
+        initial = audit.trainable_weights(state)
+        tracker = audit.CanaryAudit(2, initial, algorithms.audit_seed(config.seed))
+        cosines = tracker.cosines(
+            np.concatenate([w.ravel() for w in audit.trainable_weights(actual[0].state)])
+            - np.concatenate([w.ravel() for w in initial])
+        )
+        assert cosines[0] + cosines[1] > 1.0 and abs(cosines[2]) < 0.1
+
+
+def _profile(client_id: str, examples_per_second: float, dropout_probability: float):
+    from tffpipe import devices
+
+    return devices.DeviceProfile(
+        client_id=client_id,
+        tier="mid",
+        examples_per_second=examples_per_second,
+        upload_bytes_per_second=1e9,
+        download_bytes_per_second=1e9,
+        utc_offset_hours=0.0,
+        window_start_hour=0.0,
+        window_hours=24.0,  # always available: who takes part depends on dropouts and the deadline only
+        dropout_probability=dropout_probability,
+    )
+
+
+def test_device_model_rounds_in_groups_give_the_per_client_rounds(tiny_data_dir, tff_context):
+    from tffpipe import devices
+
+    task = _task(tiny_data_dir, "linear")
+    ids = sorted(task.train_data.client_ids)
+    # Every third device is slow (0.01 examples/s: a ~20-example client needs ~2,000 simulated seconds, past
+    # the 100 s deadline), every other one drops out half the time; the rest report.
+    profiles = {cid: _profile(cid, 0.01 if i % 3 == 0 else 1e4, 0.5 if i % 2 else 0.0) for i, cid in enumerate(ids)}
+    counts = {cid: 20 for cid in ids}
+    device_config = configs.DeviceConfig(overselect=1.0, deadline_seconds=100.0)
+    rounds = devices.DeviceRounds(
+        profiles,
+        counts,
+        clients_per_round=5,
+        epochs=1,
+        model_bytes=1000,
+        update_bytes=1000,
+        model_parameters=devices.REFERENCE_PARAMETERS,
+        config=device_config,
+        seed=1,
+    )
+    outcomes = [rounds.outcome(r) for r in (1, 2)]
+    # Round 1 asks 10 of 12 devices; the seed makes some drop and some miss the deadline.
+    assert all(o.dropped and o.late and o.reported for o in outcomes), outcomes
+    per_client, grouped = _processes(task, FEDAVG, FIXED, group_size=2)
+    plan = conftest.plan(FIXED, NOISE, 5)
+    state = per_client.initialize()
+    expected_state = actual_state = state
+    for r, outcome in zip((1, 2), outcomes, strict=True):
+        sampled = rounds.sample(r)
+        assert sampled == list(outcome.reported)  # neither the dropped nor the late reach the process
+        expected, actual = per_client.next(expected_state, sampled), grouped.next(actual_state, sampled)
+        _assert_weights_close(per_client, expected.state, grouped, actual.state)
+        _assert_same_round(plan, sampled, expected, actual)
+        # The device metrics count real clients: bytes per reporting device, not per group.
+        assert outcome.metrics()["system/bytes_up"] == 1000 * actual.metrics["client_work"]["groups"]["clients"]
+        expected_state, actual_state = expected.state, actual.state
+
+
+@pytest.mark.parametrize(
+    "values, grouped, reason",
+    [
+        ({"dp.mechanism": configs.Mechanism.DISTRIBUTED}, False, "distributed DP needs each real client's own"),
+        ({"dp.mechanism": configs.Mechanism.TREE}, False, "the tree DP mechanism has no grouped path"),
+        ({"model": "small_cnn"}, False, "model small_cnn trains Keras-wrapped"),
+        ({"privacy.canaries": 4}, True, None),  # canaries group (each member replaced in the group's call)
+    ],
+)
+def test_auto_says_in_one_line_why_a_run_goes_per_client(values, grouped, reason):
+    config = configs.build({"clients_per_round": 10, "client_batching": "auto", **values})
+    process = object.__new__(client_groups.GroupedLearningProcess) if grouped else object()
+    note = client_groups.auto_note(config, process)
+    if reason is None:
+        assert note is None
+    else:
+        assert note.startswith(f"client_batching=auto runs per client: {reason}") and "\n" not in note
+    # Off, or an explicit K (refused or noted by `configs` itself), never gets this note.
+    assert client_groups.auto_note(dataclasses.replace(config, client_batching="off"), object()) is None

@@ -71,39 +71,54 @@ def create_result_transform(*, seed: int, clip: float, zeroing_norm: float = 0.0
     """(client id, client work result) -> result, with a canary's update replaced by its direction.
 
     For `fusion.fuse_client_datasets`: runs inside each client's TensorFlow call, after
-    the client work, so the canary's update enters the aggregator like any other. The
-    update is -c scaled to `_SCALE` times the clip: a clipping mechanism shortens it to
-    the clip, and one that does not clip (no DP, or a broken mechanism) lets a single
-    client dominate the model, which is what the audit is there to see. It stays under
-    a zeroing norm, which would zero it otherwise. Weight 1, as every client of an
-    unweighted DP mean.
+    the client work, so the canary's update enters the aggregator like any other
+    (`replace_canary_update` says what replaces it).
     """
-    norm = clip * _SCALE
 
     def transform(client_id, result):
         client_result, metrics = result  # (ClientResult as an OrderedDict, the client's metrics)
-        canary = tf.strings.regex_full_match(client_id, f"{CANARY_PREFIX}[0-9]+")
-
-        real = tf.nest.flatten(client_result["update"])
-
-        def canary_update():
-            index = tf.strings.to_number(tf.strings.substr(client_id, len(CANARY_PREFIX), 16), tf.int64)
-            unit = direction(index, [u.shape for u in real], seed)
-            scale = tf.constant(norm, tf.float32)
-            if zeroing_norm > 0:
-                largest = tf.reduce_max([tf.reduce_max(tf.abs(u)) for u in unit])
-                scale = tf.minimum(scale, 0.5 * zeroing_norm / largest)
-            return [-scale * u for u in unit]
-
-        update = tf.cond(canary, canary_update, lambda: real)
-        weight = client_result["update_weight"]
-        weight = tf.where(canary, tf.ones_like(weight), weight)
+        update, weight = replace_canary_update(
+            client_id,
+            tf.nest.flatten(client_result["update"]),
+            client_result["update_weight"],
+            seed=seed,
+            clip=clip,
+            zeroing_norm=zeroing_norm,
+        )
         replaced = type(client_result)(
             update=tf.nest.pack_sequence_as(client_result["update"], update), update_weight=weight
         )
         return type(result)((replaced, metrics))
 
     return transform
+
+
+def replace_canary_update(
+    client_id: tf.Tensor, update: Sequence[tf.Tensor], weight: tf.Tensor, *, seed: int, clip: float, zeroing_norm: float
+) -> tuple[list[tf.Tensor], tf.Tensor]:
+    """(update, weight) of one client, or its canary's if `client_id` is a canary's (TF, in a graph).
+
+    The canary's update is -c scaled to `_SCALE` times the clip: a clipping mechanism
+    shortens it to the clip, and one that does not clip (no DP, or a broken mechanism)
+    lets a single client dominate the model, which is what the audit is there to see. It
+    stays under a zeroing norm, which would zero it otherwise. Weight 1, as every client
+    of an unweighted DP mean. Both the per-client path (`create_result_transform`) and
+    client groups (each member, before it is clipped) call this.
+    """
+    canary = tf.strings.regex_full_match(client_id, f"{CANARY_PREFIX}[0-9]+")
+    real = list(update)
+
+    def canary_update():
+        index = tf.strings.to_number(tf.strings.substr(client_id, len(CANARY_PREFIX), 16), tf.int64)
+        unit = direction(index, [u.shape for u in real], seed)
+        scale = tf.constant(clip * _SCALE, tf.float32)
+        if zeroing_norm > 0:
+            largest = tf.reduce_max([tf.reduce_max(tf.abs(u)) for u in unit])
+            scale = tf.minimum(scale, 0.5 * zeroing_norm / largest)
+        return [-scale * u for u in unit]
+
+    replaced = tf.cond(canary, canary_update, lambda: real)
+    return list(replaced), tf.where(canary, tf.ones_like(weight), weight)
 
 
 _ONE_SIDED_95 = 1.645  # standard normal quantile for a one-sided 95% bound

@@ -38,10 +38,19 @@ What runs grouped today: functional models (tffpipe's `linear` and `mlp`: those
 (FedAvgM, FedAdam, FedYogi, FedAdagrad: only the finalizer differs), without DP or
 with fixed-clip DP. Everything else raises `GroupingError` naming why (Keras-wrapped
 models, FedProx, FedSGD, adaptive, tree and distributed DP, zeroing, compression,
-secure aggregation, canaries); `configs` refuses those combinations with an explicit
-`client_batching=K` and `auto` runs them per client. With DP the per-member clipped
-count is in `client_work/groups/clipped_count`, not in the query's metrics, so
-`diagnostic/clipped_fraction` is absent from grouped runs.
+secure aggregation); `configs` refuses those combinations with an explicit
+`client_batching=K` and `auto` runs them per client, saying why in one note
+(`auto_note`). With DP the per-member clipped count is in
+`client_work/groups/clipped_count`, and `next` copies it where the per-client query
+reports its own (`with_member_clipped_count`), so `diagnostic/clipped_fraction` counts
+real clients on both paths.
+
+Around a group, per real client as per client: the audit's canaries are members whose
+update is replaced in the group's call before it is clipped (`replace_update`); the
+device model chooses who reports before `next` (dropped and late devices are never
+packed) and counts bytes per reporting device; over several workers TFF's mergeable
+context splits the groups as it splits clients (a worker may get none) and merges the
+partial sums. All three are tested against the per-client path.
 
 Two ways to train a group's members, both tested against the per-client path:
 
@@ -69,6 +78,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -76,10 +86,12 @@ import tensorflow as tf
 import tensorflow_federated as tff
 import tensorflow_privacy as tfp
 
-from tffpipe import accounting, aggregation, algorithms, configs, errors
+from tffpipe import accounting, aggregation, algorithms, audit, configs, errors
 from tffpipe.tasks import base
 
 DatasetFn = Callable[[tf.Tensor], tf.data.Dataset]
+# (member id, update tensors, weight) -> (update tensors, weight), in the group's graph.
+ReplaceUpdate = Callable[[tf.Tensor, Sequence[tf.Tensor], tf.Tensor], tuple[Sequence[tf.Tensor], tf.Tensor]]
 
 # A group's member ids are read into one tensor; no group comes near this.
 _ALL = 2**31 - 1
@@ -169,6 +181,7 @@ def build_group_client_work(
     clip: float | None = None,
     batched: Batched | None = None,
     loop_implementation: tff.learning.LoopImplementation = algorithms.LOOP,
+    replace_update: ReplaceUpdate | None = None,
 ) -> tff.learning.templates.ClientWorkProcess:
     """`(<()@SERVER, W@CLIENTS, {str*}@CLIENTS> -> <()@SERVER, {ClientResult}@CLIENTS, M@SERVER>)`.
 
@@ -184,11 +197,17 @@ def build_group_client_work(
         (`train_members_batched`, plain SGD at `batched.learning_rate`, which must be
         `optimizer`'s).
       loop_implementation: TFF's local loop, as the per-client path uses.
+      replace_update: `(member id, update, weight) -> (update, weight)` applied to each
+        member's own result before it is clipped or weighted, as the per-client path's
+        result transform is (the audit's canaries: `audit.replace_canary_update`);
+        only with the member loop.
 
     The measurements are TFF's (`train`: the model's metrics summed over every real
     member, then finalized) plus `groups`: `clients` (real members trained) and
     `clipped_count` (members whose update was clipped; with DP only, not privatized).
     """
+    if batched is not None and replace_update is not None:
+        raise GroupingError("members that step together have no per-member result to replace (canaries): use the loop")
     weighting = tff.learning.ClientWeighting.NUM_EXAMPLES if clip is None else tff.learning.ClientWeighting.UNIFORM
     weights_type = tff.types.tensorflow_to_type(
         tff.learning.models.ModelWeights(
@@ -218,9 +237,12 @@ def build_group_client_work(
 
         def body(i, total, weight, metrics, clipped):
             result, member_metrics = client_update(optimizer, initial, dataset_fn(ids[i]))
-            update = tuple(tf.nest.flatten(result.update))
+            update, member_weight = tuple(tf.nest.flatten(result.update)), result.update_weight
+            if replace_update is not None:
+                replaced, member_weight = replace_update(ids[i], update, member_weight)
+                update = tuple(replaced)
             if clip is None:
-                update = tuple(u * result.update_weight for u in update)
+                update = tuple(u * member_weight for u in update)
                 was_clipped = tf.constant(0.0)
             else:
                 norm = tf.linalg.global_norm(update)
@@ -228,7 +250,7 @@ def build_group_client_work(
                 was_clipped = tf.cast(norm > clip, tf.float32)
             total = tuple(t + u for t, u in zip(total, update, strict=True))
             metrics = tf.nest.map_structure(tf.add, metrics, member_metrics)
-            return i + 1, total, weight + result.update_weight, metrics, clipped + was_clipped
+            return i + 1, total, weight + member_weight, metrics, clipped + was_clipped
 
         _, total, weight, metrics, clipped = tf.while_loop(
             lambda i, *_: i < count,
@@ -478,7 +500,28 @@ class _PackingNext:
         self.type_signature = computation.type_signature
 
     def __call__(self, state, client_ids: Sequence[str]):
-        return self._computation(state, pack(client_ids, self._group_size))
+        return with_member_clipped_count(self._computation(state, pack(client_ids, self._group_size)))
+
+
+def with_member_clipped_count(output):
+    """The output with the members' clipped count where the per-client query reports its clipped count.
+
+    Per client, TF Privacy's query counts the updates it clipped
+    (`aggregator/dp_query_metrics/clipped_count`, read as `diagnostic/clipped_fraction`);
+    a group's members are clipped in the client work, which counts them in
+    `client_work/groups/clipped_count`: the same count of real clients, copied there so
+    the round's metrics read alike on both paths. A query that reports a count of its
+    own keeps it; without DP there is no query, and nothing changes.
+    """
+    metrics = output.metrics
+    query = metrics.get("aggregator", {}).get("dp_query_metrics") if isinstance(metrics, Mapping) else None
+    if not isinstance(query, Mapping) or "clipped_count" in query:
+        return output
+    if "clipped_count" not in metrics["client_work"]["groups"]:  # `MembersFactory`: its query clips, and counts
+        return output
+    query = collections.OrderedDict(query, clipped_count=metrics["client_work"]["groups"]["clipped_count"])
+    aggregator = collections.OrderedDict(metrics["aggregator"], dp_query_metrics=query)
+    return output._replace(metrics=collections.OrderedDict(metrics, aggregator=aggregator))
 
 
 def build_training_process(
@@ -491,6 +534,7 @@ def build_training_process(
     clip: float | None = None,
     batch_size: int | None = None,
     forward: Callable[[tuple, tf.Tensor], tf.Tensor] | None = None,
+    replace_update: ReplaceUpdate | None = None,
 ) -> GroupedLearningProcess:
     """The algorithm's process over groups, composed from TFF's parts as `fed_avg.py` does.
 
@@ -511,6 +555,8 @@ def build_training_process(
         them together (`train_members_batched`).
       forward: with `batch_size`, the members' batched forward pass
         (`create_dense_forward`); None: `tf.vectorized_map` of the model's.
+      replace_update: each member's result replaced before it is clipped or weighted
+        (`build_group_client_work`; the audit's canaries).
     """
     if not isinstance(model, tff.learning.models.FunctionalModel):
         raise GroupingError(
@@ -533,7 +579,12 @@ def build_training_process(
     weights_type = initial_model_weights_fn.type_signature.result
     batched = None if batch_size is None else Batched(config.client_learning_rate, batch_size, forward)
     client_work = build_group_client_work(
-        model, tff.learning.optimizers.build_sgdm(config.client_learning_rate), dataset_fn, clip=clip, batched=batched
+        model,
+        tff.learning.optimizers.build_sgdm(config.client_learning_rate),
+        dataset_fn,
+        clip=clip,
+        batched=batched,
+        replace_update=replace_update,
     )
     factory = (
         tff.aggregators.MeanFactory() if aggregator is None else tff.aggregators.as_weighted_aggregator(aggregator)
@@ -588,6 +639,25 @@ def group_size(config: configs.ExperimentConfig, model) -> int | None:
     return max(1, -(-config.clients_per_round // workers))
 
 
+def auto_note(config: configs.ExperimentConfig, process) -> str | None:
+    """Under `client_batching=auto`, why `process` trains per client, in one line; None if it groups.
+
+    `process` is what `algorithms.build_learning_process` built for `config`. The reasons
+    are `group_size`'s, in its order: a configuration whose aggregation needs each real
+    client's own update (`configs.per_client_reason`), one without a grouped path yet
+    (`configs.client_batching_obstacle`), else a Keras-wrapped model.
+    """
+    if config.client_batching != "auto" or isinstance(process, GroupedLearningProcess):
+        return None
+    reason = configs.per_client_reason(config) or configs.client_batching_obstacle(config)
+    if reason is None:
+        reason = (
+            f"model {config.model} trains Keras-wrapped (convolutions, recurrent or dropout layers, or "
+            "non-trainable weights), which has no grouped path yet"
+        )
+    return f"client_batching=auto runs per client: {reason}"
+
+
 def build_learning_process(
     task: base.Task,
     config: configs.ExperimentConfig,
@@ -607,8 +677,14 @@ def build_learning_process(
     together; off by default, since the member loop measured as fast or faster under TFF's
     worker (module doc).
     """
-    if config.privacy.canaries:
-        raise GroupingError("canaries replace single clients' updates: the audit runs per client")
+    replace_update = None
+    if config.privacy.canaries:  # each canary member's update replaced in the group's call, as per client
+        replace_update = functools.partial(
+            audit.replace_canary_update,
+            seed=algorithms.audit_seed(config.seed),
+            clip=config.dp.clip,
+            zeroing_norm=config.dp.zeroing_norm,
+        )
     aggregator = build_factory(config.dp, plan, noise_seed=config.seed, compression=config.compression)
     clip = None if aggregator is None else config.dp.clip
     return build_training_process(
@@ -620,4 +696,5 @@ def build_learning_process(
         clip=clip,
         batch_size=config.preprocess.batch_size if batched else None,
         forward=create_dense_forward(task.create_keras_model()) if batched else None,
+        replace_update=replace_update,
     )

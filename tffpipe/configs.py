@@ -739,8 +739,6 @@ def client_batching_obstacle(config: ExperimentConfig) -> str | None:
         return "zeroing checks each update's norm and has no grouped path yet"
     if config.compression or config.secure_aggregation:
         return "compression and secure aggregation act on each update and have no grouped path yet"
-    if config.privacy.canaries:
-        return "the privacy audit's canaries replace single clients' updates and run per client"
     return None
 
 

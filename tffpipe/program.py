@@ -252,8 +252,12 @@ def run(
             task.record_specs(), config.compression, plan=plan, secure_aggregation=config.secure_aggregation
         )
         with report.phase("building the learning process"):
-            process = runtime.ResilientProcess(algorithms.build_learning_process(task, config, plan), workers)
+            built = algorithms.build_learning_process(task, config, plan)
+            process = runtime.ResilientProcess(built, workers)
             evaluate = _build_evaluate(task, config) if config.eval_clients > 0 else None
+        note = client_groups.auto_note(config, built)
+        if note is not None:
+            print(f"note: {note}", file=stream, flush=True)
         device_rounds = create_device_rounds(prepared, upload) if config.devices is not None else None
         tracker = _epsilon_tracker(plan, dirs)
         over_budget: dict[str, float] = {}  # the round the budget stops before, found while running
