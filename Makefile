@@ -45,10 +45,12 @@ bench: env
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.wall --repeats=3
 	$(PY) -m benchmarks.workers
+	$(PY) -m benchmarks.client_groups
 
 bench-quick: env
 	$(PY) -m benchmarks.run --quick
 	$(PY) -m benchmarks.wall --workloads=fixed,w2
+	$(PY) -m benchmarks.client_groups --rounds=2
 
 # Regenerates the locks (needs network and `uv`); jaxlib is overridden to 0.4.13, see README.
 lock:

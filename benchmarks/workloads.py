@@ -34,6 +34,7 @@ class Workload:
     task: configs.Task = configs.Task.EMNIST
     batch_size: int = 20
     epochs: int = 1
+    default_run: bool = False  # the experiment `make train` runs, as it is (the fields above describe it)
 
     def population(self) -> dict[str, object]:
         """The population's configuration paths (none: the task's default population)."""
@@ -47,7 +48,13 @@ class Workload:
         }
 
     def config(self, cache_dir: str) -> configs.ExperimentConfig:
-        """The experiment `train` would run: FedAvg (client SGD 0.05), no DP, no shuffling."""
+        """The experiment `train` would run: FedAvg (client SGD 0.05), no DP, no shuffling.
+
+        With `default_run`, `train`'s defaults instead (small_cnn, 5 epochs, fixed-clip DP,
+        Poisson sampling), only the cache directory set.
+        """
+        if self.default_run:
+            return configs.build({"data.cache_dir": cache_dir})
         return configs.build(
             {
                 "task": self.task,
@@ -65,6 +72,9 @@ class Workload:
 
     def train_flags(self, cache_dir: str) -> list[str]:
         """The same experiment as flags of `experiments.train`, evaluated once, at its last round."""
+        last = [f"--eval_every={self.wall_rounds}", "--eval_clients=20", f"--rounds={self.wall_rounds}"]
+        if self.default_run:
+            return [*last, f"--cache_dir={cache_dir}"]
         population = {
             "data.population.num_writers": "num_writers",
             "data.population.median_examples": "median_examples",
@@ -81,9 +91,7 @@ class Workload:
             "--shuffle_buffer=1",
             "--client_learning_rate=0.05",
             "--dp=none",
-            f"--eval_every={self.wall_rounds}",
-            "--eval_clients=20",
-            f"--rounds={self.wall_rounds}",
+            *last,
             f"--cache_dir={cache_dir}",
         ]
 
@@ -102,5 +110,7 @@ WORKLOADS = {
         Workload("w1e5", "cnn", 10, 200, 334, 6, 3, 6, epochs=5),  # W1 with 5 local epochs: 5x the work per round
         # The keyboard task's default population (1,000 users, median 60 messages), its phone-sized model.
         Workload("keyboard", "cifg_lstm", 10, 0, 0, 6, 3, 6, configs.Task.KEYBOARD, batch_size=16),
+        # `make train` as it is: small_cnn, 50 writers per round (Poisson) of 3,400, 5 epochs, fixed-clip DP.
+        Workload("default", "small_cnn", 50, 0, 0, 3, 2, 6, epochs=5, default_run=True),
     )
 }
