@@ -112,3 +112,16 @@ def test_one_builder_makes_the_experiments_process_with_its_aggregator(task, tff
     assert compressed.initialize.type_signature != plain.initialize.type_signature
     output = compressed.next(compressed.initialize(), task.train_data.client_ids[:3])
     assert np.isfinite(output.metrics["client_work"]["train"]["loss"])
+
+
+def test_per_client_evaluation_gathers_each_clients_metrics_beside_the_pooled_ones(task, tff_context):
+    process = task.compose_eval(algorithms.build_evaluation_process(task.learning_model(), per_client=True))
+    ids = sorted(task.test_data.client_ids)[:5]
+    metrics = process.next(process.initialize(), ids).metrics["client_work"]["eval"]["current_round_metrics"]
+    each = metrics["per_client"]
+    counts = [sum(int(b["y"].shape[0]) for b in task.test_data.create_tf_dataset_for_client(c)) for c in ids]
+    assert sorted(each["num_examples"]) == sorted(counts)  # one entry per client: its own test examples
+    # Pooled = sum then finalize, i.e. each client's mean weighted by its examples.
+    n = each["num_examples"]
+    assert metrics["loss"] == pytest.approx(float((each["loss"] * n).sum() / n.sum()), rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(float((each["accuracy"] * n).sum() / n.sum()), abs=1e-6)

@@ -183,3 +183,22 @@ def test_a_full_disk_while_checkpointing_is_one_line_that_keeps_the_earlier_chec
         checkpointer.save(state, 2)
     assert "\n" not in str(e.value) and e.value.exit_code == 1
     assert checkpointer.load_latest(state)[1] == 1
+
+
+def test_arrays_released_with_a_round_become_histograms_and_no_csv_column(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    dirs = _dirs(tmp_path)
+    outputs.prepare(dirs, {})
+    releaser = outputs.MetricsReleaser(dirs)
+    releaser.resume(0)
+    each = np.array([0.2, np.nan, 0.8], np.float32)  # a client's NaN cannot be binned; the others are kept
+    releaser.release(1, {"eval/accuracy_p50": 0.5, "eval/per_client/accuracy": each})
+    releaser.commit(1)
+    assert outputs.read_metrics(dirs.metrics_csv) == [{"round": "1", "eval/accuracy_p50": "0.5"}]
+    acc = event_accumulator.EventAccumulator(dirs.tensorboard, size_guidance={"tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors("eval/per_client/accuracy")
+    buckets = tf.make_ndarray(event.tensor_proto)  # [left edge, right edge, count] per bucket
+    assert event.step == 1 and buckets[:, 2].sum() == 2 and buckets[0, 0] == pytest.approx(0.2)
+    assert [e.step for e in acc.Tensors("eval/accuracy_p50")] == [1]

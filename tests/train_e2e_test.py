@@ -789,9 +789,21 @@ def test_distributed_budget_stops_before_a_round_the_realized_noise_cannot_pay_f
     # Seed 5 samples 2 clients in round 1 where the shares are sized for 3, so round 1 costs
     # epsilon 15.3 instead of the planned 9.7. The plan allowed 2 rounds within 20 (9.7, then
     # 18.05); after round 1 as it was, round 2 with the expected 3 clients would reach 23.6.
-    flags = ("--model=linear", "--dp=distributed", "--seed=5", "--max_epsilon=20", "--rounds=3")
+    # --client_batching=auto: distributed DP never groups (each device noises its own update), said in one note.
+    flags = (
+        "--model=linear",
+        "--dp=distributed",
+        "--seed=5",
+        "--max_epsilon=20",
+        "--rounds=3",
+        "--client_batching=auto",
+    )
     proc = train(*flags, "--experiment=budget", cache=str(tmp_path / "cache"), root=str(tmp_path / "runs"))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line for line in proc.stdout.splitlines() if line.startswith("note:")] == [
+        "note: client_batching=auto runs per client: distributed DP needs each real client's own clipping, "
+        "rounding and noise share"
+    ]
     plan = accounting.PrivacyPlan(
         configs.Mechanism.DISTRIBUTED,
         0.3,

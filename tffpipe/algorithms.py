@@ -7,8 +7,11 @@ Server optimizers follow Reddi et al. 2021, "Adaptive Federated Optimization".
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
+import numpy as np
+import tensorflow as tf
 import tensorflow_federated as tff
 
 from tffpipe import accounting, aggregation, audit, configs
@@ -130,7 +133,91 @@ def audit_seed(seed: int) -> int:
 
 
 def build_evaluation_process(
-    model_fn: Callable[[], tff.learning.models.VariableModel],
+    model_fn: Callable[[], tff.learning.models.VariableModel] | tff.learning.models.FunctionalModel,
+    *,
+    per_client: bool = False,
 ) -> tff.learning.templates.LearningProcess:
-    """TFF's federated evaluation: each client's examples through the server model."""
-    return tff.learning.algorithms.build_fed_eval(model_fn, loop_implementation=LOOP)
+    """TFF's federated evaluation: each client's examples through the server model.
+
+    With `per_client`, `current_round_metrics` also holds `per_client`: {metric: [value
+    of each evaluated client]} (float32, in no particular order), each client's own
+    finalized metrics, beside the pooled ones (`build_per_client_metrics_process`).
+    """
+    metrics = build_per_client_metrics_process(model_fn) if per_client else None
+    return tff.learning.algorithms.build_fed_eval(
+        model_fn, metrics_aggregation_process=metrics, loop_implementation=LOOP
+    )
+
+
+def build_per_client_metrics_process(
+    model_fn: Callable[[], tff.learning.models.VariableModel] | tff.learning.models.FunctionalModel,
+) -> tff.templates.AggregationProcess:
+    """TFF's sum-then-finalize metrics aggregation, plus each client's finalized metrics gathered at the server.
+
+    `(<S@SERVER, {U}@CLIENTS> -> <S@SERVER, <<M, per_client={M'}>, M>@SERVER>)`, where
+    `U` is a client's unfinalized metrics, `M` the pooled finalized ones (current round,
+    all rounds) and `M'` one float32 vector per metric. Each client finalizes its own
+    metrics (`federated_map`); the vectors are concatenated by a `federated_aggregate`
+    (TFF 0.87 has no `federated_collect`). That is one more small map and a few floats
+    per client on the clients' existing unfinalized metrics, no second pass over their
+    data: the per-client distribution costs what federated evaluation already computes.
+    """
+    if callable(model_fn):
+        with tf.Graph().as_default():  # as build_fed_eval derives its default aggregation
+            model = model_fn()
+            unfinalized = model.report_local_unfinalized_metrics()
+            specs = tf.nest.map_structure(
+                lambda x: tff.TensorType(tf.convert_to_tensor(x).dtype.as_numpy_dtype, tf.convert_to_tensor(x).shape),
+                unfinalized,
+            )
+        finalizers = model.metric_finalizers()
+        unfinalized_type = tff.StructWithPythonType(specs, collections.OrderedDict)
+
+        def finalize(values):
+            return collections.OrderedDict((name, f(values[name])) for name, f in finalizers.items())
+
+    else:
+        unfinalized_type = tff.tensorflow.computation(model_fn.initialize_metrics_state).type_signature.result
+        finalizers = finalize = model_fn.finalize_metrics
+    pooled = tff.learning.metrics.SumThenFinalizeFactory(finalizers).create(unfinalized_type)
+
+    @tff.tensorflow.computation(unfinalized_type)
+    def finalize_client(values):
+        return collections.OrderedDict(
+            (name, tf.reshape(tf.cast(v, tf.float32), [1])) for name, v in finalize(values).items()
+        )
+
+    names = [name for name, _ in tff.structure.iter_elements(finalize_client.type_signature.result)]
+    vectors = tff.StructWithPythonType(
+        [(n, tff.TensorType(np.float32, [None])) for n in names], collections.OrderedDict
+    )
+
+    @tff.tensorflow.computation
+    def empty():
+        # [None], not [0]: the accumulator grows by one entry per client.
+        return collections.OrderedDict((n, tf.compat.v1.placeholder_with_default(tf.zeros([0]), [None])) for n in names)
+
+    @tff.tensorflow.computation(vectors, vectors)
+    def concatenate(a, b):
+        return collections.OrderedDict((n, tf.concat([a[n], b[n]], 0)) for n in names)
+
+    @tff.tensorflow.computation(vectors)
+    def report(a):
+        return a
+
+    @tff.federated_computation(
+        pooled.initialize.type_signature.result, tff.FederatedType(unfinalized_type, tff.CLIENTS)
+    )
+    def next_fn(state, unfinalized_metrics):
+        output = pooled.next(state, unfinalized_metrics)
+        each = tff.federated_map(finalize_client, unfinalized_metrics)
+        gathered = tff.federated_aggregate(each, empty(), concatenate, concatenate, report)
+        current = output.result[0]
+        current = tff.federated_zip(
+            collections.OrderedDict([(n, current[n]) for n in names] + [("per_client", gathered)])
+        )
+        return tff.templates.MeasuredProcessOutput(
+            output.state, tff.federated_zip((current, output.result[1])), output.measurements
+        )
+
+    return tff.templates.AggregationProcess(pooled.initialize, next_fn)

@@ -92,3 +92,34 @@ def summarize(accuracies: np.ndarray, counts: np.ndarray, name: str = "accuracy"
         p90=float(np.percentile(accuracies, 90)),
         worst_decile_mean=float(worst.mean()),
     )
+
+
+COUNTS = ("num_examples", "num_batches")  # what federated evaluation counts, not a quality of the model
+
+
+def client_quantiles(per_client: Mapping[str, np.ndarray], prefix: str = "eval") -> dict[str, float | np.ndarray]:
+    """The per-client distribution of a federated evaluation's metrics, by stable nested names.
+
+    For each metric but the counts: `<prefix>/<metric>_p10`, `_p50`, `_p90` (numpy's
+    linear percentiles over clients, each client counted once) and the values
+    themselves as `<prefix>/per_client/<metric>` (an array: a TensorBoard histogram,
+    never a CSV column); and `<prefix>/clients`, how many clients they are over.
+    Clients that had no example (`num_examples` 0) are left out: their metrics are 0
+    by convention, not a measurement.
+
+    Args:
+      per_client: {metric: value of each client}, as `algorithms.build_evaluation_process(per_client=True)`
+        returns them (any order; quantiles do not depend on it).
+    """
+    keep = np.asarray(per_client.get("num_examples", np.ones_like(next(iter(per_client.values())))), float) > 0
+    values: dict[str, float | np.ndarray] = {f"{prefix}/clients": float(keep.sum())}
+    if not keep.any():
+        return values
+    for name, each in per_client.items():
+        if name in COUNTS:
+            continue
+        each = np.asarray(each, np.float64)[keep]
+        for q in (10, 50, 90):
+            values[f"{prefix}/{name}_p{q}"] = float(np.percentile(each, q))
+        values[f"{prefix}/per_client/{name}"] = np.sort(each)  # sorted: the same histogram whatever the order
+    return values

@@ -452,8 +452,13 @@ class MetricsReleaser:
             }
         self.commit(round_num)
 
-    def release(self, round_num: int, metrics: Mapping[str, float]) -> None:
-        _run(self._csv.release(dict(metrics), key=round_num))
+    def release(self, round_num: int, metrics: Mapping[str, float | np.ndarray]) -> None:
+        """Scalars go to the CSV row; arrays (e.g. each evaluated client's accuracy) only to TensorBoard histograms.
+
+        Arrays of rounds the CSV holds but TensorBoard had not committed before a kill are
+        not re-derivable from the CSV on resume (`resume`): those rounds keep their scalars.
+        """
+        _run(self._csv.release({k: v for k, v in metrics.items() if np.ndim(v) == 0}, key=round_num))
         with self._lock:
             self._pending[round_num] = metrics
 
@@ -463,13 +468,21 @@ class MetricsReleaser:
         if ready and self._tensorboard is None:
             self._tensorboard = _FlushingTensorBoardReleaseManager(self._dirs.tensorboard)
         for r, metrics in ready:
-            finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+            finite = {k: _finite(v) for k, v in metrics.items() if np.ndim(v) or math.isfinite(v)}
             _run(self._tensorboard.release(finite, key=r))
         if round_num > 0:
             path = os.path.join(self._dirs.tensorboard, _TB_COMMITTED)
             with open(f"{path}.tmp", "w") as f:
                 f.write(str(round_num))
             os.replace(f"{path}.tmp", path)
+
+
+def _finite(value):
+    """A scalar as is; an array without its non-finite entries (a histogram cannot bin them)."""
+    if np.ndim(value) == 0:
+        return value
+    value = np.asarray(value)
+    return value[np.isfinite(value)]
 
 
 def _read_int(path: str) -> int:
