@@ -79,6 +79,17 @@ def _max_relative_difference(a, b) -> float:
     return max(float(np.max(np.abs(x - y)) / np.max(np.abs(x))) for x, y in zip(a, b, strict=True))
 
 
+def _scalars(metrics, prefix: str = "") -> dict[str, float]:
+    """A round's nested metrics as {'a/b': value} for their numeric scalars."""
+    out = {}
+    for key, value in metrics.items():
+        if hasattr(value, "items"):
+            out.update(_scalars(value, f"{prefix}{key}/"))
+        elif np.ndim(value) == 0 and np.issubdtype(np.asarray(value).dtype, np.number):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
 def dense_layers(keras_model: tf.keras.Model) -> list[tuple[int, int]] | None:
     """(in, out) of each Dense layer if the model is Flatten and Dense layers only, else None."""
     layers = []
@@ -162,7 +173,7 @@ def time_config(config: configs.ExperimentConfig, info: dict, group_sizes: list[
     state = variants["per_client"].initialize()
     seconds = {name: [] for name in variants}
     clients, examples = [], []
-    last = {}
+    last, round_metrics = {}, []
     for r in range(1, rounds + 2):  # round 1: warm-up (tracing, worker start)
         ids = sampler.sample(r)
         for name, process in variants.items():
@@ -174,6 +185,7 @@ def time_config(config: configs.ExperimentConfig, info: dict, group_sizes: list[
                 if name == "per_client":
                     clients.append(len(ids))
                     examples.append(float(out.metrics["client_work"]["train"]["num_examples"]))
+                    round_metrics.append(_scalars(out.metrics))
             last[name] = process.get_model_weights(out.state).trainable
         state = out.state
     base = float(np.median(seconds["per_client"]))
@@ -183,6 +195,7 @@ def time_config(config: configs.ExperimentConfig, info: dict, group_sizes: list[
         "examples_per_round": float(np.median(examples)),
         "per_client_only": per_client_only,
         "dense_layers": dense_layers(task.create_keras_model()),
+        "per_client_metrics": round_metrics,  # e.g. the loss, and with DP the clipped fraction
         "variants": {},
     }
     for name, values in seconds.items():

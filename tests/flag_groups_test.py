@@ -95,3 +95,25 @@ def test_distributed_dp_with_a_client_group_size_runs_per_client_with_a_note(cap
         "note: client_batching=4 runs per client: distributed DP needs each real client's own clipping, rounding "
         "and noise share\n"
     )
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(REPO, "experiments", "presets"))))
+def test_every_preset_parses_to_a_valid_config_named_after_it(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # presets name the presets they extend relative to the repository
+    assert parsed(f"--flagfile=experiments/presets/{name}").experiment == name.removesuffix(".flags")
+
+
+def test_the_dp_keyboard_preset_on_10000_users_plans_epsilon_8_over_its_60_rounds(monkeypatch):
+    from tffpipe import accounting
+
+    monkeypatch.chdir(REPO)
+    config = parsed("--flagfile=experiments/presets/keyboard_dp_10k.flags")
+    assert (config.data.text.population.num_users, config.clients_per_round, config.loop.rounds) == (10_000, 200, 60)
+    assert config.dp.mechanism is configs.Mechanism.FIXED and config.client_batching == "auto"
+    plan = accounting.create_plan(config, 10_000)
+    # q = 200 / 10,000 = 0.02, delta = 10,000^-1.1 = 3.98e-5; `python -m experiments.compute_epsilon
+    # --task=keyboard --num_users=10000 --dp=fixed --target_epsilon=8 --clients_per_round=200 --rounds=60`
+    # solves z = 0.5242 (epsilon 7.997).
+    assert plan.delta == pytest.approx(10_000**-1.1)
+    assert plan.noise_multiplier == pytest.approx(0.5242, abs=1e-4)
+    assert accounting.epsilon(plan, 60) == pytest.approx(8.0, abs=0.01)
