@@ -444,3 +444,33 @@ def test_two_workers_receive_the_state_serialized_once(one_and_two_workers, tiny
     assert serialized.count(state_type) == 1  # two workers, 2 clients each
     process.next(state, task.train_data.client_ids[:4])
     assert serialized.count(state_type) == 2  # the next round makes it again (the cache lives one round)
+
+
+def test_two_workers_partial_aggregates_are_merged_here_not_by_a_worker(
+    one_and_two_workers, tiny_data_dir, monkeypatch
+):
+    # TFF's mergeable context asks a worker to merge each further partial aggregate. Here a
+    # round of two workers is three worker calls (each runs up_to_merge, one runs
+    # after_merge; TFF's fold would add a fourth, merge), and one merge runs here.
+    task = conftest.emnist_task(tiny_data_dir, "linear")
+    process = task.compose_train(algorithms.build_training_process(task.learning_model(), configs.AlgorithmConfig()))
+    worker_calls, merges = [], []
+    invoke, run = runtime._ThreadedContext.invoke, runtime._LocalMerge.run
+
+    async def recording_invoke(self, comp, arg):
+        if not isinstance(comp, runtime._LocalMerge):
+            worker_calls.append(comp)
+        return await invoke(self, comp, arg)
+
+    monkeypatch.setattr(runtime._ThreadedContext, "invoke", recording_invoke)
+    monkeypatch.setattr(runtime._LocalMerge, "run", lambda self, arg: merges.append(arg) or run(self, arg))
+    workers = one_and_two_workers[1]
+    workers.start()
+    state = process.initialize()
+    worker_calls.clear()
+    merges.clear()
+    output = process.next(state, task.train_data.client_ids[:4])
+    assert (len(worker_calls), len(merges)) == (3, 1)
+    # The merged sum counts each of the four clients' examples once (one local epoch).
+    batches = [b for cid in task.train_data.client_ids[:4] for b in task.train_data.create_tf_dataset_for_client(cid)]
+    assert output.metrics["client_work"]["train"]["num_examples"] == sum(int(b["y"].shape[0]) for b in batches)

@@ -20,7 +20,8 @@ which would run the workers one after another; each worker's synchronous context
 therefore run in a thread of its own (`_ThreadedContext`), so slices overlap. Values reach
 a worker through `_RemoteExecutor`, TFF's with `serialization`'s in-place serializer; the
 workers of a mergeable context share what one invocation serialized, so the server state
-is serialized once a round instead of once per worker (issue 22).
+is serialized once a round instead of once per worker, and their partial aggregates are
+merged here in TensorFlow (`_LocalMerge`) instead of by one remote call per worker (issue 22).
 
 `Runtime` owns the workers and the installed context. A round is a pure function of
 (state, sampled clients), so when a worker dies mid-round `Runtime.call` drops it,
@@ -51,11 +52,14 @@ from typing import IO, Any
 
 import grpc
 import portpicker
+import tensorflow as tf
 import tensorflow_federated as tff
 from absl import logging
 from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.backends.native import compiler, mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+from tensorflow_federated.python.core.impl.computation import computation_base
 from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl
 from tensorflow_federated.python.core.impl.execution_contexts import (
     mergeable_comp_execution_context,
@@ -67,7 +71,9 @@ from tensorflow_federated.python.core.impl.executors import (
     remote_executor,
     remote_executor_grpc_stub,
 )
-from tensorflow_federated.python.core.impl.types import placements
+from tensorflow_federated.python.core.impl.types import computation_types, placements, type_analysis
+from tensorflow_federated.python.core.impl.utils import tensorflow_utils
+from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
 from tffpipe import errors, network, processes, serialization
 
@@ -537,18 +543,104 @@ class _ThreadedContext(context_base.AsyncContext):
         self._sync = sync_context
 
     async def invoke(self, comp, arg):
+        if isinstance(comp, _LocalMerge):
+            return comp.run(arg)  # a few additions: cheaper here than a thread hop
         return await asyncio.to_thread(self._sync.invoke, comp, arg)
+
+
+class _LocalMerge(computation_base.Computation):
+    """A mergeable form's `merge` (`<A,A> -> A`, one TensorFlow graph), run here instead of on a worker.
+
+    TFF's mergeable context folds the workers' partial aggregates with one remote `merge`
+    per added worker, one after the other in completion order: both accumulators
+    serialized and sent, the result received and deserialized, each time (issue 22 found
+    this fold the largest part of an added worker's cost to the coordinator). The partial
+    aggregates are already here, deserialized, and TFF's compiler makes `merge` a
+    TensorFlow graph (`mergeable_comp_compiler` compiles it to TensorFlow, typically a
+    sum of accumulators), so it runs here as a pruned function of that graph, on the
+    same values. `_ThreadedContext` runs it when the context hands it one.
+    """
+
+    def __init__(self, merge: computation_base.Computation, function: Callable[..., Any]):
+        self._merge = merge
+        self._function = function
+
+    @classmethod
+    def of(cls, merge: computation_base.Computation) -> _LocalMerge | computation_base.Computation:
+        """`merge` to run here, or `merge` itself when it is not a stateless graph of tensors."""
+        proto = merge.to_building_block().proto if hasattr(merge, "to_building_block") else None
+        if proto is None or proto.WhichOneof("computation") != "tensorflow" or proto.tensorflow.initialize_op:
+            return merge
+        for part in (merge.type_signature.parameter, merge.type_signature.result):
+            if not type_analysis.contains_only(
+                part, lambda t: isinstance(t, computation_types.StructType | computation_types.TensorType)
+            ):
+                return merge
+        graph = proto.tensorflow
+        graph_def = serialization_utils.unpack_graph_def(graph.graph_def)
+        inputs = tensorflow_utils.extract_tensor_names_from_binding(graph.parameter)
+        outputs = tensorflow_utils.extract_tensor_names_from_binding(graph.result)
+        if graph.session_token_tensor_name:
+            inputs.append(graph.session_token_tensor_name)  # fed a constant: a merge keeps no session state
+
+        def imported():
+            tf.graph_util.import_graph_def(graph_def, name="")
+
+        wrapped = tf.compat.v1.wrap_function(imported, [])
+        pruned = wrapped.prune(
+            [wrapped.graph.as_graph_element(n) for n in inputs], [wrapped.graph.as_graph_element(n) for n in outputs]
+        )
+        feeds = [wrapped.graph.as_graph_element(n).dtype for n in inputs]
+        token = bool(graph.session_token_tensor_name)
+
+        def function(arg):
+            values = serialization.leaves(arg, merge.type_signature.parameter) + ([b""] if token else [])
+            results = iter(
+                t.numpy() for t in pruned(*(tf.convert_to_tensor(v, d) for v, d in zip(values, feeds, strict=True)))
+            )
+            return _pack(merge.type_signature.result, results)
+
+        return cls(merge, function)
+
+    @property
+    def type_signature(self) -> computation_types.FunctionType:
+        return self._merge.type_signature
+
+    def __call__(self, *args, **kwargs):
+        return self._merge(*args, **kwargs)
+
+    def __hash__(self) -> int:
+        return hash(self._merge)
+
+    def run(self, arg: Any) -> Any:
+        return self._function(arg)
+
+
+def _pack(type_spec: computation_types.Type, leaves) -> Any:
+    """The next of `leaves` in `type_spec`'s structure (a `tff.structure.Struct` for each struct)."""
+    if isinstance(type_spec, computation_types.StructType):
+        return structure.Struct([(name, _pack(t, leaves)) for name, t in structure.iter_elements(type_spec)])
+    return next(leaves)
+
+
+def _compile_with_local_merge(comp) -> mergeable_comp_execution_context.MergeableCompForm:
+    form = mergeable_comp_compiler.compile_to_mergeable_comp_form(comp)
+    form.merge = _LocalMerge.of(form.merge)
+    return form
 
 
 class _MergeableContext(mergeable_comp_execution_context.MergeableCompExecutionContext):
     """TFF's mergeable context (as `create_mergeable_comp_execution_context` makes it), whose
-    workers share the values serialized during one invocation; forgotten after it."""
+    workers share the values serialized during one invocation (forgotten after it), and whose
+    partial aggregates are merged here (`_LocalMerge`)."""
 
-    def __init__(self, workers: Sequence):
+    def __init__(self, workers: Sequence, *, local_merge: bool = True):
         self._shared = serialization.SharedValues()
         super().__init__(
             [_ThreadedContext(_sync_context(_executors(w, self._shared))) for w in workers],
-            compiler_fn=mergeable_comp_compiler.compile_to_mergeable_comp_form,
+            compiler_fn=_compile_with_local_merge
+            if local_merge
+            else mergeable_comp_compiler.compile_to_mergeable_comp_form,
         )
 
     def invoke(self, comp, arg=None):
@@ -698,8 +790,6 @@ def data_fingerprint(path: str) -> tuple[Callable[[], Any], tuple[int, int]]:
     value. It runs as TensorFlow in the worker, the process that reads the file when it
     builds client datasets, so it checks what the rounds will actually read.
     """
-    import tensorflow as tf
-
     query = "SELECT client_id || '|' || split_name || '|' || CAST(num_examples AS TEXT) FROM client_metadata"
 
     def read():

@@ -95,6 +95,13 @@ def _with_tff(out: executor_pb2.Value, value: object, type_spec) -> computation_
     return value_type
 
 
+def leaves(value: object, type_spec: computation_types.Type) -> list:
+    """The objects `value` is made of, in the order of `type_spec`'s leaves (as TFF binds them)."""
+    found: list = []
+    _leaves(value, type_spec, found)
+    return found
+
+
 def _leaves(value: object, type_spec, found: list) -> None:
     """The objects `value` is made of, walked along its type as `serialize_value` walks it."""
     if isinstance(value, _COMPUTATIONS) or type_spec is None:
