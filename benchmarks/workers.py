@@ -21,10 +21,21 @@ so its CPU per round is reported too.
 
 instead times only `--local_workers=N --pin_workers` at each N, for each checkout in
 `--repos` (alternated within each pass), and reports the coordinator's CPU per round at
-each N and per added worker: what the coordinator spends on one more worker (issue 22).
+each N and per added worker: what the coordinator spends on one more worker (issue 22);
+the workers' CPU per round likewise, the 1 -> 2 workers ratio of wall times, and the
+round extrapolated to `--extrapolate` workers from those per-worker costs:
+
+  round(N) = C(1) + c (N - 1) + (K(1) + k (N - 1)) / N
+
+C, K the coordinator's and all workers' CPU per round, as lines fitted by least squares
+over the counts measured, c, k their slopes (the round is the coordinator's CPU plus the workers' CPU over N,
+within 3% in issue 15's measurements: the coordinator is on the critical path).
+`--rounds` shortens the runs (the CPU is taken over rounds 3 .. R-1).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from absl import app, flags
@@ -37,6 +48,8 @@ FLAGS.set_default("workloads", ["w2", "w1", "w1e5"])
 FLAGS.set_default("repeats", 2)
 flags.DEFINE_list("per_worker", [], "Pinned worker counts (e.g. 1,2,4): the coordinator's CPU per added worker.")
 flags.DEFINE_list("repos", ["."], "With --per_worker: checkouts to compare in the same passes (e.g. before a change).")
+flags.DEFINE_integer("rounds", 0, "With --per_worker: rounds per run (>= 4), 0 for the workload's own.")
+flags.DEFINE_integer("extrapolate", 64, "With --per_worker: the worker count to extrapolate the round to.")
 
 # name: (training flags, remote workers)
 CONFIGS = {
@@ -56,6 +69,8 @@ def per_worker(counts: list[int], repos: list[str]) -> dict:
     results = {}
     for name in FLAGS.workloads:
         w = wall.WORKLOADS[name]
+        if FLAGS.rounds:
+            w = dataclasses.replace(w, wall_rounds=FLAGS.rounds)
         wall.generate(w, FLAGS.cache_dir, repos[0])
         runs = {(repo, n): [] for repo in repos for n in counts}
         for _ in range(FLAGS.repeats):
@@ -63,16 +78,38 @@ def per_worker(counts: list[int], repos: list[str]) -> dict:
                 for n in counts:
                     extra = [f"--local_workers={n}", "--pin_workers"]
                     runs[repo, n].append(wall.run_once(w, FLAGS.cache_dir, repo, extra))
-        print(f"| {name}, checkout | " + " | ".join(f"{n} workers" for n in counts) + " | per added worker |")
-        print("|---" * (len(counts) + 2) + "|")
+        far = FLAGS.extrapolate
+        print(
+            f"| {name}, checkout | "
+            + " | ".join(f"{n} workers" for n in counts)
+            + f" | per added worker | workers' CPU: 1 worker, per added | 1 -> 2 wall | round at {far} (extrapolated) |"
+        )
+        print("|---" * (len(counts) + 5) + "|")
         for repo in repos:
             summaries = {n: wall.summarize(w, runs[repo, n]) for n in counts}
             cpu = {n: s["cpu_seconds_coordinator_per_round"] for n, s in summaries.items()}
-            # Least squares over the counts: the coordinator's CPU for one more worker.
-            slope = float(np.polyfit(counts, [cpu[n] for n in counts], 1)[0])
+            work = {n: s["cpu_seconds_workers_per_round"] for n, s in summaries.items()}
+            # Least squares over the counts: the coordinator's (and the workers') CPU for one more worker.
+            slope, intercept = (float(v) for v in np.polyfit(counts, [cpu[n] for n in counts], 1))
+            work_slope, work_intercept = (float(v) for v in np.polyfit(counts, [work[n] for n in counts], 1))
+            coordinator_1, work_1 = intercept + slope, work_intercept + work_slope  # the fits at N = 1
+            at_far = coordinator_1 + slope * (far - 1) + (work_1 + work_slope * (far - 1)) / far
+            speedup = _median_wall(summaries[1]) / _median_wall(summaries[2]) if {1, 2} <= set(counts) else None
             cells = [f"{cpu[n] * 1000:.0f} ms ({_median_wall(summaries[n]) * 1000:.0f} ms wall)" for n in counts]
-            print(f"| {name}, {repo} | {' | '.join(cells)} | {slope * 1000:.0f} ms |", flush=True)
-            results[f"{name} {repo}"] = {"summaries": summaries, "coordinator_cpu_per_added_worker": slope}
+            print(
+                f"| {name}, {repo} | {' | '.join(cells)} | {slope * 1000:.0f} ms | {work_1 * 1000:.0f} ms, "
+                f"{work_slope * 1000:.0f} ms | {f'{speedup:.2f}x' if speedup else '-'} | {at_far:.2f} s |",
+                flush=True,
+            )
+            results[f"{name} {repo}"] = {
+                "summaries": summaries,
+                "coordinator_cpu_per_added_worker": slope,
+                "coordinator_cpu_at_1": coordinator_1,
+                "workers_cpu_at_1": work_1,
+                "workers_cpu_per_added_worker": work_slope,
+                "wall_1_to_2_workers": speedup,
+                f"round_seconds_at_{far}_extrapolated": at_far,
+            }
     return results
 
 
