@@ -34,7 +34,7 @@ def _raise(error: Exception):
         sql_files.DataFileError("data file not found: /nonexistent/emnist_all.sqlite"),
         outputs.CheckpointError("checkpoint of round 3 in /x is unreadable"),
         outputs.OutputError("cannot create the experiment directory /x"),
-        client_groups.GroupingError("the adaptive DP mechanism has no grouped path yet; only fixed clipping"),
+        client_groups.GroupingError("compression quantizes each update: a group's mean is not its members' updates"),
     ],
     ids=lambda e: type(e).__name__,
 )

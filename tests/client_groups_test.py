@@ -1,3 +1,4 @@
+import collections
 import concurrent.futures
 import dataclasses
 import os
@@ -5,10 +6,12 @@ import re
 import subprocess
 import sys
 
+import dp_accounting
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
+from tensorflow_federated.python.aggregators import differential_privacy
 
 from tests import conftest
 from tffpipe import accounting, aggregation, algorithms, audit, client_groups, configs, validation
@@ -17,6 +20,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FEDAVG, FEDADAM, FEDYOGI = configs.Algorithm.FEDAVG, configs.Algorithm.FEDADAM, configs.Algorithm.FEDYOGI
 NONE, FIXED = configs.Mechanism.NONE, configs.Mechanism.FIXED
+ADAPTIVE, TREE = configs.Mechanism.ADAPTIVE, configs.Mechanism.TREE
+# An L-inf bound that zeroes some first-round updates only (linear, batch 8, lr 0.1: largest
+# |coordinate| 0.061, 0.077, 0.033, 0.059, 0.033 for the first five clients: two zeroed).
+ZEROING = 0.06
 
 # z small enough that the (identical, seeded) noise does not drown a wrong clipped sum
 # (noise std zC/m = 0.0016 per coordinate of the mean); a clip that binds for some members
@@ -32,15 +39,17 @@ def _task(data_dir, model, epochs=1):
     return conftest.emnist_task(data_dir, model, batch_size=BATCH, epochs=epochs)
 
 
-def _processes(task, algorithm, mechanism, group_size, batched=None):
+def _processes(task, algorithm, mechanism, group_size, batched=None, noise=None, **dp):
     """(per-client process, grouped process) of the same algorithm, mechanism and noise seed.
 
     `batched`: None, members one after the other; "vmap", members together through
     `tf.vectorized_map` of the model; "dense", through `create_dense_forward`.
+    `noise`: z (default NOISE with fixed clipping, else 0); `dp`: more `DpConfig` values.
     """
     config = algorithms.AlgorithmConfig(algorithm=algorithm)
-    dp = configs.DpConfig(mechanism=mechanism, clip=CLIP)
-    plan = conftest.plan(mechanism, NOISE if mechanism is FIXED else 0.0, IDS)
+    dp = configs.DpConfig(mechanism=mechanism, clip=CLIP, **dp)
+    noise = (NOISE if mechanism is FIXED else 0.0) if noise is None else noise
+    plan = conftest.plan(mechanism, noise, IDS)
     per_client = task.compose_train(
         algorithms.build_training_process(
             task.learning_model(), config, aggregator=aggregation.build_factory(dp, plan, noise_seed=11)
@@ -53,7 +62,7 @@ def _processes(task, algorithm, mechanism, group_size, batched=None):
         task.train_data.serializable_dataset_fn,
         group_size,
         aggregator=grouped_factory,
-        clip=None if grouped_factory is None else CLIP,
+        clip=CLIP if mechanism is FIXED and not dp.zeroing_norm else None,
         batch_size=BATCH if batched else None,
         forward=client_groups.create_dense_forward(task.create_keras_model()) if batched == "dense" else None,
     )
@@ -131,16 +140,22 @@ def test_grouped_rounds_give_the_per_client_weights_and_metrics(
         assert 0 < query_e["clipped_count"] < IDS  # the clip binds for some members only
 
 
-@pytest.mark.parametrize("mechanism", [NONE, FIXED])
-def test_a_group_of_one_is_the_per_client_path(tiny_data_dir, tff_context, mechanism):
+@pytest.mark.parametrize(
+    "mechanism, noise, zeroing_norm",
+    [(NONE, None, 0.0), (FIXED, None, 0.0), (ADAPTIVE, 0.0, 0.0), (TREE, NOISE, ZEROING)],
+    ids=["none", "fixed", "adaptive", "tree-zeroing"],
+)
+def test_a_group_of_one_is_the_per_client_path(tiny_data_dir, tff_context, mechanism, noise, zeroing_norm):
     task = _task(tiny_data_dir, "linear")
-    per_client, grouped = _processes(task, FEDAVG, mechanism, group_size=1)
+    per_client, grouped = _processes(task, FEDAVG, mechanism, group_size=1, noise=noise, zeroing_norm=zeroing_norm)
     ids = task.train_data.client_ids[:3]
     state = per_client.initialize()
     (expected,), (actual,) = _run(per_client, 1, ids, state), _run(grouped, 1, ids, state)
-    # With DP each member's clipped update goes through unchanged: the same sum of the same terms.
-    _assert_weights_close(per_client, expected.state, grouped, actual.state, rtol=0 if mechanism is FIXED else 1e-6)
+    # With DP each member's update is preprocessed as it is per client: the same sum of the same terms.
+    _assert_weights_close(per_client, expected.state, grouped, actual.state, rtol=0 if mechanism is not NONE else 1e-6)
     assert actual.metrics["client_work"]["train"] == expected.metrics["client_work"]["train"]
+    if mechanism is not NONE:
+        assert actual.metrics["aggregator"] == expected.metrics["aggregator"]
 
 
 @pytest.mark.parametrize("mechanism, batched", [(NONE, None), (NONE, "dense"), (FIXED, "vmap")])
@@ -154,6 +169,81 @@ def test_a_real_client_without_examples_changes_nothing(tiny_data_dir, tff_conte
     _assert_weights_close(grouped, without.state, grouped, with_empty.state, rtol=1e-6)
     assert with_empty.metrics["client_work"]["train"] == without.metrics["client_work"]["train"]
     assert with_empty.metrics["client_work"]["groups"]["clients"] == 5
+
+
+def test_an_empty_member_is_a_zero_update_as_per_client_with_adaptive_clipping(tiny_data_dir, tff_context):
+    task = _task(tiny_data_dir, "linear")
+    per_client, grouped = _processes(task, FEDAVG, ADAPTIVE, group_size=3, noise=0.0, zeroing_norm=ZEROING)
+    plan = conftest.plan(ADAPTIVE, 0.0, IDS)
+    ids = task.train_data.client_ids[:4]
+    with_empty = [*ids[:2], "nobody", *ids[2:]]  # groups [a, b, nobody] and [c, d, padding]
+    state = per_client.initialize()
+    (without,) = _run(grouped, 1, ids, state)
+    (expected,), (actual,) = _run(per_client, 1, with_empty, state), _run(grouped, 1, with_empty, state)
+    # "nobody" trains on no examples: a zero update, which adds nothing to the clipped sum (the mean
+    # divides by the planned m, not by who came), so the weights are those without it...
+    _assert_weights_close(grouped, without.state, grouped, actual.state, rtol=1e-6)
+    assert actual.metrics["client_work"]["train"] == without.metrics["client_work"]["train"]
+    # ...but, per client as in a group, it is one more update under the clip in the quantile count.
+    _assert_weights_close(per_client, expected.state, grouped, actual.state)
+    clip = {
+        name: aggregation.round_metrics(plan, output.metrics["aggregator"], 5)["privacy/clip"]
+        for name, output in (("per_client", expected), ("grouped", actual), ("without", without))
+    }
+    assert clip["grouped"] == pytest.approx(clip["per_client"], rel=1e-6) and clip["grouped"] != clip["without"]
+    assert actual.metrics["aggregator"]["zeroed_count"] == expected.metrics["aggregator"]["zeroed_count"]
+
+
+@pytest.mark.parametrize(
+    "mechanism, noise, zeroing_norm, model, batched",
+    [
+        (ADAPTIVE, 0.0, 0.0, "linear", None),  # TF Privacy's adaptive noise is unseeded: off
+        (TREE, NOISE, 0.0, "mlp", None),  # the tree's seeded noise: the same noise on both paths
+        (FIXED, NOISE, ZEROING, "linear", None),
+        (ADAPTIVE, 0.0, ZEROING, "linear", "dense"),
+    ],
+    ids=["adaptive", "tree-noised", "fixed-zeroing-noised", "adaptive-zeroing-dense"],
+)
+def test_member_mechanisms_give_the_per_client_weights_metrics_and_events(
+    tiny_data_dir, tff_context, mechanism, noise, zeroing_norm, model, batched
+):
+    task = _task(tiny_data_dir, model)
+    per_client, grouped = _processes(
+        task, FEDAVG, mechanism, group_size=2, batched=batched, noise=noise, zeroing_norm=zeroing_norm
+    )
+    plan = conftest.plan(mechanism, noise, IDS)
+    ids = task.train_data.client_ids[:IDS]  # groups of 2, 2 and 1: the last one has a padding member
+    state = per_client.initialize()
+    expected, actual = _run(per_client, 2, ids, state), _run(grouped, 2, ids, state)
+    for e, a in zip(expected, actual, strict=True):
+        _assert_weights_close(per_client, e.state, grouped, a.state)
+        train_e, train_a = e.metrics["client_work"]["train"], a.metrics["client_work"]["train"]
+        np.testing.assert_allclose(list(train_a.values()), list(train_e.values()), rtol=1e-5)
+        # privacy/clip, privacy/noise_stddev and diagnostic/clipped_fraction where the mechanism has them.
+        round_e = aggregation.round_metrics(plan, e.metrics["aggregator"], IDS)
+        round_a = aggregation.round_metrics(plan, a.metrics["aggregator"], IDS)
+        assert list(round_a) == list(round_e)
+        np.testing.assert_allclose(list(round_a.values()), list(round_e.values()), rtol=1e-5)
+        if zeroing_norm:
+            assert a.metrics["aggregator"]["zeroed_count"] == e.metrics["aggregator"]["zeroed_count"]
+        # The round's DpEvent in the aggregator's state: the same mechanism, so the same epsilon.
+        assert _event(a.state) == _event(e.state)
+    first = expected[0].metrics["aggregator"]
+    if zeroing_norm:
+        assert 0 < first["zeroed_count"] < IDS  # the bound zeroes some members only
+    if mechanism is ADAPTIVE:
+        # The clip moved after round 1 (the below-clip count of the members steered it), alike on both paths.
+        assert aggregation.round_metrics(plan, first, IDS)["privacy/clip"] != pytest.approx(CLIP)
+    if mechanism is FIXED:
+        assert 0 < aggregation.round_metrics(plan, first, IDS)["diagnostic/clipped_fraction"] < 1
+
+
+def _event(state) -> dp_accounting.DpEvent:
+    """The round's DpEvent in a learning process's state (inside zeroing's wrapper if any)."""
+    aggregator = state.aggregator
+    if "inner_agg" in aggregator:
+        aggregator = aggregator["inner_agg"]
+    return differential_privacy.extract_dp_event_from_state(differential_privacy.DPAggregatorState(*aggregator))
 
 
 def test_the_preclipped_query_sums_records_as_they_are_with_the_per_client_noise():
@@ -174,17 +264,47 @@ def test_the_preclipped_query_sums_records_as_they_are_with_the_per_client_noise
     assert float(event_a.noise_multiplier) == float(event_b.noise_multiplier) == z
 
 
+@pytest.mark.parametrize("mechanism", [FIXED, ADAPTIVE, TREE])
+def test_the_grouped_query_preprocesses_each_real_member_as_the_per_client_query(mechanism):
+    # Clip 1: [3, 4] (norm 5) is clipped to [0.6, 0.8], [0.3, 0.4] (norm 0.5) is not; the third row
+    # is padding (mask 0), which would add [0.6, 0.8] and one more clipped update if it counted.
+    dp = configs.DpConfig(mechanism=mechanism, clip=1.0)
+    specs = (tf.TensorSpec([2], tf.float32),)
+    inner = aggregation.build_query(dp, conftest.plan(mechanism, 0.5, 20), noise_seed=0, record_specs=specs)
+    grouped = client_groups.GroupedQuery(inner)
+    group = collections.OrderedDict(
+        updates=(tf.constant([[3.0, 4.0], [0.3, 0.4], [30.0, 40.0]]),), mask=tf.constant([1.0, 1.0, 0.0])
+    )
+    state = grouped.initial_global_state()
+    params = grouped.derive_sample_params(state)
+    sample = grouped.preprocess_record(params, group)
+    per_client = inner.initial_sample_state(specs)
+    for member in ([3.0, 4.0], [0.3, 0.4]):  # the real members, each a record of its own
+        per_client = inner.accumulate_record(params, per_client, (tf.constant(member),))
+    tf.nest.map_structure(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), sample, per_client)
+    clipped_sum = {FIXED: lambda s: s[0], ADAPTIVE: lambda s: s.sum_state, TREE: lambda s: s}[mechanism](sample)
+    np.testing.assert_allclose(clipped_sum[0], [0.9, 1.2], rtol=1e-6)  # [0.6, 0.8] + [0.3, 0.4]
+    if mechanism is FIXED:
+        assert float(sample[1]) == 1.0  # one real member clipped
+    if mechanism is ADAPTIVE:
+        # The below-clip count, centred: (0 - 1/2) + (1 - 1/2) = 0; the padding row would make it -1/2.
+        assert float(sample.quantile_estimator_state) == 0.0
+    # The state, and so the noise and the DP event, are the inner query's own.
+    assert tf.nest.map_structure(lambda t: t.shape, state) == tf.nest.map_structure(
+        lambda t: t.shape, inner.initial_global_state()
+    )
+
+
 @pytest.mark.parametrize(
     "dp, compression, message",
     [
-        (configs.DpConfig(mechanism=configs.Mechanism.ADAPTIVE), False, "adaptive DP mechanism has no grouped path"),
-        (configs.DpConfig(mechanism=configs.Mechanism.TREE), False, "tree DP mechanism has no grouped path"),
-        (configs.DpConfig(zeroing_norm=5.0), False, "zeroing"),
+        (configs.DpConfig(mechanism=configs.Mechanism.DISTRIBUTED), False, "distributed DP mechanism has no grouped"),
         (configs.DpConfig(mechanism=NONE), True, "compression"),
     ],
 )
 def test_mechanisms_without_a_grouped_path_are_refused(dp, compression, message):
-    plan = conftest.plan(dp.mechanism, 0.0 if dp.mechanism is NONE else 0.5, IDS)
+    distributed = {"bits": 18, "dimension": 48_670} if dp.mechanism is configs.Mechanism.DISTRIBUTED else {}
+    plan = conftest.plan(dp.mechanism, 0.0 if dp.mechanism is NONE else 0.5, IDS, **distributed)
     with pytest.raises(client_groups.GroupingError, match=message):
         client_groups.build_factory(dp, plan, noise_seed=0, compression=compression)
 
@@ -234,16 +354,37 @@ def test_bad_group_sizes_name_the_parameter(value, message):
 
 
 def test_an_explicit_group_size_is_refused_where_groups_cannot_run_and_auto_falls_back():
-    adaptive = {"dp.mechanism": configs.Mechanism.ADAPTIVE, "clients_per_round": 50}
-    with pytest.raises(validation.ConfigError, match="the adaptive DP mechanism has no grouped path"):
-        configs.build({**adaptive, "client_batching": "10"})
-    auto = configs.build({**adaptive, "client_batching": "auto"})
+    compressed = {"dp.mechanism": NONE, "compression": True, "clients_per_round": 50}
+    with pytest.raises(validation.ConfigError, match="client_batching=10 cannot run: compression and secure"):
+        configs.build({**compressed, "client_batching": "10"})
+    auto = configs.build({**compressed, "client_batching": "auto"})
     assert client_groups.group_size(auto, model=object()) is None  # auto: per client, no error
     fixed = configs.build({"clients_per_round": 50, "client_batching": "auto", "runtime.local_workers": 2})
     functional = object.__new__(tff.learning.models.FunctionalModel)
     assert client_groups.group_size(fixed, functional) == 25  # one group per worker: ceil(50 / 2)
     assert client_groups.group_size(fixed, model=object()) is None  # a Keras-wrapped model runs per client
     assert client_groups.group_size(configs.build({"client_batching": "off"}), functional) is None
+
+
+def test_groups_that_send_their_members_stay_under_the_memory_budget(tiny_data_dir, monkeypatch):
+    from tffpipe import models
+
+    keras_model = models.create_model("linear", configs.Task.EMNIST, 62)
+    update = models.weight_bytes(keras_model.trainable_weights)
+    assert update == 4 * (28 * 28 * 62 + 62) == 194_680
+    adaptive = {"model": "linear", "dp.mechanism": ADAPTIVE, "dp.noise_multiplier": 0.5, "clients_per_round": 100}
+    over, fits, auto = (configs.build({**adaptive, "client_batching": k}) for k in ("65", "64", "auto"))
+    fixed = configs.build({**adaptive, "dp.mechanism": FIXED, "client_batching": "65"})
+    monkeypatch.setattr(configs, "memory_bytes", lambda: 100_000_000)
+    # One worker's group gets half of 100 MB for 4 copies of K updates: 50,000,000 // (4 x 194,680) = 64.
+    assert configs.member_group_limit(over, update) == 64
+    with pytest.raises(client_groups.GroupingError, match=r"client_batching=65 cannot run: .* use at most 64, or auto"):
+        client_groups.check_model(over, keras_model)
+    client_groups.check_model(fits, keras_model)
+    client_groups.check_model(fixed, keras_model)  # fixed clipping sends one clipped sum per group: no bound
+    assert configs.member_group_limit(fixed, update) is None
+    # auto: one group per worker, ceil(100 / 1), capped at the 64 that fit.
+    assert client_groups.group_size(auto, _task(tiny_data_dir, "linear").learning_model()) == 64
 
 
 def test_the_process_builder_groups_with_client_batching_and_not_without(tiny_data_dir, tff_context):
@@ -263,7 +404,10 @@ def test_the_train_binary_refuses_bad_client_batching_before_any_data(tmp_path):
     cases = [
         (["--client_batching=0"], "--client_batching=0: client_batching must be a positive group size, got 0"),
         (["--client_batching=2", "--model=small_cnn"], "--client_batching=2: client_batching=2 cannot run: model"),
-        (["--client_batching=2", "--dp=tree"], "--client_batching=2: client_batching=2 cannot run: the tree DP"),
+        (
+            ["--client_batching=2", "--dp=none", "--compression"],
+            "--client_batching=2: client_batching=2 cannot run: compr",
+        ),
     ]
     # A tiny population and one round, so that a check that does not fire ends quickly (with files written).
     tiny = ["--num_writers=12", "--median_examples=24", "--clients_per_round=3", "--eval_clients=0", "--rounds=1"]
@@ -433,7 +577,7 @@ def test_device_model_rounds_in_groups_give_the_per_client_rounds(tiny_data_dir,
     "values, grouped, reason",
     [
         ({"dp.mechanism": configs.Mechanism.DISTRIBUTED}, False, "distributed DP needs each real client's own"),
-        ({"dp.mechanism": configs.Mechanism.TREE}, False, "the tree DP mechanism has no grouped path"),
+        ({"dp.mechanism": NONE, "compression": True}, False, "compression and secure aggregation act on each"),
         ({"model": "small_cnn"}, False, "model small_cnn trains Keras-wrapped"),
         ({"privacy.canaries": 4}, True, None),  # canaries group (each member replaced in the group's call)
     ],

@@ -145,18 +145,14 @@ class TreeFactory(tff.aggregators.UnweightedAggregationFactory):
     fits both.
     """
 
-    def __init__(self, noise_multiplier: float, clients_per_round: float, clip: float, noise_seed: int | None):
-        self._noise_multiplier = noise_multiplier
-        self._clients_per_round = clients_per_round
-        self._clip = clip
+    def __init__(self, dp: configs.DpConfig, plan: accounting.PrivacyPlan, noise_seed: int | None):
+        self._dp = dp
+        self._plan = plan
         self._noise_seed = noise_seed
 
     def create(self, value_type) -> tff.templates.AggregationProcess:
         specs = tff.types.type_to_tf_tensor_specs(value_type)
-        tree = tfp.TreeResidualSumQuery.build_l2_gaussian_query(
-            self._clip, self._noise_multiplier, specs, noise_seed=self._noise_seed, use_efficient=True
-        )
-        query = tfp.NormalizedQuery(MeasuredNoiseQuery(tree, lambda s: s), self._clients_per_round)
+        query = build_query(self._dp, self._plan, noise_seed=self._noise_seed, record_specs=specs)
         return tff.aggregators.DifferentiallyPrivateFactory(query).create(value_type)
 
 
@@ -227,7 +223,6 @@ def build_factory(
         its norm above the clip, which the accounting would not cover.
       secure_aggregation: TFF's secure weighted mean without DP (`mechanisms`).
     """
-    z, m = plan.noise_multiplier, float(plan.clients_per_round)
     if compression:
         return compression_factory()
     spec = mechanisms.spec_for(plan, secure_aggregation=secure_aggregation)
@@ -235,12 +230,31 @@ def build_factory(
         return spec.build_factory(dp, plan, noise_seed)
     if plan.mechanism is Mechanism.NONE:
         return None
+    if plan.mechanism is Mechanism.TREE:
+        factory = TreeFactory(dp, plan, noise_seed)
+    else:
+        factory = tff.aggregators.DifferentiallyPrivateFactory(build_query(dp, plan, noise_seed=noise_seed))
+    if dp.zeroing_norm > 0:
+        factory = tff.aggregators.zeroing_factory(dp.zeroing_norm, factory)
+    return factory
+
+
+def build_query(
+    dp: configs.DpConfig, plan: accounting.PrivacyPlan, *, noise_seed: int | None, record_specs: Any = None
+) -> tfp.DPQuery:
+    """The central mechanism's TF Privacy query on one client's record: sum, noise, divide by m, measured.
+
+    What `build_factory` hands TFF's `DifferentiallyPrivateFactory` for the fixed,
+    adaptive and tree mechanisms (and what `client_groups` applies to each real member
+    of a group). `record_specs`: the update's TensorSpecs, which the tree query needs
+    up front (`TreeFactory`); the others ignore it.
+    """
+    z, m = plan.noise_multiplier, float(plan.clients_per_round)
     if plan.mechanism is Mechanism.FIXED:
         # As TFF's gaussian_fixed (a normalized Gaussian sum query), with seeded noise.
         seeded = SeededGaussianSumQuery(dp.clip, z * dp.clip, noise_seed)
-        query = tfp.NormalizedQuery(MeasuredNoiseQuery(seeded, lambda s: s[0]), m)
-        factory = tff.aggregators.DifferentiallyPrivateFactory(query)
-    elif plan.mechanism is Mechanism.ADAPTIVE:
+        return tfp.NormalizedQuery(MeasuredNoiseQuery(seeded, lambda s: s[0]), m)
+    if plan.mechanism is Mechanism.ADAPTIVE:
         accounting.adaptive_noise_split(z, m)  # TFF fails deep inside the build where this says why
         # The query TFF's gaussian_adaptive builds (Andrew et al. 2021, geometric updates), measured.
         value_noise_multiplier, count_stddev = differential_privacy.adaptive_clip_noise_params(z, m)
@@ -253,13 +267,15 @@ def build_factory(
             expected_num_records=m,
             geometric_update=True,
         )
-        query = tfp.NormalizedQuery(MeasuredNoiseQuery(adaptive, lambda s: s.sum_state), m)
-        factory = tff.aggregators.DifferentiallyPrivateFactory(query)
-    else:
-        factory = TreeFactory(z, m, dp.clip, noise_seed)
-    if dp.zeroing_norm > 0:
-        factory = tff.aggregators.zeroing_factory(dp.zeroing_norm, factory)
-    return factory
+        return tfp.NormalizedQuery(MeasuredNoiseQuery(adaptive, lambda s: s.sum_state), m)
+    if plan.mechanism is Mechanism.TREE:
+        if record_specs is None:
+            raise ValueError("the tree query needs record_specs: its noise is shaped like the updates")
+        tree = tfp.TreeResidualSumQuery.build_l2_gaussian_query(
+            dp.clip, z, record_specs, noise_seed=noise_seed, use_efficient=True
+        )
+        return tfp.NormalizedQuery(MeasuredNoiseQuery(tree, lambda s: s), m)
+    raise ValueError(f"the {plan.mechanism.value} mechanism has no central DP query")
 
 
 def round_metrics(

@@ -517,7 +517,8 @@ class ExperimentConfig:
         client each (per-client computations); K (a positive integer, at most
         clients_per_round), groups of up to K trained in one call each
         (`client_groups`); "auto", groups where they run (functional models, FedAvg
-        and the server-optimizer variants, no DP or fixed DP), per client otherwise.
+        and the server-optimizer variants; no DP, or central DP with or without zeroing;
+        not compression), per client otherwise.
     """
 
     task: Task = Task.EMNIST
@@ -720,7 +721,42 @@ def _check_sizes(config: ExperimentConfig, memory: int) -> None:
 
 # What `client_groups` trains in groups (the model kind is checked once the model is built).
 GROUPED_ALGORITHMS = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
-GROUPED_MECHANISMS = frozenset({"none", "fixed"})
+GROUPED_MECHANISMS = frozenset({"none", "fixed", "adaptive", "tree"})  # zeroing with any of them
+
+
+# A group that sends each member's update for the aggregator to clip or check
+# (`client_groups.MembersFactory`) holds K copies of the update about this many times at
+# once: the rows its members write, their stacked and padded result, the aggregator's record.
+GROUP_UPDATE_COPIES = 4
+
+
+def group_sends_members(dp: DpConfig) -> bool:
+    """Whether a client group sends its members' updates stacked, K copies of the update.
+
+    Adaptive clipping (the clip is in the aggregator's state, and it counts each update
+    under it), tree aggregation (its clip is the query's) and zeroing (each update's norm
+    checked) need each real member's own update at the aggregator; without DP a group
+    sends its mean, with fixed clipping its members' clipped sum.
+    """
+    if dp.mechanism in (Mechanism.ADAPTIVE, Mechanism.TREE):
+        return True
+    return dp.mechanism is Mechanism.FIXED and dp.zeroing_norm > 0
+
+
+def member_group_limit(config: ExperimentConfig, update_bytes: int, memory: int | None = None) -> int | None:
+    """The largest group size whose stacked member updates fit a group's memory budget; None: unbounded.
+
+    Only groups that send their members' updates (`group_sends_members`) are bounded. The
+    budget of a group: half of this machine's memory (`memory_bytes`, or `memory`) shared
+    by the workers, for `GROUP_UPDATE_COPIES` copies of K updates of `update_bytes` each.
+    """
+    if not group_sends_members(config.dp):
+        return None
+    memory = memory_bytes() if memory is None else memory
+    if memory <= 0:
+        return None
+    workers = max(1, len(config.runtime.workers) or config.runtime.local_workers)
+    return max(1, memory // (2 * workers) // (GROUP_UPDATE_COPIES * update_bytes))
 
 
 def client_group_size(config: ExperimentConfig) -> int | None:
@@ -734,9 +770,7 @@ def client_batching_obstacle(config: ExperimentConfig) -> str | None:
     if config.algorithm.algorithm.value not in GROUPED_ALGORITHMS:
         return f"algorithm {config.algorithm.algorithm.value} has no grouped client work yet"
     if config.dp.mechanism.value not in GROUPED_MECHANISMS:
-        return f"the {config.dp.mechanism.value} DP mechanism has no grouped path yet (only none and fixed)"
-    if config.dp.zeroing_norm > 0:
-        return "zeroing checks each update's norm and has no grouped path yet"
+        return f"the {config.dp.mechanism.value} DP mechanism has no grouped path"
     if config.compression or config.secure_aggregation:
         return "compression and secure aggregation act on each update and have no grouped path yet"
     return None
@@ -1087,12 +1121,15 @@ class PersonalizationConfig:
       learning_rate: the fine-tuning SGD rate; None: the run's client learning rate. A
         training step is clipped and averaged over a cohort, a fine-tuning step is
         neither, so the training rate can be too large for it (README, "What reaches the phone").
+      every: in training only, personalize the evaluation's held-out clients every this
+        many rounds and at the last (0: never); see `check_in_training`.
     """
 
     epochs: int = 1
     fraction: float = 0.5
     max_clients: int = -1
     learning_rate: float | None = None
+    every: int = 0
 
     def __post_init__(self):
         if self.learning_rate is not None:
@@ -1102,3 +1139,23 @@ class PersonalizationConfig:
         validation.integer(-1, max_clients=self.max_clients)
         if self.max_clients == 0:
             raise validation.ConfigError("max_clients", "max_clients must be positive or -1 (all), got 0")
+        validation.integer(0, every=self.every)
+
+    def check_in_training(self, config: ExperimentConfig) -> None:
+        """Personalization runs with the federated evaluation, on its clients: `every` must fit its cadence.
+
+        Raises:
+          validation.ConfigError: naming `every`.
+        """
+        if self.every == 0:
+            return
+        if config.eval_clients == 0:
+            raise validation.ConfigError(
+                "every", f"every={self.every} personalizes the evaluation's clients, but eval_clients=0 evaluates none"
+            )
+        if self.every % config.loop.eval_every:
+            raise validation.ConfigError(
+                "every",
+                f"every={self.every} must be a multiple of eval_every={config.loop.eval_every} "
+                "(personalization runs with the federated evaluation)",
+            )
