@@ -101,6 +101,24 @@ def dense_layers(keras_model: tf.keras.Model) -> list[tuple[int, int]] | None:
     return layers or None
 
 
+_worker_pid: int | None = None  # TFF's worker, whose CPU time counts with ours
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of TFF's worker so far.
+
+    The worker's from /proc/<pid>/stat (utime and stime, fields 14 and 15, in clock
+    ticks): on a shared machine CPU time per round moves far less with the load than wall
+    time does, and divided by the cores it bounds the round an idle machine could give.
+    """
+    seconds = time.process_time()
+    if _worker_pid is not None:
+        with open(f"/proc/{_worker_pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
 def time_workload(w: workloads.Workload, group_sizes: list[str], rounds: int) -> dict:
     """One workload's rounds, per client and grouped, alternated; see the module doc."""
     return time_config(w.config(FLAGS.cache_dir), w.to_json(), group_sizes, rounds)
@@ -172,16 +190,18 @@ def time_config(config: configs.ExperimentConfig, info: dict, group_sizes: list[
     sampler = sampling.ClientSampler(task.train_data.client_ids, m, config.sampling, seed=0)
     state = variants["per_client"].initialize()
     seconds = {name: [] for name in variants}
+    cpu = {name: [] for name in variants}
     clients, examples = [], []
     last, round_metrics = {}, []
     for r in range(1, rounds + 2):  # round 1: warm-up (tracing, worker start)
         ids = sampler.sample(r)
         for name, process in variants.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), _cpu_seconds()
             out = process.next(state, ids)
-            dt = time.perf_counter() - t
+            dt, dc = time.perf_counter() - t, _cpu_seconds() - c
             if r > 1:
                 seconds[name].append(dt)
+                cpu[name].append(dc)
                 if name == "per_client":
                     clients.append(len(ids))
                     examples.append(float(out.metrics["client_work"]["train"]["num_examples"]))
@@ -202,6 +222,7 @@ def time_config(config: configs.ExperimentConfig, info: dict, group_sizes: list[
         med = float(np.median(values))
         result["variants"][name] = {
             "seconds_per_round": {"median": med, "min": min(values), "max": max(values)},
+            "cpu_seconds_per_round": float(np.median(cpu[name])),
             "clients_per_second": result["clients_per_round"] / med,
             "examples_per_second": result["examples_per_round"] / med,
             "speedup_vs_per_client": base / med,
@@ -212,7 +233,10 @@ def time_config(config: configs.ExperimentConfig, info: dict, group_sizes: list[
 
 def _child(name: str) -> None:
     """Runs one workload (or the preset at one cohort) here and writes its result, with peak RSS, to --result_file."""
+    global _worker_pid
     worker = runtime.install_local_context()
+    worker.start()
+    _worker_pid = worker.pid
     try:
         if FLAGS.preset:
             r = time_preset(FLAGS.preset, int(name), FLAGS.group_sizes, FLAGS.rounds)
@@ -270,8 +294,9 @@ _TARGETS = {"w3": 5.0, "w2": 2.0, "keyboard": 1.5, "default": 1.0}
 
 HEADER = (
     "| workload | model | clients x examples | K | per-client clients/s | grouped clients/s | ratio (target) "
+    "| CPU s/round per-client / grouped "
     "| useful GFLOP/s grouped | matmul limit GFLOP/s, worker / TF default threads | fraction of limit "
-    "| peak RSS coordinator / worker | weights differ |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| peak RSS coordinator / worker | weights differ |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -287,7 +312,8 @@ def rows(r: dict) -> list[str]:
     memory = f"| {rss['coordinator'] / 2**30:.2f} / {rss['worker'] / 2**30:.2f} GiB "
     if r["per_client_only"]:
         return [
-            common + f"| per-client only | {v0['clients_per_second']:.0f} | - | - | - | - | - "
+            common + f"| per-client only | {v0['clients_per_second']:.0f} | - | - "
+            f"| {v0['cpu_seconds_per_round']:.2f} / - | - | - | - "
             f"{memory}| {r['per_client_only']} |"
         ]
     out = []
@@ -307,13 +333,14 @@ def rows(r: dict) -> list[str]:
             common + f"| {name.split('K=')[1]}{' batched' if name.startswith('batched') else ''} "
             f"| {v0['clients_per_second']:.0f} | {v['clients_per_second']:.0f} "
             f"| **{v['speedup_vs_per_client']:.2f}x** ({'>= ' + str(target) + 'x' if target else '-'}) "
+            f"| {v0['cpu_seconds_per_round']:.2f} / {v['cpu_seconds_per_round']:.2f} "
             f"{flops}{memory}| {v['max_relative_weight_difference']:.1e} |"
         )
     return out
 
 
 PRESET_HEADER = (
-    "| clients per round | s/round per client | s/round grouped (K) | ratio | noise z | epsilon after the "
+    "| clients per round | s/round per client (CPU s) | s/round grouped (K) | ratio | noise z | epsilon after the "
     "preset's rounds | projected rounds in budget, per client / grouped | epsilon after those | peak RSS "
     "coordinator / worker |\n|---|---|---|---|---|---|---|---|---|"
 )
@@ -330,7 +357,7 @@ def preset_rows(r: dict) -> list[str]:
 
     if grouped:
         name, v = grouped[0]
-        group = f"{v['seconds_per_round']['median']:.1f} ({name.split('K=')[1]})"
+        group = f"{v['seconds_per_round']['median']:.1f} ({v['cpu_seconds_per_round']:.1f}) (K={name.split('K=')[1]})"
         ratio = f"{v['speedup_vs_per_client']:.2f}x"
         fit = f"{v0['projected_rounds_in_budget']} / {v['projected_rounds_in_budget']}"
         eps_fit = f"{eps_of(v0)} / {eps_of(v)}"
@@ -338,7 +365,8 @@ def preset_rows(r: dict) -> list[str]:
         group, ratio = f"per-client only: {r['per_client_only']}", "-"
         fit, eps_fit = f"{v0['projected_rounds_in_budget']} / -", f"{eps_of(v0)} / -"
     return [
-        f"| {r['clients_per_round']:.0f} of {p['population']} | {v0['seconds_per_round']['median']:.1f} | {group} "
+        f"| {r['clients_per_round']:.0f} of {p['population']} | {v0['seconds_per_round']['median']:.1f} "
+        f"({v0['cpu_seconds_per_round']:.1f}) | {group} "
         f"| {ratio} | {p['noise_multiplier']:.3f} | {eps} | {fit} | {eps_fit} "
         f"| {rss['coordinator'] / 2**30:.2f} / {rss['worker'] / 2**30:.2f} GiB |"
     ]
