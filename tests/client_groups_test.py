@@ -393,6 +393,9 @@ def test_groups_that_send_their_members_stay_under_the_memory_budget(tiny_data_d
     adaptive = {"model": "linear", "dp.mechanism": ADAPTIVE, "dp.noise_multiplier": 0.5, "clients_per_round": 100}
     over, fits, auto = (configs.build({**adaptive, "client_batching": k}) for k in ("65", "64", "auto"))
     fixed = configs.build({**adaptive, "dp.mechanism": FIXED, "client_batching": "65"})
+    # Tree aggregation and zeroing are no obstacle to an explicit K either (`configs.client_batching_obstacle`).
+    tree = configs.build({**adaptive, "dp.mechanism": TREE, "dp.zeroing_norm": 1.0, "client_batching": "10"})
+    assert tree.client_batching == "10" and configs.group_sends_members(tree.dp)
     monkeypatch.setattr(configs, "memory_bytes", lambda: 100_000_000)
     # One worker's group gets half of 100 MB for 4 copies of K updates: 50,000,000 // (4 x 194,680) = 64.
     assert configs.member_group_limit(over, update) == 64
