@@ -288,6 +288,7 @@ def add_flop_fraction(r: dict) -> None:
     limit = {
         "worker": float(np.median([runs[0]["gflops_per_second"], runs[2]["gflops_per_second"]])),
         "tf_default": runs[1]["gflops_per_second"],
+        "worker_per_cpu_second": float(np.median([runs[0]["gflops_per_cpu_second"], runs[2]["gflops_per_cpu_second"]])),
         "runs": runs,
     }
     flops_per_example = matmul_limit.step_flops([tuple(layer) for layer in layers], 1) * w["epochs"]
@@ -297,6 +298,10 @@ def add_flop_fraction(r: dict) -> None:
         useful = v["examples_per_second"] * flops_per_example / 1e9
         v["useful_gflops_per_second"] = useful
         v["fraction_of_limit"] = {k: useful / limit[k] for k in ("worker", "tf_default")}
+        # The same per CPU second (the round's CPU, this process and the worker): robust to other load.
+        per_cpu = r["examples_per_round"] * flops_per_example / v["cpu_seconds_per_round"] / 1e9
+        v["useful_gflops_per_cpu_second"] = per_cpu
+        v["fraction_of_limit"]["worker_per_cpu_second"] = per_cpu / limit["worker_per_cpu_second"]
 
 
 _TARGETS = {"w3": 5.0, "w3_2k": 5.0, "w2": 2.0, "keyboard": 1.5, "default": 1.0}  # issue 21's, per-client / grouped
@@ -304,7 +309,8 @@ _TARGETS = {"w3": 5.0, "w3_2k": 5.0, "w2": 2.0, "keyboard": 1.5, "default": 1.0}
 HEADER = (
     "| workload | model | clients x examples | K | per-client clients/s | grouped clients/s | ratio (target) "
     "| CPU s/round per-client / grouped "
-    "| useful GFLOP/s grouped | matmul limit GFLOP/s, worker / TF default threads | fraction of limit "
+    "| useful GFLOP/s grouped | matmul limit GFLOP/s, worker / TF default threads "
+    "| fraction of limit: worker / TF default threads / per CPU second "
     "| peak RSS coordinator / worker | weights differ |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -334,6 +340,7 @@ def rows(r: dict) -> list[str]:
             (
                 f"| {v['useful_gflops_per_second']:.1f} | {limit['worker']:.1f} / {limit['tf_default']:.1f} "
                 f"| {v['fraction_of_limit']['worker']:.2f} / {v['fraction_of_limit']['tf_default']:.2f} "
+                f"/ {v['fraction_of_limit']['worker_per_cpu_second']:.2f} "
             )
             if limit
             else "| - | - | - "

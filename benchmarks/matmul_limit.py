@@ -10,7 +10,8 @@ per layer (in, out), the forward GEMM [R x in] x [in x out], the weight gradient
 [R x out] x [out x in], R = K*B: 2*R*in*out FLOPs each. This times exactly those GEMMs
 (random float32 operands, one `tf.function`, the median of the timed calls) with the
 op threads TF is given (`TF_NUM_INTRAOP_THREADS`, as the worker is started), and prints
-one JSON line: GFLOP/s, the threads and the call times. Biases and activations are left
+one JSON line: GFLOP/s (per wall second, median call, and per CPU second), the threads
+and the call times. Biases and activations are left
 out of both the FLOPs and the time: they are not what bounds a dense step.
 
 `benchmarks.client_groups` runs it in a child process (TF fixes its thread pools when
@@ -81,14 +82,18 @@ def measure(layers: list[tuple[int, int]], rows: int, seconds: float) -> dict:
     for _ in range(3):
         step()
     times = []
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     while time.perf_counter() - began < seconds or len(times) < 5:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+    cpu = time.process_time() - cpu
     median = float(np.median(times))
     return {
         "gflops_per_second": step_flops(layers, rows) / median / 1e9,
+        # Per CPU second of this process (all its threads): what the cores deliver when
+        # they run it, whatever else shares them.
+        "gflops_per_cpu_second": step_flops(layers, rows) * len(times) / max(cpu, 1e-9) / 1e9,
         "step_seconds_median": median,
         "step_seconds_min": min(times),
         "calls": len(times),
