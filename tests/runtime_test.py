@@ -1,6 +1,7 @@
 """The local TFF worker: a real FedAvg round, loopback-only, and no survivors."""
 
 import collections
+import concurrent.futures
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -231,6 +233,92 @@ def test_a_dead_remote_worker_fails_its_call_instead_of_being_waited_for_forever
             workers.call(one)
         assert time.monotonic() - began < 30
     finally:
+        workers.stop()
+        worker.stop()
+        context_stack_impl.context_stack.set_default_context(context)
+
+
+class _Link:
+    """A TCP forward from a loopback port to a worker; `cut()` makes it a link that died silently.
+
+    After the cut nothing passes either way and nothing is closed, and new connections are
+    accepted but never answered: an SSH forward whose far side is gone (its local port still
+    accepts), or a cable pulled (no reset reaches this side).
+    """
+
+    def __init__(self, port: int):
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._target = port
+        self._cut = threading.Event()
+        self._sockets = [self._listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                near, _ = self._listener.accept()
+            except OSError:
+                return
+            self._sockets.append(near)
+            if self._cut.is_set():
+                continue
+            far = socket.create_connection(("127.0.0.1", self._target))
+            self._sockets.append(far)
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket):
+        while True:
+            try:
+                data = a.recv(1 << 16)
+                if not data:
+                    return
+                if not self._cut.is_set():
+                    b.sendall(data)
+            except OSError:
+                return
+
+    def cut(self):
+        self._cut.set()
+
+    def close(self):
+        for s in self._sockets:
+            s.close()
+
+
+def test_a_remote_worker_whose_link_dies_silently_is_dropped_instead_of_waited_for():
+    worker = runtime.LocalWorker(bind_address="127.0.0.1")
+    worker.start()
+    link = _Link(worker.port)
+    remote = runtime.RemoteWorker(f"127.0.0.1:{link.port}", probe_interval=0.5, probe_timeout=2.0)
+    workers = runtime.Runtime([remote], retries=0)
+    context = context_stack_impl.context_stack.current
+    calls = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        workers.start()
+
+        @tff.tensorflow.computation
+        def one():
+            return tf.constant(1)
+
+        assert workers.call(one) == 1
+        link.cut()  # its port still accepts connections: only the gRPC handshake tells
+        installed = context_stack_impl.context_stack.current  # TFF's context stack is per thread
+
+        def call_one():
+            with context_stack_impl.context_stack.install(installed):
+                return workers.call(one)
+
+        began = time.monotonic()
+        call = calls.submit(call_one)
+        with pytest.raises(runtime.WorkerFault, match=f"worker 127.0.0.1:{link.port} stopped during a round"):
+            call.result(timeout=30)
+        # Found within the first probe: 0.5 s waiting, then 2 s for a handshake that never comes.
+        assert time.monotonic() - began < 10
+    finally:
+        link.close()  # ends a call still waiting (after a failure above)
+        calls.shutdown(wait=True)
         workers.stop()
         worker.stop()
         context_stack_impl.context_stack.set_default_context(context)

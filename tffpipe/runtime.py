@@ -280,7 +280,7 @@ class RemoteWorker:
         return f"worker {self.address}"
 
     def alive(self) -> bool:
-        """Connected, not given up by its watchdog, and its host still accepts a connection on its port.
+        """Connected, not given up by its watchdog, and a new connection to it still completes a gRPC handshake.
 
         Not the channel's state: over a link that went down silently the channel still reads
         READY, since nothing told TCP the connection is gone.
@@ -343,10 +343,12 @@ class _Watchdog:
     GOAWAY "too_many_pings"), and a worker sends nothing while it trains: pings frequent
     enough to matter would end long rounds. Nor does a deadline drawn from past rounds tell
     a slow round from a dead link. So while a call is in flight, every `interval` seconds,
-    the worker's port is probed with a new TCP connection, which the worker's kernel accepts
-    whatever the worker is busy with: none within `timeout` (or a refusal) and the worker is
-    `gone`. Its calls then fail at once, and disposing of its values is a no-op (there is
-    nothing to free on a host no longer reached, and TFF disposes from finalizers).
+    the worker is probed on a new connection: TCP, then gRPC's HTTP/2 handshake, which the
+    worker's kernel and gRPC's I/O threads answer whatever the worker is busy with. The
+    handshake matters behind an SSH forward, whose local port accepts connections even
+    when the link beyond it is dead. No answer within `timeout` (or a refusal) and the
+    worker is `gone`: its calls then fail at once, and disposing of its values is a no-op
+    (nothing is left to free on a host no longer reached, and TFF disposes from finalizers).
     """
 
     def __init__(self, name: str, endpoint: network.Endpoint, interval: float, timeout: float):
@@ -359,9 +361,18 @@ class _Watchdog:
     def reachable(self) -> bool:
         try:
             socket.create_connection((self._endpoint.host, self._endpoint.port), timeout=self.timeout).close()
-            return True
         except OSError:
+            return False  # refused (the service is gone) or no answer (the link is)
+        # A pool of its own: gRPC would otherwise hand this channel the run's connection,
+        # which still reads READY over a dead link.
+        channel = grpc.insecure_channel(str(self._endpoint), [("grpc.use_local_subchannel_pool", 1)])
+        try:
+            grpc.channel_ready_future(channel).result(timeout=self.timeout)
+            return True
+        except grpc.FutureTimeoutError:
             return False
+        finally:
+            channel.close()
 
     def call(self, method: grpc.UnaryUnaryMultiCallable, request, *, disposal: bool = False):
         if self.gone:
@@ -377,8 +388,8 @@ class _Watchdog:
                     self.gone = True
                     future.cancel()
                     raise WorkerLost(
-                        f"{self._name} stopped answering: no TCP connection to {self._endpoint} within "
-                        f"{self.timeout:g} s during a call"
+                        f"{self._name} stopped answering: a new connection to {self._endpoint} got no gRPC "
+                        f"handshake within {self.timeout:g} s during a call"
                     ) from None
 
 
