@@ -330,11 +330,14 @@ def test_mechanisms_without_a_grouped_path_are_refused(dp, compression, message)
 def test_models_and_algorithms_without_a_grouped_path_are_refused(tiny_data_dir):
     task = _task(tiny_data_dir, "linear")
     fn = task.train_data.serializable_dataset_fn
-    with pytest.raises(client_groups.GroupingError, match="Keras-wrapped"):
+    with pytest.raises(client_groups.GroupingError, match="Keras-wrapped .* convert it with create_functional_model"):
         client_groups.build_training_process(task.model_fn, algorithms.AlgorithmConfig(), fn, 2)
-    with pytest.raises(client_groups.GroupingError, match="fedprox has no grouped client work"):
-        fedprox = algorithms.AlgorithmConfig(algorithm=configs.Algorithm.FEDPROX)
-        client_groups.build_training_process(task.learning_model(), fedprox, fn, 2)
+    with pytest.raises(client_groups.GroupingError, match="members stepping together run plain SGD steps, not fedprox"):
+        fedprox = algorithms.AlgorithmConfig(algorithm=FEDPROX)
+        client_groups.build_training_process(task.learning_model(), fedprox, fn, 2, batch_size=BATCH)
+    batch_norm = conftest.emnist_task(tiny_data_dir, "tests.fusion_test:batch_norm_model")
+    with pytest.raises(client_groups.GroupingError, match="non-trainable weights"):
+        client_groups.create_functional_model(batch_norm)
 
 
 def test_dense_forward_gives_each_members_keras_output():
@@ -375,13 +378,14 @@ def test_an_explicit_group_size_is_refused_where_groups_cannot_run_and_auto_fall
     compressed = {"dp.mechanism": NONE, "compression": True, "clients_per_round": 50}
     with pytest.raises(validation.ConfigError, match="client_batching=10 cannot run: compression and secure"):
         configs.build({**compressed, "client_batching": "10"})
+    from tffpipe import models
+
+    linear = models.create_model("linear", configs.Task.EMNIST, 62)
     auto = configs.build({**compressed, "client_batching": "auto"})
-    assert client_groups.group_size(auto, model=object()) is None  # auto: per client, no error
+    assert client_groups.group_size(auto, linear) is None  # auto: per client, no error
     fixed = configs.build({"clients_per_round": 50, "client_batching": "auto", "runtime.local_workers": 2})
-    functional = object.__new__(tff.learning.models.FunctionalModel)
-    assert client_groups.group_size(fixed, functional) == 25  # one group per worker: ceil(50 / 2)
-    assert client_groups.group_size(fixed, model=object()) is None  # a Keras-wrapped model runs per client
-    assert client_groups.group_size(configs.build({"client_batching": "off"}), functional) is None
+    assert client_groups.group_size(fixed, linear) == 25  # one group per worker: ceil(50 / 2)
+    assert client_groups.group_size(configs.build({"client_batching": "off"}), linear) is None
 
 
 def test_groups_that_send_their_members_stay_under_the_memory_budget(tiny_data_dir, monkeypatch):
@@ -405,7 +409,7 @@ def test_groups_that_send_their_members_stay_under_the_memory_budget(tiny_data_d
     client_groups.check_model(fixed, keras_model)  # fixed clipping sends one clipped sum per group: no bound
     assert configs.member_group_limit(fixed, update) is None
     # auto: one group per worker, ceil(100 / 1), capped at the 64 that fit.
-    assert client_groups.group_size(auto, _task(tiny_data_dir, "linear").learning_model()) == 64
+    assert client_groups.group_size(auto, keras_model) == 64
 
 
 def test_the_process_builder_groups_with_client_batching_and_not_without(tiny_data_dir, tff_context):
@@ -424,7 +428,10 @@ def test_the_train_binary_refuses_bad_client_batching_before_any_data(tmp_path):
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     cases = [
         (["--client_batching=0"], "--client_batching=0: client_batching must be a positive group size, got 0"),
-        (["--client_batching=2", "--model=small_cnn"], "--client_batching=2: client_batching=2 cannot run: model"),
+        (
+            ["--client_batching=2", "--model=tests.fusion_test:batch_norm_model"],
+            "--client_batching=2: client_batching=2 cannot run: model tests.fusion_test:batch_norm_model: it has non-",
+        ),
         (
             ["--client_batching=2", "--dp=none", "--compression"],
             "--client_batching=2: client_batching=2 cannot run: compr",
@@ -485,7 +492,7 @@ def two_workers():
         context_stack_impl.context_stack.set_default_context(context)
 
 
-@pytest.mark.parametrize("mechanism", [NONE, FIXED])
+@pytest.mark.parametrize("mechanism", [NONE, FIXED, ADAPTIVE])
 def test_canaries_in_groups_over_two_workers_give_the_per_client_rounds_on_one(
     tiny_data_dir, tff_context, two_workers, mechanism
 ):
@@ -495,6 +502,8 @@ def test_canaries_in_groups_over_two_workers_give_the_per_client_rounds_on_one(
     values = {"clients_per_round": 6, "privacy.canaries": 2, "dp.mechanism": mechanism, "dp.clip": CLIP}
     if mechanism is FIXED:
         values.update({"dp.noise_multiplier": NOISE, "algorithm.algorithm": FEDADAM})
+    if mechanism is ADAPTIVE:  # members sent stacked, each preprocessed by the server's query; its noise is unseeded
+        values.update({"dp.noise_multiplier": 0.0, "dp.zeroing_norm": ZEROING})
     config, plan, per_client, grouped = _experiment_processes(task, values, group_size=2)
     real, (canary_0, canary_1) = task.train_data.client_ids, audit.canary_ids(2)
     # Canaries share groups with real clients: [c0, a], [b, c1], [c, d] over two workers in round 1; in
@@ -526,7 +535,7 @@ def test_canaries_in_groups_over_two_workers_give_the_per_client_rounds_on_one(
             fractions[0]["diagnostic/clipped_fraction"] >= 2 / 6
             and fractions[1]["diagnostic/clipped_fraction"] >= 1 / 2
         )
-    else:
+    elif mechanism is NONE:
         # Without DP nothing clips a canary: its update (norm 1e4 times the clip, weight 1) outweighs the real
         # clients' (norm ~1, ~20 examples each), so the model moved along c0 + c1, at cosine ~1/sqrt(2) with each
         # direction; a null direction's cosine is ~N(0, 1/d), d = 48,670.
@@ -613,3 +622,87 @@ def test_auto_says_in_one_line_why_a_run_goes_per_client(values, grouped, reason
         assert note.startswith(f"client_batching=auto runs per client: {reason}") and "\n" not in note
     # Off, or an explicit K (refused or noted by `configs` itself), never gets this note.
     assert client_groups.auto_note(dataclasses.replace(config, client_batching="off"), object()) is None
+
+
+# Five users' messages; "zebra" is out of vocabulary, so the masks (padding, end of
+# sentence, the out-of-vocabulary bucket) all act on the loss and the accuracies.
+KEYBOARD_VOCAB = ["the", "a", "cat", "dog", "runs"]
+KEYBOARD_TEXTS = {
+    "u0": ["the cat runs", "a dog", "the dog runs fast", "cat"],
+    "u1": ["a cat runs", "the the dog"],
+    "u2": ["dog runs", "a cat", "the cat", "runs runs", "a dog runs", "cat cat"],
+    "u3": ["the zebra runs"],
+    "u4": ["a", "the dog", "cat runs"],
+}
+
+
+def _keyboard_task():
+    """The keyboard task's pipeline (seeded shuffle, vocabulary table, masks) and its cifg_lstm on five users."""
+    from tffpipe import models
+    from tffpipe.tasks import base
+    from tffpipe.tasks.keyboard import task as keyboard_task
+
+    text = configs.TextConfig(vocab_size=len(KEYBOARD_VOCAB), sequence_length=5)
+    ids = sorted(KEYBOARD_TEXTS)
+    rows = [
+        [
+            tf.train.Example(
+                features=tf.train.Features(
+                    feature={"tokens": tf.train.Feature(bytes_list=tf.train.BytesList(value=[t.encode()]))}
+                )
+            ).SerializeToString()
+            for t in KEYBOARD_TEXTS[cid]
+        ]
+        for cid in ids
+    ]
+
+    def rows_fn(client_id):
+        # No lookup table here: an unknown id (a client without examples) gets the empty last row.
+        match = tf.cast(tf.where(tf.equal(tf.constant(ids), client_id))[:, 0], tf.int32)
+        table = tf.ragged.constant([*rows, []], dtype=tf.string)
+        return tf.data.Dataset.from_tensor_slices(table[tf.concat([match, [len(ids)]], 0)[0]])
+
+    raw = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(ids, rows_fn)
+    preprocess = configs.PreprocessConfig(epochs=1, batch_size=2, shuffle_buffer=4)
+    train = raw.preprocess(keyboard_task.create_train_fn(text, preprocess, KEYBOARD_VOCAB, seed=3))
+    classes = len(KEYBOARD_VOCAB) + text.num_oov_buckets + 3  # pad, bos, eos
+    return base.Task(
+        kind=configs.Task.KEYBOARD,
+        train_data=train,
+        test_data=train,
+        model_name="cifg_lstm",
+        model_info=models.describe("cifg_lstm", models.create_model("cifg_lstm", configs.Task.KEYBOARD, classes)),
+        num_classes=classes,
+        loss_fn=lambda: keyboard_task.MaskedCrossEntropy(0),
+        metrics_fn=lambda: keyboard_task.create_metrics(text),
+        sample_fn=lambda seed: {},
+    )
+
+
+def test_keyboard_lstm_groups_give_the_per_client_round_with_a_group_of_one_and_an_empty_member(tff_context):
+    task = _keyboard_task()
+    per_client, grouped = _processes(task, FEDAVG, NONE, group_size=2)
+    ids = sorted(KEYBOARD_TEXTS)
+    state = per_client.initialize()
+    (expected,) = _run(per_client, 1, ids, state)
+    # Groups of 2, 2, 2 with "nobody" (no examples) among them; then groups of one.
+    (with_empty,) = _run(grouped, 1, [*ids[:3], "nobody", *ids[3:]], state)
+    (of_one,) = _run(grouped.with_group_size(1), 1, ids, state)
+    train_e = expected.metrics["client_work"]["train"]
+    # The Keras-wrapped model's metrics, in its order; 16 sequences in 9 batches of at most 2 (4 + 2 + 6 + 1 + 3 rows).
+    assert list(train_e) == [
+        "accuracy",
+        "top3_accuracy",
+        "perplexity",
+        "num_tokens",
+        "loss",
+        "num_examples",
+        "num_batches",
+    ]
+    assert (train_e["num_examples"], train_e["num_batches"]) == (16, 9)
+    for actual in (with_empty, of_one):
+        _assert_weights_close(per_client, expected.state, grouped, actual.state)
+        train_a = actual.metrics["client_work"]["train"]
+        assert list(train_a) == list(train_e)
+        np.testing.assert_allclose(list(train_a.values()), list(train_e.values()), rtol=1e-5)
+    assert with_empty.metrics["client_work"]["groups"]["clients"] == 6

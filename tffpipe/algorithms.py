@@ -120,7 +120,8 @@ def build_learning_process(
         # Client groups build on this module's optimizers and loop, hence imported here.
         from tffpipe import client_groups
 
-        group_size = client_groups.group_size(config, model)
+        # The model's kind decides `auto`; a functional model's layers are those of its Keras model.
+        group_size = client_groups.group_size(config, task.create_keras_model())
         if group_size is not None:
             return client_groups.build_learning_process(task, config, plan, group_size, model=model)
     process = build_training_process(model, config.algorithm, aggregator=aggregator)

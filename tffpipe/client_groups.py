@@ -133,17 +133,15 @@ class GroupingError(errors.InputError):
 
 
 def check_model(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> None:
-    """An explicit group size needs a model `Task.learning_model` trains functionally.
+    """An explicit group size needs a model `create_functional_model` can convert.
 
     Raises:
       GroupingError: naming the model and why.
     """
     explicit = configs.client_group_size(config)
-    if explicit is not None and not base.runs_functional(keras_model):
-        raise GroupingError(
-            f"client_batching={explicit} cannot run: model {config.model} trains Keras-wrapped (convolutions, "
-            "recurrent or dropout layers, or non-trainable weights), which has no grouped path yet; use off or auto"
-        )
+    reason = None if explicit is None else functional_obstacle(keras_model)
+    if reason is not None:
+        raise GroupingError(f"client_batching={explicit} cannot run: model {config.model}: {reason}; use off or auto")
     if explicit is not None:
         check_member_memory(config, explicit, models.weight_bytes(keras_model.trainable_weights))
 
@@ -179,9 +177,13 @@ def create_functional_model(task: base.Task, model=None) -> tff.learning.models.
     `model`: `task.learning_model()` if already built (building a functional one draws
     its initial weights).
 
+    Layers that draw random numbers in training (the `cnn`'s dropout) draw them from TF's
+    unseeded generators on both paths, so such a member's update is one draw of what it
+    computes alone, not a copy: two per-client rounds of `cnn` from the same state differ
+    by 1.2 relative in their weights (2026-12-05, tiny population, batch 8).
+
     Raises:
-      GroupingError: the model has layers that draw random numbers in training (dropout),
-        whose draws no member could share with its per-client run, or non-trainable weights.
+      GroupingError: the model has non-trainable weights (`functional_obstacle`).
     """
     model = task.learning_model() if model is None else model
     if isinstance(model, tff.learning.models.FunctionalModel):
@@ -208,26 +210,36 @@ def create_functional_model(task: base.Task, model=None) -> tff.learning.models.
     )
 
 
-_RANDOM_IN_TRAINING = (
-    tf.keras.layers.Dropout,
-    tf.keras.layers.GaussianNoise,
-    tf.keras.layers.GaussianDropout,
-    tf.keras.layers.AlphaDropout,
-)
-
-
 def functional_obstacle(keras_model: tf.keras.Model) -> str | None:
-    """Why `create_functional_model` cannot convert this Keras model, or None."""
+    """Why `create_functional_model` cannot convert this Keras model, or None.
+
+    TFF's `functional_model_from_keras` passes weights in as tensors, so a layer that
+    updates its own weights in training (BatchNormalization's moving statistics) has
+    nowhere to write them; TFF refuses BatchNormalization itself, and any other
+    non-trainable weight would silently stay at its initial value.
+    """
     if keras_model.non_trainable_weights:
-        return "it has non-trainable weights, which TFF's functional models cannot update in training"
-    random = sorted({type(m).__name__ for m in keras_model.submodules if isinstance(m, _RANDOM_IN_TRAINING)})
-    if random:
-        return (
-            f"its {', '.join(random)} layers draw random masks in training; TFF 0.87's functional_model_from_keras "
-            "rebuilds the model in a graph where Keras' dropout reads an unfed learning-phase placeholder, and no "
-            "member could draw its per-client run's masks anyway"
-        )
+        return "it has non-trainable weights (BatchNormalization's statistics?), which a functional model cannot update"
     return None
+
+
+_CONVOLUTIONAL = (tf.keras.layers.Conv1D, tf.keras.layers.Conv2D, tf.keras.layers.Conv3D)
+_RECURRENT = (tf.keras.layers.RNN,)  # LSTM and GRU are RNN layers too
+
+
+def model_kind(keras_model: tf.keras.Model) -> str:
+    """ "recurrent", "convolutional" or "dense": what decides whether `auto` groups (`AUTO_GROUPS`)."""
+    layers = list(keras_model.submodules)
+    if any(isinstance(m, _RECURRENT) for m in layers):
+        return "recurrent"
+    if any(isinstance(m, _CONVOLUTIONAL) for m in layers):
+        return "convolutional"
+    return "dense"
+
+
+# Whether `client_batching=auto` groups a model of this kind: where grouped rounds measured
+# no slower than per-client ones (benchmarks/client_groups.py, see the module doc).
+AUTO_GROUPS = {"dense": True, "convolutional": False, "recurrent": False}
 
 
 class _BatchMeanLoss(tf.keras.metrics.Mean):
@@ -465,7 +477,8 @@ def build_group_client_work(
 
     The measurements are TFF's (`train`: the model's metrics summed over every real
     member, then finalized) plus `groups`: `clients` (real members trained) and
-    `clipped_count` (members whose update was clipped; with `clip` only, not privatized).
+    `clipped_count` (members whose update was clipped by `clip`, not privatized; absent
+    with `members`, whose aggregator counts them).
     """
     if members is not None and clip is not None:
         raise ValueError("members and clip exclude each other: with members the aggregator clips each member")
@@ -856,12 +869,17 @@ class GroupedLearningProcess(tff.learning.templates.LearningProcess):
             get_hparams_fn=process.get_hparams,
             set_hparams_fn=process.set_hparams,
         )
+        self._process = process
         self._group_size = group_size
         self._packing_next = _PackingNext(process.next, group_size)
 
     @property
     def group_size(self) -> int:
         return self._group_size
+
+    def with_group_size(self, group_size: int) -> GroupedLearningProcess:
+        """The same computations packing `group_size` real clients a group: nothing is traced again."""
+        return GroupedLearningProcess(self._process, group_size)
 
     @property
     def next(self):
@@ -1008,36 +1026,39 @@ _GROUPED_ALGORITHMS = frozenset(
 )
 
 
-def group_size(config: configs.ExperimentConfig, model) -> int | None:
-    """K for `config.client_batching` with this model (`Task.learning_model`'s); None: per client.
+def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> int | None:
+    """K for `config.client_batching` with this model (the task's Keras model); None: per client.
 
-    off: None. K: K, if the model is functional (`configs` has checked the rest).
-    auto: one group per worker, ceil(m / workers), where the model and configuration
-    allow, else None. Few large groups measured fastest (benchmarks/client_groups.py,
-    2026-12-05, same runs: W3, 1,000 linear clients, K=1000 2.42x the per-client rounds
-    against K=100 1.30x; W2, 100 mlp clients, K=100 2.24x against K=50 1.83x): each
-    group costs ~75 ms of its own here, and a worker runs one op thread per call. Groups
+    off: None. K: K, if `create_functional_model` can convert the model (`configs` has
+    checked the rest). auto: one group per worker, ceil(m / workers), where the model,
+    its kind (`AUTO_GROUPS`) and the configuration allow, else None. Few large groups
+    measured fastest (benchmarks/client_groups.py, 2026-12-05, same runs: W3, 1,000
+    linear clients, K=1000 2.42x the per-client rounds against K=100 1.30x; W2, 100 mlp
+    clients, K=100 2.24x against K=50 1.83x): each group costs ~75 ms of its own here,
+    and a worker runs one op thread per call. Groups
     that send their members' updates (`configs.group_sends_members`) are capped at
     `configs.member_group_limit` (an explicit K over it is refused by `check_model`).
 
     Raises:
-      GroupingError: an explicit K for a Keras-wrapped model.
+      GroupingError: an explicit K for a model that cannot be converted.
     """
     if config.client_batching == "off":
         return None
-    functional = isinstance(model, tff.learning.models.FunctionalModel)
+    reason = functional_obstacle(keras_model)
     explicit = configs.client_group_size(config)
     if explicit is not None:
-        if not functional:  # `program.check` says so before any data is generated
-            raise GroupingError(f"client_batching={explicit} cannot run: model {config.model} trains Keras-wrapped")
+        if reason is not None:  # `program.check` says so before any data is generated
+            raise GroupingError(f"client_batching={explicit} cannot run: model {config.model}: {reason}")
         return explicit
-    if not functional or configs.client_batching_obstacle(config) is not None:
+    if reason is not None or not AUTO_GROUPS[model_kind(keras_model)]:
+        return None
+    if configs.client_batching_obstacle(config) is not None:
         return None
     workers = len(config.runtime.workers) or config.runtime.local_workers
     k = max(1, -(-config.clients_per_round // workers))
     if not configs.group_sends_members(config.dp):
         return k
-    return min(k, configs.member_group_limit(config, models.weight_bytes(model.initial_weights[0])) or k)
+    return min(k, configs.member_group_limit(config, models.weight_bytes(keras_model.trainable_weights)) or k)
 
 
 def auto_note(config: configs.ExperimentConfig, process) -> str | None:
@@ -1088,8 +1109,14 @@ def build_learning_process(
         )
     aggregator = build_factory(config.dp, plan, noise_seed=config.seed, compression=config.compression)
     clip = None if aggregator is None or isinstance(aggregator, MembersFactory) else config.dp.clip
+    model = task.learning_model() if model is None else model
+    # Per client, TFF's FedAvg client work for a Keras-wrapped model keeps its optimizer's hyperparameters.
+    hparams_state = not isinstance(model, tff.learning.models.FunctionalModel) and config.algorithm.algorithm not in (
+        configs.Algorithm.FEDPROX,
+        configs.Algorithm.FEDSGD,
+    )
     return build_training_process(
-        task.learning_model() if model is None else model,
+        create_functional_model(task, model),
         config.algorithm,
         task.train_data.serializable_dataset_fn,
         group_size,
@@ -1098,4 +1125,5 @@ def build_learning_process(
         batch_size=config.preprocess.batch_size if batched else None,
         forward=create_dense_forward(task.create_keras_model()) if batched else None,
         replace_update=replace_update,
+        hparams_state=hparams_state,
     )

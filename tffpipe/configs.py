@@ -516,9 +516,9 @@ class ExperimentConfig:
       client_batching: how a round's real clients reach TensorFlow: "off", one TFF
         client each (per-client computations); K (a positive integer, at most
         clients_per_round), groups of up to K trained in one call each
-        (`client_groups`); "auto", groups where they run (functional models, FedAvg
-        and the server-optimizer variants; no DP, or central DP with or without zeroing;
-        not compression), per client otherwise.
+        (`client_groups`); "auto", groups where they run and measured no slower (model
+        kinds in `client_groups.AUTO_GROUPS`; every algorithm; no DP, or central DP with
+        or without zeroing; not compression), per client otherwise.
     """
 
     task: Task = Task.EMNIST
@@ -720,7 +720,7 @@ def _check_sizes(config: ExperimentConfig, memory: int) -> None:
 
 
 # What `client_groups` trains in groups (the model kind is checked once the model is built).
-GROUPED_ALGORITHMS = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"})
+GROUPED_ALGORITHMS = frozenset({"fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "fedsgd"})
 GROUPED_MECHANISMS = frozenset({"none", "fixed", "adaptive", "tree"})  # zeroing with any of them
 
 
