@@ -74,8 +74,8 @@ def per_worker(counts: list[int], repos: list[str]) -> dict:
         wall.generate(w, FLAGS.cache_dir, repos[0])
         runs = {(repo, n): [] for repo in repos for n in counts}
         for _ in range(FLAGS.repeats):
-            for repo in repos:
-                for n in counts:
+            for n in counts:  # the checkouts side by side at each count: drift between them stays small
+                for repo in repos:
                     extra = [f"--local_workers={n}", "--pin_workers"]
                     runs[repo, n].append(wall.run_once(w, FLAGS.cache_dir, repo, extra))
         far = FLAGS.extrapolate
