@@ -336,8 +336,10 @@ class _Watchdog:
     """Ends a remote worker's gRPC calls with `WorkerLost` once its host stops answering.
 
     A worker whose link goes down silently (a cable, a switch, `ip link set <dev> down`)
-    sends no reset: its TCP connection still looks open here and a call waits for an answer
-    until TCP gives up on its retransmissions, about 15 minutes later; TFF sets no deadline.
+    sends no reset: its TCP connection still looks open here, and a call waits for an answer
+    for ever (nothing unacknowledged is in flight while the worker computes, so TCP has
+    nothing to give up on; ~15 minutes of retransmissions if a request was being sent).
+    TFF sets no deadline.
     gRPC keepalive is no cure here: TFF's worker binary keeps gRPC's server defaults, which
     allow a client's pings at most every 5 minutes while the server sends nothing (then
     GOAWAY "too_many_pings"), and a worker sends nothing while it trains: pings frequent
