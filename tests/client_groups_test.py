@@ -608,20 +608,27 @@ def test_device_model_rounds_in_groups_give_the_per_client_rounds(tiny_data_dir,
     [
         ({"dp.mechanism": configs.Mechanism.DISTRIBUTED}, False, "distributed DP needs each real client's own"),
         ({"dp.mechanism": NONE, "compression": True}, False, "compression and secure aggregation act on each"),
-        ({"model": "small_cnn"}, False, "model small_cnn trains Keras-wrapped"),
-        ({"privacy.canaries": 4}, True, None),  # canaries group (each member replaced in the group's call)
+        ({"model": "small_cnn"}, False, "model small_cnn is convolutional, and convolutional models measured no"),
+        # A dense model with canaries groups (each canary member replaced in the group's call).
+        ({"privacy.canaries": 4, "model": "mlp"}, True, None),
     ],
 )
 def test_auto_says_in_one_line_why_a_run_goes_per_client(values, grouped, reason):
+    from tffpipe import models
+
     config = configs.build({"clients_per_round": 10, "client_batching": "auto", **values})
     process = object.__new__(client_groups.GroupedLearningProcess) if grouped else object()
-    note = client_groups.auto_note(config, process)
+    note = client_groups.auto_note(config, process, lambda: models.create_model(config.model, config.task, 62))
     if reason is None:
         assert note is None
     else:
         assert note.startswith(f"client_batching=auto runs per client: {reason}") and "\n" not in note
     # Off, or an explicit K (refused or noted by `configs` itself), never gets this note.
-    assert client_groups.auto_note(dataclasses.replace(config, client_batching="off"), object()) is None
+    off = dataclasses.replace(config, client_batching="off")
+    assert client_groups.auto_note(off, object(), lambda: models.create_model(config.model, config.task, 62)) is None
+    # The same reason decides the group size: auto groups exactly where there is none to note.
+    keras_model = models.create_model(config.model, config.task, 62)
+    assert (client_groups.group_size(config, keras_model) is None) == (reason is not None)
 
 
 # Five users' messages; "zebra" is out of vocabulary, so the masks (padding, end of

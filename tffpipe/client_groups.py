@@ -1050,9 +1050,7 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
         if reason is not None:  # `program.check` says so before any data is generated
             raise GroupingError(f"client_batching={explicit} cannot run: model {config.model}: {reason}")
         return explicit
-    if reason is not None or not AUTO_GROUPS[model_kind(keras_model)]:
-        return None
-    if configs.client_batching_obstacle(config) is not None:
+    if auto_obstacle(config, keras_model) is not None:
         return None
     workers = len(config.runtime.workers) or config.runtime.local_workers
     k = max(1, -(-config.clients_per_round // workers))
@@ -1061,22 +1059,38 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
     return min(k, configs.member_group_limit(config, models.weight_bytes(keras_model.trainable_weights)) or k)
 
 
-def auto_note(config: configs.ExperimentConfig, process) -> str | None:
+def auto_obstacle(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> str | None:
+    """Why `client_batching=auto` trains this configuration and model per client, or None: it groups.
+
+    In this order: the aggregation needs each real client's own update
+    (`configs.per_client_reason`), the configuration has no grouped path
+    (`configs.client_batching_obstacle`), the model cannot be converted
+    (`functional_obstacle`), or its kind measured slower in groups (`AUTO_GROUPS`).
+    `group_size` groups exactly when this is None, and `auto_note` says it.
+    """
+    reason = configs.per_client_reason(config) or configs.client_batching_obstacle(config)
+    if reason is not None:
+        return reason
+    reason = functional_obstacle(keras_model)
+    if reason is not None:
+        return f"model {config.model}: {reason}"
+    kind = model_kind(keras_model)
+    if not AUTO_GROUPS[kind]:
+        return f"model {config.model} is {kind}, and {kind} models measured no faster in groups than per client"
+    return None
+
+
+def auto_note(config: configs.ExperimentConfig, process, keras_model_fn: Callable[[], tf.keras.Model]) -> str | None:
     """Under `client_batching=auto`, why `process` trains per client, in one line; None if it groups.
 
-    `process` is what `algorithms.build_learning_process` built for `config`. The reasons
-    are `group_size`'s, in its order: a configuration whose aggregation needs each real
-    client's own update (`configs.per_client_reason`), one without a grouped path yet
-    (`configs.client_batching_obstacle`), else a Keras-wrapped model.
+    `process` is what `algorithms.build_learning_process` built for `config`; the reason
+    is `auto_obstacle`'s, the one `group_size` decided by. `keras_model_fn` builds the
+    task's Keras model, called only when the configuration alone does not say why.
     """
     if config.client_batching != "auto" or isinstance(process, GroupedLearningProcess):
         return None
     reason = configs.per_client_reason(config) or configs.client_batching_obstacle(config)
-    if reason is None:
-        reason = (
-            f"model {config.model} trains Keras-wrapped (convolutions, recurrent or dropout layers, or "
-            "non-trainable weights), which has no grouped path yet"
-        )
+    reason = reason or auto_obstacle(config, keras_model_fn())
     return f"client_batching=auto runs per client: {reason}"
 
 

@@ -255,7 +255,7 @@ def run(
             built = algorithms.build_learning_process(task, config, plan)
             process = runtime.ResilientProcess(built, workers)
             evaluate = _build_evaluate(task, config) if config.eval_clients > 0 else None
-        note = client_groups.auto_note(config, built)
+        note = client_groups.auto_note(config, built, task.create_keras_model)
         if note is not None:
             print(f"note: {note}", file=stream, flush=True)
         device_rounds = create_device_rounds(prepared, upload) if config.devices is not None else None
