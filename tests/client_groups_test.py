@@ -176,7 +176,7 @@ def _plain(value):
     return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
-@pytest.mark.parametrize("mechanism, batched", [(NONE, None), (NONE, "dense"), (FIXED, "vmap")])
+@pytest.mark.parametrize("mechanism, batched", [(NONE, None), (NONE, "dense"), (FIXED, "vmap"), (TREE, "dense")])
 def test_a_real_client_without_examples_changes_nothing(tiny_data_dir, tff_context, mechanism, batched):
     task = _task(tiny_data_dir, "linear")
     _, grouped = _processes(task, FEDAVG, mechanism, group_size=3, batched=batched)
