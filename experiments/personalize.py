@@ -65,26 +65,17 @@ def main() -> None:
         model, where = evaluation.load_keras_model(dirs.model), dirs.model
     else:
         model, where = program.restore_model(prepared, dirs)
-    task = prepared.task
-    ids = sorted(task.test_data.client_ids)
-    if settings.max_clients > 0:
-        ids = ids[: settings.max_clients]
     learning_rate = settings.learning_rate or config.algorithm.client_learning_rate
     print(
         f"model: {where}; fine-tuning: {settings.epochs} epoch(s) of SGD at {learning_rate:g}, "
         f"batch {config.preprocess.batch_size}"
     )
-    metrics = [m for m in ("accuracy", "top3_accuracy") if m in task.metrics_fn()]
-    outcomes = personalization.evaluate(
+    outcomes = personalization.evaluate_task(
         model,
-        task.test_data,
-        ids,
-        loss_fn=task.loss_fn,
-        metrics_fn=task.metrics_fn,
-        metrics=metrics,
-        epochs=settings.epochs,
-        fraction=settings.fraction,
-        learning_rate=learning_rate,
+        prepared.task,
+        sorted(prepared.task.test_data.client_ids),
+        settings,
+        client_learning_rate=config.algorithm.client_learning_rate,
         batch_size=config.preprocess.batch_size,
     )
     for summary, _ in outcomes.values():

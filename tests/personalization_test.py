@@ -123,3 +123,33 @@ def test_the_binary_refuses_a_split_without_both_parts_and_a_missing_model_in_on
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and err.count("\n") == 1 and expected in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_release_values_name_each_metrics_distribution_and_keep_each_clients_gain():
+    results = [
+        personalization.ClientResult("a", 5, 10, before=0.2, after=0.4),
+        personalization.ClientResult("b", 5, 10, before=0.5, after=0.5),
+    ]
+    values = personalization.release_values(
+        {"top3_accuracy": (personalization.summarize(results, "top3_accuracy"), results)}
+    )
+    # One of two improved (0.2 -> 0.4), none hurt; the gains are 0.4 - 0.2 and 0.5 - 0.5.
+    assert values["personalization/top3_accuracy_fraction_improved"] == 0.5
+    assert values["personalization/top3_accuracy_fraction_hurt"] == 0.0
+    assert values["personalization/clients"] == 2.0
+    np.testing.assert_allclose(values["personalization/top3_accuracy_gain"], [0.2, 0.0])
+
+
+def test_in_training_personalization_runs_with_the_evaluation_or_is_refused():
+    from tffpipe import configs, validation
+
+    config = configs.ExperimentConfig(eval_clients=4, loop=configs.LoopConfig(eval_every=2))
+    configs.PersonalizationConfig(every=4).check_in_training(config)  # every second evaluation
+    with pytest.raises(validation.ConfigError, match="every=3 must be a multiple of eval_every=2"):
+        configs.PersonalizationConfig(every=3).check_in_training(config)
+    no_eval = configs.ExperimentConfig(eval_clients=0)
+    with pytest.raises(validation.ConfigError, match="eval_clients=0 evaluates none"):
+        configs.PersonalizationConfig(every=10).check_in_training(no_eval)
+    configs.PersonalizationConfig(every=0).check_in_training(no_eval)  # off: nothing to check
+    with pytest.raises(validation.ConfigError, match="every must be >= 0"):
+        configs.PersonalizationConfig(every=-1)

@@ -77,7 +77,7 @@ def _run(process, checkpointer, releaser, rounds, **kwargs):
         checkpointer=checkpointer,
         releaser=releaser,
         config=configs.LoopConfig(rounds=rounds, **kwargs),
-        evaluate=lambda w: {"eval/accuracy": w / 100},
+        evaluate=lambda w, r: {"eval/accuracy": w / 100},
     )
 
 

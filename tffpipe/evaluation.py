@@ -94,7 +94,7 @@ def summarize(accuracies: np.ndarray, counts: np.ndarray, name: str = "accuracy"
     )
 
 
-COUNTS = ("num_examples", "num_batches")  # what federated evaluation counts, not a quality of the model
+COUNTS = ("num_examples", "num_batches", "num_tokens")  # what evaluation counts, not a quality of the model
 
 
 def client_quantiles(per_client: Mapping[str, np.ndarray], prefix: str = "eval") -> dict[str, float | np.ndarray]:

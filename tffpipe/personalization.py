@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tffpipe import errors
+from tffpipe import configs, errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +51,8 @@ class Summary:
     def metrics(self, prefix: str = "personalization") -> dict[str, float]:
         """Stable nested names for metrics.csv and TensorBoard."""
         names = ("before_p10", "before_p50", "before_p90", "after_p10", "after_p50", "after_p90", "mean_gain")
+        names += ("fraction_improved", "fraction_hurt")  # per metric: top-3 can improve where top-1 does not
         values = {f"{prefix}/{self.metric}_{n}": float(getattr(self, n)) for n in names}
-        values[f"{prefix}/fraction_improved"] = self.fraction_improved
-        values[f"{prefix}/fraction_hurt"] = self.fraction_hurt
         values[f"{prefix}/clients"] = float(self.clients)
         return values
 
@@ -155,18 +154,63 @@ def evaluate(
     return {name: (summarize(results[name], name, skipped), results[name]) for name in metrics}
 
 
+def evaluate_task(
+    model: tf.keras.Model,
+    task,
+    client_ids: Sequence[str],
+    settings: configs.PersonalizationConfig,
+    *,
+    client_learning_rate: float,
+    batch_size: int,
+) -> dict[str, tuple[Summary, list[ClientResult]]]:
+    """`evaluate` on a task's held-out clients with its loss and accuracy metrics: what the personalize
+    binary and training (`program`, every `--personalize_every` rounds) both run.
+
+    Args:
+      task: a `base.Task`; its `test_data`, `loss_fn` and `metrics_fn` (accuracy, and top-3 where it has it).
+      client_ids: held-out clients, cut to `settings.max_clients` (in the order given) when that is positive.
+      settings: epochs, split and rate (None: `client_learning_rate`, the run's).
+      batch_size: the run's, as clients train.
+    """
+    ids = list(client_ids)
+    if settings.max_clients > 0:
+        ids = ids[: settings.max_clients]
+    return evaluate(
+        model,
+        task.test_data,
+        ids,
+        loss_fn=task.loss_fn,
+        metrics_fn=task.metrics_fn,
+        metrics=[m for m in ("accuracy", "top3_accuracy") if m in task.metrics_fn()],
+        epochs=settings.epochs,
+        fraction=settings.fraction,
+        learning_rate=settings.learning_rate or client_learning_rate,
+        batch_size=batch_size,
+    )
+
+
+def release_values(outcomes: Mapping[str, tuple[Summary, Sequence[ClientResult]]]) -> dict[str, float | np.ndarray]:
+    """The summaries' scalars and each client's before, after and gain as arrays (TensorBoard histograms)."""
+    values: dict[str, float | np.ndarray] = {}
+    for name, (summary, clients) in outcomes.items():
+        values.update(summary.metrics())
+        before = np.array([c.before for c in clients])
+        after = np.array([c.after for c in clients])
+        values[f"personalization/{name}_before"] = before
+        values[f"personalization/{name}_after"] = after
+        values[f"personalization/{name}_gain"] = after - before
+    return values
+
+
 def write_tensorboard(logdir: str, outcomes: Mapping[str, tuple[Summary, Sequence[ClientResult]]]) -> None:
-    """The summaries as scalars and each client's before, after and gain as histograms (step 0)."""
+    """`release_values` at step 0: scalars, and histograms for the arrays."""
     writer = tf.summary.create_file_writer(logdir)
     with writer.as_default():
-        for name, (summary, clients) in outcomes.items():
-            for tag, value in summary.metrics().items():
+        for tag, value in release_values(outcomes).items():
+            if np.ndim(value):
+                tf.summary.histogram(tag, value, step=0)
+            else:
                 tf.summary.scalar(tag, value, step=0)
-            before = np.array([c.before for c in clients])
-            after = np.array([c.after for c in clients])
-            tf.summary.histogram(f"personalization/{name}_before", before, step=0)
-            tf.summary.histogram(f"personalization/{name}_after", after, step=0)
-            tf.summary.histogram(f"personalization/{name}_gain", after - before, step=0)
     writer.close()
 
 

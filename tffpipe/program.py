@@ -28,10 +28,12 @@ from tffpipe import (
     client_groups,
     configs,
     devices,
+    errors,
     evaluation,
     export,
     models,
     outputs,
+    personalization,
     progress,
     runtime,
     tasks,
@@ -223,8 +225,19 @@ def run(
     *,
     stop_requested: Callable[[], bool] = lambda: False,
     stream: IO[str] = sys.stdout,
+    personalize: configs.PersonalizationConfig | None = None,
 ) -> training_loop.LoopResult:
-    """Runs (or resumes) the experiment in <root_dir>/<experiment>; see `outputs` for the layout."""
+    """Runs (or resumes) the experiment in <root_dir>/<experiment>; see `outputs` for the layout.
+
+    With `personalize` (its `every` > 0), the evaluation's held-out clients are also
+    fine-tuned and evaluated (`personalization.evaluate_task`) every `every` rounds and
+    at the last; its distribution joins those rounds' metrics.
+
+    Raises:
+      validation.ConfigError: naming the parameter, before anything is written.
+    """
+    if personalize is not None:
+        personalize.check_in_training(config)
     report = progress.Progress(stream)
     dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
     _check_not_past(dirs, config.loop.rounds, "loop.rounds")
@@ -254,7 +267,7 @@ def run(
         with report.phase("building the learning process"):
             built = algorithms.build_learning_process(task, config, plan)
             process = runtime.ResilientProcess(built, workers)
-            evaluate = _build_evaluate(task, config) if config.eval_clients > 0 else None
+            evaluate = _build_evaluate(task, config, personalize, loop.rounds) if config.eval_clients > 0 else None
         note = client_groups.auto_note(config, built, task.create_keras_model)
         if note is not None:
             print(f"note: {note}", file=stream, flush=True)
@@ -428,27 +441,73 @@ def report_audit(estimate: audit.Estimate, eps: float, rounds: int, plan, dirs: 
         )
 
 
-def _build_evaluate(task: base.Task, config: configs.ExperimentConfig):
+def eval_client_ids(test_ids, config: configs.ExperimentConfig) -> list[str]:
+    """The held-out clients every evaluation of the run uses: `eval_clients` of them, drawn once from the seed."""
+    ids = sorted(test_ids)
+    rng = np.random.default_rng([config.seed, 0xE7A1])
+    return sorted(rng.choice(ids, size=min(config.eval_clients, len(ids)), replace=False).tolist())
+
+
+def _build_evaluate(
+    task: base.Task,
+    config: configs.ExperimentConfig,
+    personalize: configs.PersonalizationConfig | None = None,
+    last_round: int | None = None,
+):
     """Federated evaluation on a seeded sample of held-out clients, built on its first use.
+
+    Besides the pooled metrics, the per-client distribution (`evaluation.client_quantiles`):
+    quantile columns, and each client's values as arrays that become TensorBoard histograms.
 
     Building it traces the model again (about 2 s): lazily, it stays off the path to
     round 1, and a run that never evaluates never builds it.
     """
-    ids = sorted(task.test_data.client_ids)
-    rng = np.random.default_rng([config.seed, 0xE7A1])
-    eval_ids = sorted(rng.choice(ids, size=min(config.eval_clients, len(ids)), replace=False).tolist())
+    eval_ids = eval_client_ids(task.test_data.client_ids, config)
     built = []
 
-    def evaluate(model_weights) -> dict[str, float]:
+    def evaluate(model_weights, round_num: int) -> dict[str, float | np.ndarray]:
         if not built:
-            eval_process = task.compose_eval(algorithms.build_evaluation_process(task.learning_model()))
+            process = algorithms.build_evaluation_process(task.learning_model(), per_client=True)
+            eval_process = task.compose_eval(process)
             built.append((eval_process, eval_process.initialize()))
         eval_process, eval_state = built[0]
         state = eval_process.set_model_weights(eval_state, model_weights)
-        metrics = eval_process.next(state, eval_ids).metrics["client_work"]["eval"]["current_round_metrics"]
-        return {f"eval/{k}": float(v) for k, v in metrics.items()}
+        metrics = dict(eval_process.next(state, eval_ids).metrics["client_work"]["eval"]["current_round_metrics"])
+        per_client = metrics.pop("per_client")
+        values = {**{f"eval/{k}": float(v) for k, v in metrics.items()}, **evaluation.client_quantiles(per_client)}
+        if (
+            personalize is not None
+            and personalize.every
+            and (round_num % personalize.every == 0 or round_num == (last_round or config.loop.rounds))
+        ):
+            values.update(_personalize(task, config, personalize, model_weights, eval_ids))
+        return values
 
     return evaluate
+
+
+def _personalize(
+    task: base.Task, config: configs.ExperimentConfig, settings: configs.PersonalizationConfig, model_weights, ids
+) -> dict[str, float | np.ndarray]:
+    """The personalization distribution of the round's model on the evaluation's clients.
+
+    A split that leaves no client examples on both sides is reported as 0 clients, not
+    raised: training goes on.
+    """
+    model = task.create_keras_model()
+    model_weights.assign_weights_to(model)
+    try:
+        outcomes = personalization.evaluate_task(
+            model,
+            task,
+            ids,
+            settings,
+            client_learning_rate=config.algorithm.client_learning_rate,
+            batch_size=config.preprocess.batch_size,
+        )
+    except errors.InputError:
+        return {"personalization/clients": 0.0}
+    return personalization.release_values(outcomes)
 
 
 def _epsilon_tracker(plan: accounting.PrivacyPlan, dirs: outputs.ExperimentDirs) -> accounting.EpsilonTracker:

@@ -139,7 +139,7 @@ def run(
     checkpointer: Checkpointer,
     releaser: Releaser,
     config: configs.LoopConfig,
-    evaluate: Callable[[Any], Metrics] | None = None,
+    evaluate: Callable[[Any, int], Metrics] | None = None,
     round_metrics: Callable[[int, Any, Sequence[str]], Metrics] | None = None,
     progress: Callable[[int, Metrics], None] | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
@@ -153,7 +153,7 @@ def run(
       checkpointer: loads and saves (state, round).
       releaser: receives each round's metrics (see module doc for the protocol).
       config: rounds and cadences.
-      evaluate: model weights -> eval metrics, run every `eval_every` rounds and last.
+      evaluate: (model weights, round) -> eval metrics, run every `eval_every` rounds and last.
       round_metrics: (round, process output, clients) -> extra metrics (privacy, system).
       progress: called with each round's metrics, after release.
       stop_requested: polled after each round; True saves a checkpoint and returns.
@@ -214,7 +214,7 @@ def _rounds(
         metrics["system/client_examples_per_second"] = metrics.get("train/num_examples", 0.0) / max(seconds, 1e-9)
         stopping = stop_requested()
         if evaluate is not None and (round_num % config.eval_every == 0 or round_num == config.rounds or stopping):
-            metrics.update(evaluate(process.get_model_weights(state)))
+            metrics.update(evaluate(process.get_model_weights(state), round_num))
         releaser.release(round_num, metrics)
         if progress is not None:
             progress(round_num, metrics)
