@@ -327,7 +327,7 @@ def rows(r: dict) -> list[str]:
     memory = f"| {rss['coordinator'] / 2**30:.2f} / {rss['worker'] / 2**30:.2f} GiB "
     if r["per_client_only"]:
         return [
-            common + f"| per-client only | {v0['clients_per_second']:.0f} | - | - "
+            common + f"| per-client only | {v0['clients_per_second']:.3g} | - | - "
             f"| {v0['cpu_seconds_per_round']:.2f} / - | - | - | - "
             f"{memory}| {r['per_client_only']} |"
         ]
@@ -347,7 +347,7 @@ def rows(r: dict) -> list[str]:
         )
         out.append(
             common + f"| {name.split('K=')[1]}{' batched' if name.startswith('batched') else ''} "
-            f"| {v0['clients_per_second']:.0f} | {v['clients_per_second']:.0f} "
+            f"| {v0['clients_per_second']:.3g} | {v['clients_per_second']:.3g} "
             f"| **{v['speedup_vs_per_client']:.2f}x** ({'>= ' + str(target) + 'x' if target else '-'}) "
             f"| {v0['cpu_seconds_per_round']:.2f} / {v['cpu_seconds_per_round']:.2f} "
             f"{flops}{memory}| {v['max_relative_weight_difference']:.1e} |"
