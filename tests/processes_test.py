@@ -63,7 +63,7 @@ def test_pool_workers_die_with_a_sigkilled_parent(tmp_path):
         import os, time
         from tffpipe import processes
         def spin(x):
-            print(os.getpid(), flush=True)
+            os.write(1, f"{os.getpid()}\\n".encode())  # one write: print's two may interleave with the other worker's
             time.sleep(120)
         if __name__ == "__main__":
             for _ in processes.map_in_processes(spin, [(1,), (2,)], processes=2):
