@@ -39,7 +39,7 @@ def test_ranges_cover_the_total_in_order_and_progress_counts_what_was_consumed()
 
 def test_a_stop_request_raises_interrupted_and_leaves_no_worker():
     def pool_workers() -> set[int]:  # spawned workers run spawn_main (multiprocessing's resource tracker does not)
-        return {p.pid for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())}
+        return {p.pid for p in psutil.Process().children() if "spawn_main" in _command_line(p)}
 
     before = pool_workers()
     pool = set()
@@ -104,4 +104,12 @@ def test_a_child_answers_raises_again_here_or_dies_as_one_named_error():
 
 def _resource_trackers() -> set[int]:
     """multiprocessing's resource tracker, started once with the first spawned child, stays by design."""
-    return {p.pid for p in psutil.Process().children() if "resource_tracker" in " ".join(p.cmdline())}
+    return {p.pid for p in psutil.Process().children() if "resource_tracker" in _command_line(p)}
+
+
+def _command_line(process: psutil.Process) -> str:
+    """The child's command line; empty for one that has already exited (another test's zombie)."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return ""
