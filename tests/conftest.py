@@ -80,6 +80,15 @@ def tiny_data_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def forks():
+    """Runs the binaries' bad-input cases in forks of one process that imported TF (tests/forkserver.py)."""
+    from tests import forkserver
+
+    with forkserver.Server(forkserver.BINARY_IMPORTS) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def tff_context():
     from tffpipe import runtime
 
