@@ -44,19 +44,15 @@ TINY_FLAGS = [
 EMNIST_ONLY_FLAGS = ("--num_writers=", "--median_examples=", "--data_seed=")  # refused with --task=keyboard
 
 
-def train_command(*flags: str, cache: str, root: str) -> list[str]:
+def train_args(*flags: str, cache: str, root: str) -> list[str]:
     tiny = TINY_FLAGS
     if "--task=keyboard" in flags:
         tiny = [flag for flag in TINY_FLAGS if not flag.startswith(EMNIST_ONLY_FLAGS)]
-    return [
-        sys.executable,
-        "-m",
-        "experiments.train",
-        f"--cache_dir={cache}",
-        f"--root_dir={root}",
-        *tiny,
-        *flags,
-    ]
+    return [f"--cache_dir={cache}", f"--root_dir={root}", *tiny, *flags]
+
+
+def train_command(*flags: str, cache: str, root: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.train", *train_args(*flags, cache=cache, root=root)]
 
 
 def train(*flags: str, cache: str, root: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -217,7 +213,7 @@ def encode(example: dict) -> bytes:
     return example_proto.encode_example(example)
 
 
-def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finished_run, tmp_path):
+def test_bad_inputs_each_give_one_error_line_and_change_nothing(forks, workspace, finished_run, tmp_path):
     """Every binary, every bad input: one `error:` line naming it, exit 2, no traceback, nothing written."""
     cache, runs = workspace
     exp = finished_run[1]
@@ -375,23 +371,41 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(workspace, finis
         ("worker", ["--bind=10.99.99.99"], "--bind=10.99.99.99: this host has no such address"),
     ]
     before = {path: tree_digest(path) for path in (runs, cache)}
+    cases = [("train", flags, message) for flags, message in train_cases] + other_cases
+    # A few cases run as a user runs them, each in a fresh interpreter (imports and TF's start-up
+    # included; tests/cli_test.py runs train's --model=resnet so too); the others in processes forked
+    # from one that imported TF once (tests/forkserver.py), which spares each case that gets as far
+    # as TF ~5 s of imports (30-60 s under load).
+    fresh = {
+        ("train", "--rounds=0"),
+        ("evaluate", f"--model_path={not_a_model}"),
+        ("compute_epsilon", "--max_epsilon=1e-9"),
+        ("worker", "--bind=0.0.0.0"),
+    }
+    fresh_cases = [case for case in cases if (case[0], case[1][-1]) in fresh]
+    forked_cases = [case for case in cases if (case[0], case[1][-1]) not in fresh]
+    assert len(fresh_cases) == len(fresh)
 
-    def attempt(case):
+    def args(binary, flags):
+        return train_args("--rounds=3", *flags, cache=cache, root=runs) if binary == "train" else list(flags)
+
+    def run_fresh(case):
         binary, flags, _ = case
-        if binary == "train":
-            return train("--rounds=3", *flags, cache=cache, root=runs, timeout=180)
-        cmd = [sys.executable, "-m", f"experiments.{binary}", *flags]
+        cmd = [sys.executable, "-m", f"experiments.{binary}", *args(binary, flags)]
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
 
-    cases = [("train", flags, message) for flags, message in train_cases] + other_cases
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(attempt, cases))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        forked_args = [(binary, args(binary, flags)) for binary, flags, _ in forked_cases]
+        forked = pool.submit(forks.run, forked_args, parallel=2)
+        results = list(pool.map(run_fresh, fresh_cases)) + forked.result()
     busy.close()
     failures = []
-    for (binary, flags, message), proc in zip(cases, results, strict=True):
+    for case, proc in zip(fresh_cases + forked_cases, results, strict=True):
+        binary, flags, message = case
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         if proc.returncode != 2 or message not in proc.stderr or len(lines) != 1 or not lines[0].startswith("error: "):
-            failures.append((binary, flags, proc.returncode, proc.stderr[-800:]))
+            how = "fresh" if case in fresh_cases else "forked"
+            failures.append((binary, flags, how, proc.returncode, proc.stderr[-800:]))
     assert not failures, "\n".join(map(str, failures))
     after = {path: tree_digest(path) for path in (runs, cache)}
     assert after == before, "a failed run created or changed files"
@@ -694,7 +708,7 @@ def test_a_small_keyboard_run_with_dp_trains_evaluates_and_reports_its_metrics(t
     assert any(t.startswith("clients/") for t in acc.Tags()["tensors"])  # users' messages as text summaries
 
 
-def test_keyboard_bad_inputs_each_give_one_error_line(tmp_path):
+def test_keyboard_bad_inputs_each_give_one_error_line(forks, tmp_path):
     from tffpipe import configs
     from tffpipe.tasks.keyboard import generator as keyboard_generator
 
@@ -746,18 +760,19 @@ def test_keyboard_bad_inputs_each_give_one_error_line(tmp_path):
         ([f"--data_dir={rare}"], f"{rare}/stackoverflow.sqlite: row 2 (client 'u00000', split 'train') is not a"),
     ]
 
-    def attempt(flags):
-        return train("--rounds=1", *KEYBOARD_FLAGS, *flags, "--experiment=bad", cache=cache, root=str(tmp_path / "r"))
-
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(attempt, [flags for flags, _ in cases]))
+    root = str(tmp_path / "r")
+    args = [
+        train_args("--rounds=1", *KEYBOARD_FLAGS, *flags, "--experiment=bad", cache=cache, root=root)
+        for flags, _ in cases
+    ]
+    results = forks.run([("train", a) for a in args])  # forked from one process that imported TF (tests/forkserver.py)
     for (flags, message), proc in zip(cases, results, strict=True):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, proc.stderr[-1500:])
     assert not os.path.exists(tmp_path / "r")
 
 
-def test_distributed_dp_bad_input_is_one_error_line_before_any_data(tmp_path):
+def test_distributed_dp_bad_input_is_one_error_line_before_any_data(forks, tmp_path):
     cache, root = str(tmp_path / "cache"), str(tmp_path / "runs")
     cases = [
         (["--bits=0"], "--bits=0: bits must be >= 1, got 0"),
@@ -771,14 +786,13 @@ def test_distributed_dp_bad_input_is_one_error_line_before_any_data(tmp_path):
         (["--sampling=uniform"], "--sampling=uniform: the distributed mechanism is accounted under Poisson sampling"),
     ]
 
-    def attempt(flags):
-        return train("--rounds=3", "--model=linear", "--dp=distributed", *flags, cache=cache, root=root, timeout=180)
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(attempt, [flags for flags, _ in cases]))
-    fixed = train("--rounds=3", "--bits=16", cache=cache, root=root, timeout=180)  # --dp=fixed (the default)
-    results.append(fixed)
+    args = [
+        train_args("--rounds=3", "--model=linear", "--dp=distributed", *flags, cache=cache, root=root)
+        for flags, _ in cases
+    ]
+    args.append(train_args("--rounds=3", "--bits=16", cache=cache, root=root))  # --dp=fixed (the default)
     cases.append((["--bits=16"], "--bits=16: bits=16 is the distributed mechanism's field width and has no effect"))
+    results = forks.run([("train", a) for a in args])  # forked from one process that imported TF (tests/forkserver.py)
     for (flags, message), proc in zip(cases, results, strict=True):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], (flags, proc.stderr[-1500:])
