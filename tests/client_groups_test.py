@@ -468,6 +468,25 @@ def _experiment_processes(task, values: dict, group_size: int):
     return config, plan, per_client, grouped
 
 
+def test_the_process_builder_groups_tree_aggregation_with_zeroing_as_per_client(tiny_data_dir, tff_context):
+    # What `program` builds: both processes from the config, the noise seeded by the config's seed.
+    task = _task(tiny_data_dir, "linear")
+    values = {"clients_per_round": 5, "dp.mechanism": TREE, "dp.noise_multiplier": 0.3, "dp.zeroing_norm": ZEROING}
+    values["loop.rounds"] = 2  # the tree's clients take part at most once: 2 rounds of 5 from 12
+    _, plan, per_client, grouped = _experiment_processes(task, values, group_size=2)
+    assert grouped.group_size == 2
+    # The same state type, so a checkpoint of either restores into the other. Compared as text: dp_accounting
+    # makes a new namedtuple class for the DpEvent in each built factory, so even two per-client builds'
+    # types differ in that Python class (checked on 2026-12-05), not in their structure.
+    assert str(grouped.initialize.type_signature) == str(per_client.initialize.type_signature)
+    ids = task.train_data.client_ids[:5]
+    state = per_client.initialize()
+    expected, actual = per_client.next(state, ids), grouped.next(state, ids)
+    _assert_weights_close(per_client, expected.state, grouped, actual.state)  # the same noise, z*C = 0.3 * C
+    _assert_same_round(plan, ids, expected, actual)
+    assert actual.metrics["aggregator"]["zeroed_count"] == expected.metrics["aggregator"]["zeroed_count"]
+
+
 def _assert_same_round(plan, ids, expected, actual):
     """The same train metrics and the same mechanism metrics (clip, noise, clipped fraction) as `program` reads them."""
     train_e, train_a = expected.metrics["client_work"]["train"], actual.metrics["client_work"]["train"]
