@@ -1,10 +1,7 @@
 import collections
-import concurrent.futures
 import dataclasses
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Mapping
 
 import dp_accounting
@@ -427,7 +424,7 @@ def test_the_process_builder_groups_with_client_batching_and_not_without(tiny_da
     assert grouped.initialize.type_signature == per_client.initialize.type_signature
 
 
-def test_the_train_binary_refuses_bad_client_batching_before_any_data(tmp_path):
+def test_the_train_binary_refuses_bad_client_batching_before_any_data(forks, tmp_path):
     cache, runs = tmp_path / "cache", tmp_path / "runs"
     cases = [
         (["--client_batching=0"], "--client_batching=0: client_batching must be a positive group size, got 0"),
@@ -443,12 +440,8 @@ def test_the_train_binary_refuses_bad_client_batching_before_any_data(tmp_path):
     # A tiny population and one round, so that a check that does not fire ends quickly (with files written).
     tiny = ["--num_writers=12", "--median_examples=24", "--clients_per_round=3", "--eval_clients=0", "--rounds=1"]
 
-    def attempt(flags):
-        cmd = [sys.executable, "-m", "experiments.train", f"--cache_dir={cache}", f"--root_dir={runs}", *tiny, *flags]
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
-
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(attempt, [flags for flags, _ in cases]))
+    args = [[f"--cache_dir={cache}", f"--root_dir={runs}", *tiny, *flags] for flags, _ in cases]
+    results = forks.run([("train", a) for a in args])  # forked from one process that imported TF (tests/forkserver.py)
     for (flags, message), proc in zip(cases, results, strict=True):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}"), (flags, proc)
@@ -735,3 +728,19 @@ def test_keyboard_lstm_groups_give_the_per_client_round_with_a_group_of_one_and_
         assert list(train_a) == list(train_e)
         np.testing.assert_allclose(list(train_a.values()), list(train_e.values()), rtol=1e-5)
     assert with_empty.metrics["client_work"]["groups"]["clients"] == 6
+
+
+def test_auto_groups_by_model_kind_as_measured(monkeypatch):
+    from tffpipe import models
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    config = configs.build({"clients_per_round": 10, "client_batching": "auto", "dp.mechanism": NONE})
+    assert client_groups.model_kind(models.create_model("mlp", configs.Task.EMNIST, 62)) == "dense"
+    # Dense: one group per worker, ceil(10 / 1) = 10.
+    assert client_groups.group_size(config, models.create_model("mlp", configs.Task.EMNIST, 62)) == 10
+    # Convolutional: measured no faster in groups, so per client.
+    assert client_groups.group_size(config, models.create_model("small_cnn", configs.Task.EMNIST, 62)) is None
+    # Recurrent: one group per core, ceil(10 / max(1 worker, 2 cores)) = 5.
+    lstm = models.create_model("cifg_lstm", configs.Task.KEYBOARD, 9)
+    assert client_groups.model_kind(lstm) == "recurrent"
+    assert client_groups.group_size(config, lstm) == 5

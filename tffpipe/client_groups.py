@@ -116,6 +116,27 @@ one run): the data stage costs ~0.5 ms per member read in a while loop (a tf.dat
 over members cost ~6 ms), and each group costs ~75 ms of its own (W3, member loop: 20
 groups of 50 took 3.07 s a round, 2 of 500 1.73 s), so few large groups are fastest:
 `auto` makes one group per worker.
+
+Keras-wrapped models (member loop, same clients and state, per-client and grouped rounds
+alternated; `python -m benchmarks.client_groups --cg_workloads=default,keyboard
+--group_sizes=5,25,auto --rounds=2`, then `--group_sizes=auto --rounds=3`; load average
+13-35 on the 2 cores, so CPU seconds per round, this process and TFF's worker, are given
+beside the wall ratio):
+
+* default run (small_cnn, ~52 clients x 5 epochs, fixed DP), K=50: wall ratio
+  (per-client / grouped) 0.79x, 1.49x, 0.91x in three runs; CPU 3.35 / 3.15 s and
+  3.40 / 3.43 s (0.99-1.06x). K=25 1.09x, K=5 1.04x (CPU 0.93x, 0.91x). No gain: the
+  converted model costs more per step than the Keras-wrapped one (BENCHMARKS.md: the
+  functional small_cnn was 0.25 s against 0.18-0.23 s a round per client), which eats
+  the per-call savings. `auto` runs convolutional models per client.
+* keyboard (cifg_lstm, 10 users x ~80 sequences, FedAvg): K=10 1.26x and 1.56x wall,
+  CPU 8.91 / 8.53 s and 7.44 / 6.92 s (1.04-1.08x); K=5 1.36x (CPU 0.99x). What bounds
+  it: every member runs the same steps on the same [16, 20] batches as alone, so the
+  arithmetic (~8.5 MFLOP a token forward and back, 20 tokens a sequence: 123-149 GFLOP
+  a round, ~17 GFLOP per CPU second on both paths) is untouched; grouping
+  saves only the per-call cost, ~40-50 ms of CPU per user. Beyond that needs members
+  stepping together (`train_members_batched`, not tried on the LSTM). `auto` groups
+  recurrent models, one group per core (a group's members run in turn on one op thread).
 """
 
 from __future__ import annotations
@@ -123,6 +144,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -256,8 +278,13 @@ def model_kind(keras_model: tf.keras.Model) -> str:
 
 
 # Whether `client_batching=auto` groups a model of this kind: where grouped rounds measured
-# no slower than per-client ones (benchmarks/client_groups.py, see the module doc).
-AUTO_GROUPS = {"dense": True, "convolutional": False, "recurrent": False}
+# faster than per-client ones (benchmarks/client_groups.py, figures in the module doc and
+# BENCHMARKS.md). Convolutional: small_cnn's grouped rounds took the same CPU (per-client /
+# grouped 0.99-1.06x) and were slower in 2 of 3 runs' wall time (0.79x, 1.49x, 0.91x).
+AUTO_GROUPS = {"dense": True, "convolutional": False, "recurrent": True}
+# Kinds whose rounds are compute-bound: `auto` makes one group per core, not per worker,
+# since a worker runs each call on one op thread and a group's members run in turn.
+_ONE_GROUP_PER_CORE = frozenset({"recurrent"})
 
 
 class _BatchMeanLoss(tf.keras.metrics.Mean):
@@ -1051,7 +1078,9 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
 
     off: None. K: K, if `create_functional_model` can convert the model (`configs` has
     checked the rest). auto: one group per worker, ceil(m / workers), where the model,
-    its kind (`AUTO_GROUPS`) and the configuration allow, else None. Few large groups
+    its kind (`AUTO_GROUPS`) and the configuration allow, else None; recurrent models one
+    group per core, ceil(m / max(workers, cores)) (keyboard, cifg_lstm, 10 clients: K=5
+    1.36x the per-client wall time against K=10 1.26x in the same run). Few large groups
     measured fastest (benchmarks/client_groups.py, 2026-12-05, same runs: W3, 1,000
     linear clients, K=1000 2.42x the per-client rounds against K=100 1.30x; W2, 100 mlp
     clients, K=100 2.24x against K=50 1.83x): each group costs ~75 ms of its own here,
@@ -1073,7 +1102,8 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
     if auto_obstacle(config, keras_model) is not None:
         return None
     workers = len(config.runtime.workers) or config.runtime.local_workers
-    k = max(1, -(-config.clients_per_round // workers))
+    groups = max(workers, os.cpu_count() or 1) if model_kind(keras_model) in _ONE_GROUP_PER_CORE else workers
+    k = max(1, -(-config.clients_per_round // groups))
     if not configs.group_sends_members(config.dp):
         return k
     return min(k, configs.member_group_limit(config, models.weight_bytes(keras_model.trainable_weights)) or k)
