@@ -15,8 +15,10 @@ Each workload (`benchmarks.workloads`) runs in a child process of its own, so it
 RSS is its own. The child builds the per-client process `train` runs
 (`algorithms.build_learning_process`) and the grouped one
 (`client_groups.build_learning_process`, members one after the other; with --batched
-also all members stepping together) for each group size K (`auto`: the round's
-clients in one group, what `--client_batching=auto` picks with one worker), then times
+also all members stepping together) for each group size K (`auto`: what
+`--client_batching=auto` picks, `client_groups.group_size`, e.g. one group a round for
+dense models and one per core for recurrent ones; one group where auto would run per
+client, so that the basis of its rule is timed), then times
 rounds in turn on the same clients from the same state (per-client, then each grouped
 variant, every round) after one warm-up round each, so a drift of the shared machine's
 speed hits every variant alike. A workload whose model or configuration has no grouped
@@ -47,6 +49,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
@@ -65,7 +68,10 @@ from tffpipe.data import sampling  # noqa: E402
 
 flags.DEFINE_list("cg_workloads", ["w3", "w2", "default", "keyboard"], "Workloads (benchmarks.workloads) to time.")
 flags.DEFINE_list(
-    "group_sizes", ["auto"], "Group sizes K to time (each capped at clients per round; auto: one group a round)."
+    "group_sizes",
+    ["auto"],
+    "Group sizes K to time (each capped at clients per round; auto: --client_batching=auto's K, one group a round "
+    "where auto runs per client).",
 )
 flags.DEFINE_integer("rounds", 3, "Timed rounds per variant, after one warm-up round.")
 flags.DEFINE_bool("batched", False, "Also time groups whose members take their steps together.")
@@ -185,7 +191,9 @@ def time_config(config: configs.ExperimentConfig, info: dict, group_sizes: list[
     tasks.data_source(config).prepare()  # generated once per population, not timed
     prepared = program.prepare(config)
     task, plan = prepared.task, prepared.plan
-    sizes = sorted({m if k == "auto" else min(int(k), m) for k in group_sizes})
+    auto = client_groups.group_size(dataclasses.replace(config, client_batching="auto"), task.create_keras_model())
+    # auto: what `--client_batching=auto` picks, or one group where auto runs per client (to time the rule's basis).
+    sizes = sorted({(auto or m) if k == "auto" else min(int(k), m) for k in group_sizes})
     variants = {"per_client": algorithms.build_learning_process(task, config, plan)}
     per_client_only = None
     for k in sizes:
