@@ -125,6 +125,11 @@ def test_outputs_have_the_expected_layout_columns_and_rows(finished_run):
     ):
         assert all(r[column] != "" for r in table), column
     assert [r["eval/accuracy"] != "" for r in table] == [False, True, True]  # eval_every=2, and the last round
+    for r in table[1:]:  # every evaluation's per-client distribution over its 4 held-out clients (--eval_clients)
+        assert r["eval/clients"] == "4.0"
+        for name in ("accuracy", "loss"):
+            p10, p50, p90 = (float(r[f"eval/{name}_p{q}"]) for q in (10, 50, 90))
+            assert p10 <= p50 <= p90
     eps = [float(r["privacy/epsilon"]) for r in table]
     assert eps == sorted(eps) and eps[0] > 0
     assert "program_state_3" in os.listdir(os.path.join(exp, "checkpoints"))
@@ -132,6 +137,23 @@ def test_outputs_have_the_expected_layout_columns_and_rows(finished_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     model = tf.keras.models.load_model(os.path.join(exp, "model.keras"))
     assert model.output_shape == (None, 62)
+
+
+def test_the_last_evaluations_quantiles_are_those_of_its_clients_evaluated_one_by_one(workspace, finished_run):
+    from tffpipe import evaluation, program
+
+    _, exp = finished_run
+    last = rows(os.path.join(exp, "metrics.csv"))[-1]
+    data_dir = generator.ensure_generated(workspace[0], conftest.TINY, workers=1)  # the run's data, generated
+    task = conftest.emnist_task(data_dir)
+    ids = program.eval_client_ids(task.test_data.client_ids, configs.ExperimentConfig(eval_clients=4))  # as the run
+    model = tf.keras.models.load_model(os.path.join(exp, "model.keras"))  # round 3's weights, as evaluated last
+    each = evaluation.per_client_metrics(model, task, ids, names=("accuracy", "loss"))  # Keras, one client at a time
+    assert float(last["eval/clients"]) == len(each["loss"][0]) == 4
+    for name in ("accuracy", "loss"):  # after 3 rounds the accuracies may all be 0; the losses differ per client
+        expected = [np.percentile(each[name][0], q) for q in (10, 50, 90)]
+        found = [float(last[f"eval/{name}_p{q}"]) for q in (10, 50, 90)]
+        assert found == pytest.approx(expected, rel=1e-4, abs=1e-6), name
 
 
 def test_tensorboard_holds_scalars_hparams_and_sample_images(finished_run):
@@ -143,6 +165,10 @@ def test_tensorboard_holds_scalars_hparams_and_sample_images(finished_run):
     tags = acc.Tags()
     assert [e.step for e in acc.Tensors("train/loss")] == [1, 2, 3]
     assert [e.step for e in acc.Tensors("eval/accuracy")] == [2, 3]
+    for name in ("accuracy", "loss"):  # each evaluated client's value, as a histogram (4 clients)
+        histograms = acc.Tensors(f"eval/per_client/{name}")
+        assert [e.step for e in histograms] == [2, 3]
+        assert [tf.make_ndarray(e.tensor_proto)[:, 2].sum() for e in histograms] == [4, 4]
     assert "privacy/epsilon" in tags["tensors"]
     assert any(t.startswith("clients/") for t in tags["tensors"])  # tf.summary.image writes tensors in TF2
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
@@ -163,7 +189,10 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(workspace, finished_r
     reference = rows(os.path.join(finished_run[1], "metrics.csv"))
     result = rows(os.path.join(runs, "killed", "metrics.csv"))
     assert [r["round"] for r in result] == ["1", "2", "3"]
+    assert list(result[0]) == list(reference[0])  # the same columns, per-client quantiles included
     for column in ("train/loss", "train/accuracy", "eval/accuracy", "privacy/epsilon", "privacy/clip"):
+        assert [r[column] for r in result] == [r[column] for r in reference], column
+    for column in ("eval/clients", "eval/accuracy_p10", "eval/accuracy_p50", "eval/accuracy_p90", "eval/loss_p50"):
         assert [r[column] for r in result] == [r[column] for r in reference], column
     acc = event_accumulator.EventAccumulator(os.path.join(runs, "killed", "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
@@ -177,6 +206,42 @@ def test_raising_rounds_extends_a_finished_run(workspace, finished_run):
     assert proc.returncode == 0, proc.stderr
     assert "round 3/4" not in proc.stdout and "round 4/4" in proc.stdout
     assert [r["round"] for r in rows(os.path.join(runs, "extended", "metrics.csv"))] == ["1", "2", "3", "4"]
+
+
+def test_train_with_export_and_personalize_every_writes_the_tflite_files_and_the_gains(workspace, finished_run):
+    # One extension of the finished run (round 4) serves both flags: no new run from round 1.
+    cache, runs = workspace
+    exp = os.path.join(runs, "exported")
+    shutil.copytree(finished_run[1], exp)
+    flags = ("--rounds=4", "--experiment=exported", "--export", "--personalize_every=2")
+    proc = train(*flags, cache=cache, root=runs, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    variants = [v.value for v in configs.ExportVariant]
+    assert sorted(os.listdir(os.path.join(exp, "export"))) == sorted(
+        ["manifest.json", "tensorboard", *(f"model_{v}.tflite" for v in variants)]
+    )
+    with open(os.path.join(exp, "export", "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["source"] == os.path.join(exp, "model.keras")  # the model the run just saved
+    assert list(manifest["variants"]) == variants and not any("error" in v for v in manifest["variants"].values())
+    for v in variants:  # each file's size is the manifest's
+        assert manifest["variants"][v]["bytes"] == os.path.getsize(os.path.join(exp, "export", f"model_{v}.tflite"))
+    assert manifest["variants"]["float32"]["argmax_agreement"] >= 0.999  # the float model predicts what Keras does
+    assert f"TFLite files in {os.path.join(exp, 'export')}" in proc.stdout
+    table = rows(os.path.join(exp, "metrics.csv"))
+    assert [r.get("personalization/clients", "") != "" for r in table] == [False, False, False, True]  # round 4
+    last = table[-1]
+    clients = float(last["personalization/clients"])
+    assert 0 < clients <= 4  # the evaluation's 4 clients, less those too small to split in two
+    for when in ("before", "after"):
+        p10, p50, p90 = (float(last[f"personalization/accuracy_{when}_p{q}"]) for q in (10, 50, 90))
+        assert 0 <= p10 <= p50 <= p90 <= 1
+    improved, hurt = (float(last[f"personalization/accuracy_fraction_{k}"]) for k in ("improved", "hurt"))
+    assert improved + hurt <= 1 and (improved * clients) % 1 == 0  # a share of whole clients
+    acc = event_accumulator.EventAccumulator(os.path.join(exp, "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    (gain,) = acc.Tensors("personalization/accuracy_gain")  # each client's gain, as a histogram at round 4
+    assert gain.step == 4 and tf.make_ndarray(gain.tensor_proto)[:, 2].sum() == clients
 
 
 def _corrupt_checkpoint(runs: str, source: str) -> str:
@@ -246,6 +311,9 @@ def test_bad_inputs_each_give_one_error_line_and_change_nothing(forks, workspace
         (["extra"], "unexpected arguments ['extra']"),
         # Ranges, with the flag named once.
         (["--rounds=0"], "--rounds=0: rounds must be >= 1, got 0"),
+        (["--personalize_every=3"], "--personalize_every=3: every=3 must be a multiple of eval_every=2"),
+        (["--personalize_every=2", "--eval_clients=0"], "--personalize_every=2: every=2 personalizes the evaluat"),
+        (["--personalize_fraction=1"], "--personalize_fraction=1.0: fraction must be in (0, 1)"),
         (["--clients_per_round=0"], "--clients_per_round=0: clients_per_round must be >= 1"),
         (["--batch_size=0"], "--batch_size=0: batch_size must be >= 1"),
         (["--seed=-1"], "--seed=-1: seed must be >= 0"),
@@ -689,6 +757,9 @@ def test_a_small_keyboard_run_with_dp_trains_evaluates_and_reports_its_metrics(t
         "--noise_multiplier=0.2",
         *KEYBOARD_FLAGS,
         "--experiment=keyboard",
+        "--median_messages=20",  # a tenth of each user's messages is held out: 2, enough to split for personalization
+        "--personalize_every=2",
+        "--personalize_learning_rate=0.03",
         cache=cache,
         root=root,
     )
@@ -701,6 +772,14 @@ def test_a_small_keyboard_run_with_dp_trains_evaluates_and_reports_its_metrics(t
     # Evaluation reports perplexity too. That it is exp(the loss) is checked on a hand-computed example in
     # tests/tasks/keyboard/task_test.py: here both come from the same sums, so comparing them checks nothing.
     assert math.isfinite(float(table[-1]["eval/perplexity"]))
+    # Every metric's per-client distribution but the counts; personalization of top-1 and top-3 alike.
+    assert float(table[-1]["eval/clients"]) == 4 and "eval/num_tokens_p50" not in table[-1]
+    for name in ("accuracy", "top3_accuracy", "perplexity", "loss"):
+        assert float(table[-1][f"eval/{name}_p10"]) <= float(table[-1][f"eval/{name}_p90"]), name
+    # 3 of the 4 evaluated users hold 2 held-out messages (one to fine-tune, one to evaluate); one holds 1: skipped.
+    assert float(table[-1]["personalization/clients"]) == 3
+    for name in ("accuracy", "top3_accuracy"):
+        assert 0 <= float(table[-1][f"personalization/{name}_after_p50"]) <= 1, name
     acc = event_accumulator.EventAccumulator(
         os.path.join(root, "keyboard", "tensorboard"), size_guidance={"tensors": 0}
     )
