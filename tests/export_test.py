@@ -227,7 +227,7 @@ def test_the_keyboard_lstm_is_unrolled_for_full_int8_and_keeps_its_loop_in_float
     assert manifest.counted == 20 * 6  # no padding among random ids 1..29
 
 
-def test_the_binary_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path):
+def test_the_binary_refuses_bad_input_with_one_line_and_writes_nothing(forks, tmp_path):
     runs = tmp_path / "runs"
     (runs / "default").mkdir(parents=True)
     cases = [
@@ -237,26 +237,14 @@ def test_the_binary_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path)
         ([f"--model_path={tmp_path}/m.keras", f"--export_dir={tmp_path}"], "holds files but no manifest.json"),
     ]
     (tmp_path / "m.keras").write_text("not checked before the export directory")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "experiments.export", f"--root_dir={runs}", f"--cache_dir={tmp_path}/cache", *a],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for a, _ in cases
-    ]
-    try:
-        for proc, (_, expected) in zip(procs, cases, strict=True):
-            out, err = proc.communicate(timeout=120)
-            assert proc.returncode == 2, err
-            assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
-            assert out == ""
-    finally:
-        for proc in procs:  # one that went on (a check missing) would generate data for minutes
-            proc.kill()
-            proc.wait()
+    # Forked from one process that imported TF (tests/forkserver.py); one that went on (a check
+    # missing) would generate data for minutes, so it is killed after 120 s.
+    args = [[f"--root_dir={runs}", f"--cache_dir={tmp_path}/cache", *a] for a, _ in cases]
+    for proc, (_, expected) in zip(forks.run([("export", a) for a in args], timeout=120), cases, strict=True):
+        err = proc.stderr
+        assert proc.returncode == 2, err
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+        assert proc.stdout == ""
     assert os.listdir(runs / "default") == [] and not os.path.exists(tmp_path / "cache")
     assert sorted(os.listdir(tmp_path)) == ["m.keras", "runs"]  # the directory it refused to replace is intact
 
