@@ -103,24 +103,18 @@ def test_the_summary_is_the_distribution_over_clients():
     assert s.metrics()["personalization/accuracy_after_p50"] == pytest.approx(0.5)
 
 
-def test_the_binary_refuses_a_split_without_both_parts_and_a_missing_model_in_one_line(tmp_path):
+def test_the_binary_refuses_a_split_without_both_parts_and_a_missing_model_in_one_line(forks, tmp_path):
     import os
-    import subprocess
-    import sys
 
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cases = [
         (["--fraction=1"], "--fraction=1.0: fraction must be in (0, 1), got 1.0"),
         (["--personalize_epochs=0"], "--personalize_epochs=0: epochs must be >= 1"),
         ([], "no Keras model file at"),
     ]
-    base = [sys.executable, "-m", "experiments.personalize", f"--root_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/c"]
-    procs = [
-        subprocess.Popen(base + a, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for a, _ in cases
-    ]
+    base = [f"--root_dir={tmp_path}/runs", f"--cache_dir={tmp_path}/c"]
+    procs = forks.run([("personalize", base + a) for a, _ in cases])  # forked from one process that imported TF
     for proc, (_, expected) in zip(procs, cases, strict=True):
-        out, err = proc.communicate(timeout=120)
+        err = proc.stderr
         assert proc.returncode == 2 and err.count("\n") == 1 and expected in err, err
     assert os.listdir(tmp_path) == []
 
