@@ -160,10 +160,13 @@ def test_the_table_takes_the_mechanism_flag():
     assert rows[("10", "1.0", "1500")] == ["n/a"]  # 1,500 rounds of 10 would reuse clients: 340 at most
 
 
-def test_distributed_dp_is_planned_for_the_model_and_refuses_an_unusable_width():
+def test_distributed_dp_is_planned_for_the_model_and_refuses_an_unusable_width(forks):
     # mlp on the 10 digits: 784*200 + 200 + 200*200 + 200 + 200*10 + 10 = 199,210 weights.
-    flags = ("--dp=distributed", "--only_digits", "--model=mlp", "--clients_per_round=50", "--rounds=30")
-    proc = _run(*flags, "--bits=18", "--noise_multiplier=0.7")
+    flags = ["--dp=distributed", "--only_digits", "--model=mlp", "--clients_per_round=50", "--rounds=30"]
+    # Both build the model with TF: forked from one process that imported it (tests/forkserver.py).
+    proc, refused = forks.run(
+        [("compute_epsilon", [*flags, f"--bits={bits}", "--noise_multiplier=0.7"]) for bits in (18, 10)]
+    )
     assert proc.returncode == 0, proc.stderr
     population = tasks.data_source(configs.build({"data.only_digits": True})).population()  # writers with digits
     plan = accounting.PrivacyPlan(
@@ -178,7 +181,6 @@ def test_distributed_dp_is_planned_for_the_model_and_refuses_an_unusable_width()
     )
     assert f"epsilon {accounting.epsilon(plan, 30):.4g} at delta" in proc.stdout
     assert "18-bit modular sum of 199,210 coordinates" in proc.stdout
-    refused = _run(*flags, "--bits=10", "--noise_multiplier=0.7")
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr
     assert lines[0].startswith("error: --bits=10: bits=10 is unusable for this model (199,210 parameters)")
