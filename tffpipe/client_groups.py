@@ -119,18 +119,19 @@ groups of 50 took 3.07 s a round, 2 of 500 1.73 s), so few large groups are fast
 
 Keras-wrapped models (member loop, same clients and state, per-client and grouped rounds
 alternated; `python -m benchmarks.client_groups --cg_workloads=default,keyboard
---group_sizes=5,25,auto --rounds=2`, then `--group_sizes=auto --rounds=3`; load average
+--group_sizes=5,25,auto --rounds=2`, then twice `--group_sizes=auto --rounds=3`; load average
 13-35 on the 2 cores, so CPU seconds per round, this process and TFF's worker, are given
 beside the wall ratio):
 
 * default run (small_cnn, ~52 clients x 5 epochs, fixed DP), K=50: wall ratio
-  (per-client / grouped) 0.79x, 1.49x, 0.91x in three runs; CPU 3.35 / 3.15 s and
-  3.40 / 3.43 s (0.99-1.06x). K=25 1.09x, K=5 1.04x (CPU 0.93x, 0.91x). No gain: the
+  (per-client / grouped) 0.79x, 1.49x, 0.91x, 1.03x in four runs; CPU 3.35 / 3.15 s,
+  3.40 / 3.43 s, 3.16 / 3.43 s (0.92-1.06x). K=25 1.09x, K=5 1.04x (CPU 0.93x, 0.91x). No gain: the
   converted model costs more per step than the Keras-wrapped one (BENCHMARKS.md: the
   functional small_cnn was 0.25 s against 0.18-0.23 s a round per client), which eats
   the per-call savings. `auto` runs convolutional models per client.
 * keyboard (cifg_lstm, 10 users x ~80 sequences, FedAvg): K=10 1.26x and 1.56x wall,
-  CPU 8.91 / 8.53 s and 7.44 / 6.92 s (1.04-1.08x); K=5 1.36x (CPU 0.99x). What bounds
+  CPU 8.91 / 8.53 s and 7.44 / 6.92 s (1.04-1.08x); K=5 1.36x and 1.27x (CPU 0.99x,
+  1.01x). What bounds
   it: every member runs the same steps on the same [16, 20] batches as alone, so the
   arithmetic (~8.5 MFLOP a token forward and back, 20 tokens a sequence: 123-149 GFLOP
   a round, ~17 GFLOP per CPU second on both paths) is untouched; grouping
@@ -279,8 +280,8 @@ def model_kind(keras_model: tf.keras.Model) -> str:
 
 # Whether `client_batching=auto` groups a model of this kind: where grouped rounds measured
 # faster than per-client ones (benchmarks/client_groups.py, figures in the module doc and
-# BENCHMARKS.md). Convolutional: small_cnn's grouped rounds took the same CPU (per-client /
-# grouped 0.99-1.06x) and were slower in 2 of 3 runs' wall time (0.79x, 1.49x, 0.91x).
+# BENCHMARKS.md). Convolutional: small_cnn's grouped rounds took as much CPU or more
+# (per-client / grouped 0.92-1.06x) and wall time straddled 1 (0.79x, 1.49x, 0.91x, 1.03x).
 AUTO_GROUPS = {"dense": True, "convolutional": False, "recurrent": True}
 # Kinds whose rounds are compute-bound: `auto` makes one group per core, not per worker,
 # since a worker runs each call on one op thread and a group's members run in turn.
