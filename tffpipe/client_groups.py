@@ -125,10 +125,12 @@ beside the wall ratio):
 
 * default run (small_cnn, ~52 clients x 5 epochs, fixed DP), K=50: wall ratio
   (per-client / grouped) 0.79x, 1.49x, 0.91x, 1.03x in four runs; CPU 3.35 / 3.15 s,
-  3.40 / 3.43 s, 3.16 / 3.43 s (0.92-1.06x). K=25 1.09x, K=5 1.04x (CPU 0.93x, 0.91x). No gain: the
-  converted model costs more per step than the Keras-wrapped one (BENCHMARKS.md: the
-  functional small_cnn was 0.25 s against 0.18-0.23 s a round per client), which eats
-  the per-call savings. `auto` runs convolutional models per client.
+  3.40 / 3.43 s, 3.16 / 3.43 s (0.92-1.06x). K=25 1.09x, K=5 1.04x (CPU 0.93x, 0.91x).
+  No gain, and why is open: the converted model's step is not dearer in itself (in plain
+  graph-mode TF on one thread, 400 steps of batch 20 took 0.60-0.68 s CPU converted
+  against 0.59-0.66 s Keras-wrapped), yet the grouped round spends what grouping saves
+  per call (~30 ms of CPU per client beyond the steps' ~1.6 s) somewhere else.
+  `auto` runs convolutional models per client.
 * keyboard (cifg_lstm, 10 users x ~80 sequences, FedAvg): K=10 1.26x and 1.56x wall,
   CPU 8.91 / 8.53 s and 7.44 / 6.92 s (1.04-1.08x); K=5 1.36x and 1.27x (CPU 0.99x,
   1.01x). What bounds
