@@ -1,4 +1,5 @@
-"""Runs over several worker services on loopback: results, a worker killed mid-run, other data, leftovers."""
+"""Runs over several worker services: results, a worker killed mid-run, other data, leftovers (loopback),
+and separate hosts in network namespaces, one of whose links goes down mid-run."""
 
 from __future__ import annotations
 
