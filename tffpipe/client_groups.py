@@ -127,20 +127,26 @@ beside the wall ratio):
 * default run (small_cnn, ~52 clients x 5 epochs, fixed DP), K=50: wall ratio
   (per-client / grouped) 0.79x, 1.49x, 0.91x, 1.03x in four runs; CPU 3.35 / 3.15 s,
   3.40 / 3.43 s, 3.16 / 3.43 s (0.92-1.06x). K=25 1.09x, K=5 1.04x (CPU 0.93x, 0.91x).
-  No gain, and why is open: the converted model's step is not dearer in itself (in plain
-  graph-mode TF on one thread, 400 steps of batch 20 took 0.60-0.68 s CPU converted
-  against 0.59-0.66 s Keras-wrapped), yet the grouped round spends what grouping saves
-  per call (~30 ms of CPU per client beyond the steps' ~1.6 s) somewhere else.
-  `auto` runs convolutional models per client.
+  Another session's run: 0.87x wall, 1.07x CPU. No gain, and why is open: the
+  converted model's step is not dearer in itself (in plain graph-mode TF on one thread,
+  400 steps of batch 20 took 0.60-0.68 s CPU converted against 0.59-0.66 s
+  Keras-wrapped), yet the grouped round spends what grouping saves per call (~30 ms of
+  CPU per client beyond the steps' ~1.6 s) somewhere else. `auto` runs convolutional
+  models per client.
 * keyboard (cifg_lstm, 10 users x ~80 sequences, FedAvg): K=10 1.26x and 1.56x wall,
   CPU 8.91 / 8.53 s and 7.44 / 6.92 s (1.04-1.08x); K=5 1.36x and 1.27x (CPU 0.99x,
-  1.01x). What bounds
-  it: every member runs the same steps on the same [16, 20] batches as alone, so the
-  arithmetic (~8.5 MFLOP a token forward and back, 20 tokens a sequence: 123-149 GFLOP
-  a round, ~17 GFLOP per CPU second on both paths) is untouched; grouping
-  saves only the per-call cost, ~40-50 ms of CPU per user. Beyond that needs members
-  stepping together (`train_members_batched`, not tried on the LSTM). `auto` groups
-  recurrent models, one group per core (a group's members run in turn on one op thread).
+  1.01x). Another session's runs in the same hour (BENCHMARKS.md) measured 0.86x (K=5),
+  0.93x and 0.95x (K=10) wall, CPU 0.99-1.07x: the wall ratio is the load's, the CPU
+  ratio (0.99-1.08x over seven runs) what grouping buys. What bounds it: every member
+  runs the same steps on the same [16, 20] batches as alone, so the arithmetic (~8.5
+  MFLOP a token forward and back, 20 tokens a sequence: 123-149 GFLOP a round, ~17
+  GFLOP per CPU second on both paths) is untouched; grouping saves only the per-call
+  cost, ~40-50 ms of CPU per user. Beyond that needs members stepping together
+  (`train_members_batched`, not tried on the LSTM). `auto` groups
+  recurrent models (CPU at most 1% above per client, up to 8% below), one group per core: a
+  group's members run in turn on the worker's one op thread, so on an idle machine one
+  group would leave a core the per-client calls use; K=5 costs 3-5% more CPU than K=10
+  here, where the cores are busy anyway.
 """
 
 from __future__ import annotations
@@ -284,7 +290,8 @@ def model_kind(keras_model: tf.keras.Model) -> str:
 # Whether `client_batching=auto` groups a model of this kind: where grouped rounds measured
 # faster than per-client ones (benchmarks/client_groups.py, figures in the module doc and
 # BENCHMARKS.md). Convolutional: small_cnn's grouped rounds took as much CPU or more
-# (per-client / grouped 0.92-1.06x) and wall time straddled 1 (0.79x, 1.49x, 0.91x, 1.03x).
+# (per-client / grouped 0.92-1.07x) and wall time straddled 1 (0.79x-1.49x). Recurrent:
+# cifg_lstm's took as much CPU or less (0.99-1.08x over seven runs), wall 0.86x-1.56x.
 AUTO_GROUPS = {"dense": True, "convolutional": False, "recurrent": True}
 # Kinds whose rounds are compute-bound: `auto` makes one group per core, not per worker,
 # since a worker runs each call on one op thread and a group's members run in turn.
@@ -1083,8 +1090,8 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
     off: None. K: K, if `create_functional_model` can convert the model (`configs` has
     checked the rest). auto: one group per worker, ceil(m / workers), where the model,
     its kind (`AUTO_GROUPS`) and the configuration allow, else None; recurrent models one
-    group per core, ceil(m / max(workers, cores)) (keyboard, cifg_lstm, 10 clients: K=5
-    1.36x the per-client wall time against K=10 1.26x in the same run). Few large groups
+    group per core, ceil(m / max(workers, cores)), since a group runs on one op thread
+    (module doc). Few large groups
     measured fastest (benchmarks/client_groups.py, 2026-12-05, same runs: W3, 1,000
     linear clients, K=1000 2.42x the per-client rounds against K=100 1.30x; W2, 100 mlp
     clients, K=100 2.24x against K=50 1.83x): each group costs ~75 ms of its own here,
