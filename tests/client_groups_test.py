@@ -751,3 +751,31 @@ def test_auto_groups_by_model_kind_as_measured(monkeypatch):
     lstm = models.create_model("cifg_lstm", configs.Task.KEYBOARD, 9)
     assert client_groups.model_kind(lstm) == "recurrent"
     assert client_groups.group_size(config, lstm) == 5
+
+
+@pytest.mark.parametrize("model", ["small_cnn", "linear"])
+def test_a_run_starts_from_the_same_initial_weights_grouped_per_client_and_when_auto_falls_back(tiny_data_dir, model):
+    # Keras seeds each initializer from the run's seed in the order models are built, and TF draws
+    # differently in a graph than eagerly: the models the grouped path builds to decide and convert
+    # must not move the per-client path's draws, and its initial weights come from the same trace.
+    task = _task(tiny_data_dir, model)
+    config = configs.build({"model": model, "seed": 3, "clients_per_round": 5, "loop.rounds": 1})
+    plan = accounting.create_plan(config, population=len(task.train_data.client_ids))
+
+    def initial_weights(client_batching):
+        tf.keras.utils.set_random_seed(config.seed)  # as `program.prepare` does before the task's models
+        process = algorithms.build_learning_process(
+            task, dataclasses.replace(config, client_batching=client_batching), plan
+        )
+        return process, process.get_model_weights(process.initialize()).trainable
+
+    per_client, expected = initial_weights("off")
+    grouped, actual = initial_weights("2")
+    assert isinstance(grouped, client_groups.GroupedLearningProcess) and per_client is not grouped
+    for a, b in zip(expected, actual, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # small_cnn under auto runs per client (a convolutional model): it starts where `off` does.
+    fallback, fallen_back = initial_weights("auto")
+    assert isinstance(fallback, client_groups.GroupedLearningProcess) == (model == "linear")
+    for a, b in zip(expected, fallen_back, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from tffpipe import accounting, aggregation, audit, configs
+from tffpipe import accounting, aggregation, audit, configs, models
 from tffpipe.tasks import base
 
 Algorithm = configs.Algorithm
@@ -121,7 +121,10 @@ def build_learning_process(
         from tffpipe import client_groups
 
         # The model's kind decides `auto`; a functional model's layers are those of its Keras model.
-        group_size = client_groups.group_size(config, task.create_keras_model())
+        # Built with its seeds kept, so a run that goes per client starts where `off` does.
+        with models.seeds_kept():
+            keras_model = task.create_keras_model()
+        group_size = client_groups.group_size(config, keras_model)
         if group_size is not None:
             return client_groups.build_learning_process(task, config, plan, group_size, model=model)
     process = build_training_process(model, config.algorithm, aggregator=aggregator)

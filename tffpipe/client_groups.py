@@ -238,6 +238,11 @@ def create_functional_model(task: base.Task, model=None) -> tff.learning.models.
     model = task.learning_model() if model is None else model
     if isinstance(model, tff.learning.models.FunctionalModel):
         return model
+    with models.seeds_kept():  # the initial weights are the per-client path's (`build_training_process`)
+        return _convert(task)
+
+
+def _convert(task: base.Task) -> tff.learning.models.FunctionalModel:
     keras_model = task.create_keras_model()
     reason = functional_obstacle(keras_model)
     if reason is not None:
@@ -987,6 +992,7 @@ def build_training_process(
     forward: Callable[[tuple, tf.Tensor], tf.Tensor] | None = None,
     replace_update: ReplaceUpdate | None = None,
     hparams_state: bool = False,
+    initial_weights: tff.Computation | None = None,
 ) -> GroupedLearningProcess:
     """The algorithm's process over groups, composed from TFF's parts as `fed_avg.py` does.
 
@@ -1016,6 +1022,8 @@ def build_training_process(
       hparams_state: the client work's state is the client optimizer's hyperparameters,
         as per client for a Keras-wrapped model under FedAvg and its variants
         (`build_group_client_work`).
+      initial_weights: the process's initial model weights (`initial_weights_of`);
+        None: `model.initial_weights`.
     """
     if not isinstance(model, tff.learning.models.FunctionalModel):
         raise GroupingError(
@@ -1034,13 +1042,7 @@ def build_training_process(
     if group_size < 1:
         raise ValueError(f"group_size must be positive, got {group_size}")
 
-    @tff.tensorflow.computation
-    def initial_model_weights_fn():
-        trainable, non_trainable = model.initial_weights
-        return tff.learning.models.ModelWeights(
-            tuple(tf.convert_to_tensor(w) for w in trainable), tuple(tf.convert_to_tensor(w) for w in non_trainable)
-        )
-
+    initial_model_weights_fn = initial_weights or initial_weights_of(model)
     weights_type = initial_model_weights_fn.type_signature.result
     batched = None if batch_size is None else Batched(config.client_learning_rate, batch_size, forward)
     client_work = build_group_client_work(
@@ -1069,6 +1071,36 @@ def build_training_process(
         ),
     )
     return GroupedLearningProcess(process, group_size)
+
+
+def initial_weights_of(model) -> tff.Computation:
+    """The initial model weights TFF's process builders give a process of `model`.
+
+    A functional model's own `initial_weights`; a Keras-wrapped one's (a no-argument
+    callable) from the model built inside the computation, traced here, as TFF's
+    `fed_avg.py` does first. Keras seeds each initializer from the run's seed in the
+    order models are built and TF draws differently in a graph than eagerly, so this
+    trace, made where the per-client builder makes its own, gives a Keras-wrapped model
+    the per-client path's initial weights (`create_functional_model` keeps the seeds of
+    the model it converts).
+    """
+    if isinstance(model, tff.learning.models.FunctionalModel):
+
+        @tff.tensorflow.computation
+        def initial_model_weights_fn():
+            trainable, non_trainable = model.initial_weights
+            return tff.learning.models.ModelWeights(
+                tuple(tf.convert_to_tensor(w) for w in trainable),
+                tuple(tf.convert_to_tensor(w) for w in non_trainable),
+            )
+
+        return initial_model_weights_fn
+
+    @tff.tensorflow.computation
+    def keras_initial_weights_fn():
+        return tff.learning.models.ModelWeights.from_model(model())
+
+    return keras_initial_weights_fn
 
 
 _GROUPED_ALGORITHMS = frozenset(
@@ -1185,6 +1217,7 @@ def build_learning_process(
     aggregator = build_factory(config.dp, plan, noise_seed=config.seed, compression=config.compression)
     clip = None if aggregator is None or isinstance(aggregator, MembersFactory) else config.dp.clip
     model = task.learning_model() if model is None else model
+    initial_weights = initial_weights_of(model)  # first, as per client: the same initial weights
     # Per client, TFF's FedAvg client work for a Keras-wrapped model keeps its optimizer's hyperparameters.
     hparams_state = not isinstance(model, tff.learning.models.FunctionalModel) and config.algorithm.algorithm not in (
         configs.Algorithm.FEDPROX,
@@ -1198,7 +1231,13 @@ def build_learning_process(
         aggregator=aggregator,
         clip=clip,
         batch_size=config.preprocess.batch_size if batched else None,
-        forward=create_dense_forward(task.create_keras_model()) if batched else None,
+        forward=_dense_forward(task) if batched else None,
         replace_update=replace_update,
         hparams_state=hparams_state,
+        initial_weights=initial_weights,
     )
+
+
+def _dense_forward(task: base.Task):
+    with models.seeds_kept():
+        return create_dense_forward(task.create_keras_model())

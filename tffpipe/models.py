@@ -13,8 +13,10 @@ Users plug in their own as `package.module:function` with the same signature.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -28,6 +30,28 @@ ModelBuilder = Callable[[int], tf.keras.Model]
 # How long `check_builder` waits for a builder: the registered ones take seconds (so_lstm the
 # longest); a user's may load weights, but one that takes minutes is stuck.
 BUILD_TIMEOUT_S = 300.0
+
+
+@contextlib.contextmanager
+def seeds_kept():
+    """Models built inside leave the initial weights of every later model as they would be.
+
+    Keras 2.14 gives each unseeded initializer a seed drawn from the generator
+    `tf.keras.utils.set_random_seed` installs, in creation order, so a model built only to
+    inspect its layers or convert it would change the initial weights of the models built
+    after it (a run's process). Inside, the draws happen; on leaving, the generator is
+    back where it was. Keras keeps that generator in a private thread-local
+    (`keras.src.backend._SEED_GENERATOR`, TF 2.14 as locked); without it, Python's
+    `random`, which Keras falls back to, is kept instead.
+    """
+    from keras.src import backend  # noqa: PLC0415  (the locked Keras' internals, only here)
+
+    generator = getattr(backend._SEED_GENERATOR, "generator", None) or random
+    state = generator.getstate()
+    try:
+        yield
+    finally:
+        generator.setstate(state)
 
 
 class ModelBuilderError(errors.InputError):
