@@ -109,9 +109,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint():
     checkpointer = FakeCheckpointer()
     with pytest.raises(training_loop.NonFiniteLossError, match=r"round 3 .*\(nan\)") as e:
         _run(FakeProcess(losses={6: math.nan}), checkpointer, FakeReleaser(), rounds=5)
-    # Rounds 1 and 2 were checkpointed unless the second came while the first was being written.
-    assert set(checkpointer.saved) in ({1, 2}, {1})
-    assert f"the last good checkpoint (round {max(checkpointer.saved)}) is kept" in str(e.value)
+    # Round 2, the last good one, is saved before the error even if its write was skipped.
+    assert max(checkpointer.saved) == 2 and checkpointer.saved[2] == 4
+    assert "the last good checkpoint (round 2) is kept" in str(e.value)
+
+
+def test_nan_loss_saves_the_last_good_round_that_came_while_a_write_was_under_way():
+    class SlowCheckpointer(FakeCheckpointer):
+        def save(self, state, r):
+            time.sleep(0.5)  # round 1's write is still under way when round 2 ends: round 2 is skipped
+            super().save(state, r)
+
+    checkpointer = SlowCheckpointer()
+    with pytest.raises(training_loop.NonFiniteLossError, match=r"round 3 .*the last good checkpoint \(round 2\)"):
+        _run(FakeProcess(losses={6: math.nan}), checkpointer, FakeReleaser(), rounds=5)
+    assert checkpointer.saved == {1: 2, 2: 4}  # round 2's state, saved after the write of round 1
 
 
 def test_checkpoints_are_written_one_at_a_time_and_rounds_do_not_wait_for_them():

@@ -197,7 +197,8 @@ def _rounds(
                 # round where every client diverged reports loss 0 over 0 examples, not NaN.
                 loss = math.nan
             if not math.isfinite(loss):
-                saver.wait()
+                # `state` is still the last good round's; a busy writer may have skipped it, so save it now.
+                saver.save_now(state, round_num - 1)
                 raise NonFiniteLossError(
                     f"round {round_num} produced a non-finite training loss ({loss}); "
                     f"the last good checkpoint (round {saver.last_saved}) is kept. Lower the client learning rate, "
