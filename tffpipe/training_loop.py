@@ -123,17 +123,6 @@ class _Saver:
         if self.last_saved != round_num:
             self._write(self._with_carry(state), round_num)
 
-    def keep_last_good(self, state: Any, round_num: int) -> None:
-        """Before stopping on a bad round: `state`, round `round_num`'s, saved if a busy writer skipped it.
-
-        With a carry, only waits: the carry has already moved on to the bad round (its
-        sampling), so it cannot be saved with this state.
-        """
-        if self._carry is None:
-            self.save_now(state, round_num)
-        else:
-            self.wait()
-
     def close(self) -> None:
         self._executor.shutdown(wait=True)
 
@@ -208,7 +197,9 @@ def _rounds(
                 # round where every client diverged reports loss 0 over 0 examples, not NaN.
                 loss = math.nan
             if not math.isfinite(loss):
-                saver.keep_last_good(state, round_num - 1)
+                # `state` is still the last good round's, and so is the carry (round metrics, which
+                # update it, come after this check); a busy writer may have skipped it: save it now.
+                saver.save_now(state, round_num - 1)
                 raise NonFiniteLossError(
                     f"round {round_num} produced a non-finite training loss ({loss}); "
                     f"the last good checkpoint (round {saver.last_saved}) is kept. Lower the client learning rate, "
