@@ -754,7 +754,9 @@ def test_auto_groups_by_model_kind_as_measured(monkeypatch):
 
 
 @pytest.mark.parametrize("model", ["small_cnn", "linear"])
-def test_a_run_starts_from_the_same_initial_weights_grouped_per_client_and_when_auto_falls_back(tiny_data_dir, model):
+def test_a_run_starts_from_the_same_initial_weights_grouped_per_client_and_when_auto_falls_back(
+    tiny_data_dir, tff_context, model
+):
     # Keras seeds each initializer from the run's seed in the order models are built, and TF draws
     # differently in a graph than eagerly: the models the grouped path builds to decide and convert
     # must not move the per-client path's draws, and its initial weights come from the same trace.
