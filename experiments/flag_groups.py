@@ -1,8 +1,9 @@
 """absl flag groups, declared once with the config field each sets, and their conversion.
 
-Every flag names the `ExperimentConfig` field it fills (`Flag.path`), and its default
-is that field's default, so binaries that share a group (train, evaluate,
-compute_epsilon) share names and defaults, and an error about a field names the one
+Every flag names the `ExperimentConfig` field it fills (`Flag.path`; the personalization
+group's, a `PersonalizationConfig` field), and its default is that field's default, so
+binaries that share a group (train, evaluate, compute_epsilon; train and personalize for
+personalization) share names and defaults, and an error about a field names the one
 flag that set it. Only binaries import this module; it imports no TensorFlow.
 """
 
@@ -36,7 +37,7 @@ class Flag:
     def resolved_default(self) -> Any:
         if self.default is _FROM_CONFIG and self.path in configs.TASK_DEFAULTS:
             return None  # unset: the config takes the task's default
-        value = configs.default(self.path) if self.default is _FROM_CONFIG else self.default
+        value = _field_default(self.path) if self.default is _FROM_CONFIG else self.default
         if isinstance(value, tuple):
             return list(value) or None
         return value.value if isinstance(value, enum.Enum) else value
@@ -48,6 +49,16 @@ class Flag:
         if by_task is None:
             return self.help
         return f"{self.help} Unset: per task ({', '.join(f'{t.value} {_shown(v)}' for t, v in by_task.items())})."
+
+
+_PERSONALIZATION = "personalization."  # the prefix of the paths into configs.PersonalizationConfig
+
+
+def _field_default(path: str) -> Any:
+    if path.startswith(_PERSONALIZATION):
+        fields = {f.name: f.default for f in dataclasses.fields(configs.PersonalizationConfig)}
+        return fields[path.removeprefix(_PERSONALIZATION)]
+    return configs.default(path)
 
 
 def _shown(value: Any) -> str:
@@ -197,9 +208,36 @@ GROUPS: dict[str, tuple[Flag, ...]] = {
         Flag("root_dir", "root_dir", "string", "Root of all experiments' outputs."),
         Flag("experiment", "experiment", "string", "Experiment name: outputs go to <root_dir>/<experiment>."),
     ),
+    # Not the experiment's: these set configs.PersonalizationConfig (`personalization_config`), for the binaries
+    # that fine-tune (train in its evaluations, personalize after it), each defining the ones it uses.
+    "personalization": (
+        Flag(
+            "personalize_every",
+            "personalization.every",
+            "integer",
+            "Fine-tune the global model on each evaluated held-out client and report the gain every N rounds "
+            "(a multiple of --eval_every) and at the last; 0: never. See experiments.personalize.",
+        ),
+        Flag("personalize_epochs", "personalization.epochs", "integer", "Local epochs of fine-tuning per client."),
+        Flag(
+            "personalize_fraction",
+            "personalization.fraction",
+            "float",
+            "Share of each held-out client's examples (first) used to fine-tune; the rest is evaluated.",
+        ),
+        Flag(
+            "personalize_learning_rate",
+            "personalization.learning_rate",
+            "float",
+            "Fine-tuning SGD rate; unset: --client_learning_rate.",
+        ),
+        Flag("max_clients", "personalization.max_clients", "integer", "At most this many held-out clients (-1: all)."),
+    ),
 }
+EXPERIMENT_GROUPS = tuple(group for group in GROUPS if group != "personalization")  # ExperimentConfig's
 _BY_NAME = {f.name: f for group in GROUPS.values() for f in group}
 _BY_PATH = {f.path: f for f in _BY_NAME.values() if f.path}
+_EXPERIMENT = {f.name: f for group in EXPERIMENT_GROUPS for f in GROUPS[group] if f.path}  # flags with a config field
 _DEFINED: dict[str, list[Flag]] = {}  # group -> flags this binary defined, for --helpshort
 
 
@@ -220,7 +258,8 @@ def define(*groups: str, only: Sequence[str] = (), flag_values: flags.FlagValues
 
 
 def define_all(flag_values: flags.FlagValues = FLAGS) -> None:
-    define(*GROUPS, flag_values=flag_values)
+    """Defines every flag of the experiment's config (the binaries that fine-tune add personalization's)."""
+    define(*EXPERIMENT_GROUPS, flag_values=flag_values)
 
 
 class FlagError(errors.InputError):
@@ -249,8 +288,8 @@ def experiment_config(flag_values: flags.FlagValues = FLAGS) -> configs.Experime
       FlagError: naming the one flag at fault.
     """
     values = {}
-    for name, flag in _BY_NAME.items():
-        if flag.path is None or name not in flag_values:
+    for name, flag in _EXPERIMENT.items():
+        if name not in flag_values:
             continue
         value = flag_values[name].value
         if flag.enum_class is not None and value is not None:
@@ -287,10 +326,37 @@ def experiment_config(flag_values: flags.FlagValues = FLAGS) -> configs.Experime
     return config
 
 
+def personalization_config(
+    flag_values: flags.FlagValues = FLAGS, *, training: configs.ExperimentConfig | None = None
+) -> configs.PersonalizationConfig:
+    """The validated personalization settings of the parsed flags (defaults for the group's flags this binary lacks).
+
+    Args:
+      flag_values: the parsed flags.
+      training: the run's config when personalization runs inside training: `every` is then
+        checked against its evaluation (`PersonalizationConfig.check_in_training`).
+
+    Raises:
+      FlagError: naming the one flag at fault.
+    """
+    values = {
+        flag.path.removeprefix(_PERSONALIZATION): flag_values[flag.name].value
+        for flag in GROUPS["personalization"]
+        if flag.name in flag_values
+    }
+    try:
+        settings = configs.PersonalizationConfig(**values)
+        if training is not None:
+            settings.check_in_training(training)
+    except validation.ConfigError as e:
+        raise to_flag_error(e.prefixed(_PERSONALIZATION), flag_values) from None
+    return settings
+
+
 def _refuse_other_tasks_flags(task: configs.Task, flag_values: flags.FlagValues) -> None:
     """A flag of another task than the run's would be silently ignored: refused, naming it."""
-    for flag in _BY_NAME.values():
-        owner = configs.task_of(flag.path) if flag.path else None
+    for flag in _EXPERIMENT.values():
+        owner = configs.task_of(flag.path)
         if owner not in (None, task) and flag.name in flag_values and flag_values[flag.name].present:
             raise FlagError(
                 f"--{flag.name} is a flag of the {owner.value} task, which --task={task.value} does not use: "

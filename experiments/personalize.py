@@ -1,6 +1,6 @@
 """On-device personalization, evaluated: how much each held-out client gains from fine-tuning the global model.
 
-Each held-out client's examples, in stored order, are split: the first --fraction fine-tune
+Each held-out client's examples, in stored order, are split: the first --personalize_fraction fine-tune
 the global model for --personalize_epochs with the client optimizer (SGD at
 --client_learning_rate, or --personalize_learning_rate, batch --batch_size), the rest are
 evaluated before and after. Pass the
@@ -21,40 +21,27 @@ import os  # noqa: E402
 from absl import flags  # noqa: E402
 
 from experiments import flag_groups  # noqa: E402
-from tffpipe import configs, validation  # noqa: E402
 
 flag_groups.define_all()
-_DEFAULTS = configs.PersonalizationConfig()
+flag_groups.define(
+    "personalization",
+    only=("personalize_epochs", "personalize_fraction", "personalize_learning_rate", "max_clients"),
+)
 flags.DEFINE_enum("source", "model", ["model", "checkpoint"], "Exported model.keras, or the latest checkpoint.")
-flags.DEFINE_integer("personalize_epochs", _DEFAULTS.epochs, "Local epochs of fine-tuning per client.")
-flags.DEFINE_float("fraction", _DEFAULTS.fraction, "Share of each client's examples (first) used to fine-tune.")
-flags.DEFINE_integer("max_clients", _DEFAULTS.max_clients, "Evaluate at most this many held-out clients (-1: all).")
-flags.DEFINE_float("personalize_learning_rate", None, "Fine-tuning SGD rate; unset: --client_learning_rate.")
+# The name this binary used before it shared train's flags; refused with the new name rather than aliased, so
+# a flagfile or script carries one spelling.
+flags.DEFINE_string("fraction", None, "Renamed --personalize_fraction (train's name): refused, naming it.")
 FLAGS = flags.FLAGS
-_FLAG_OF = {
-    "epochs": "personalize_epochs",
-    "fraction": "fraction",
-    "max_clients": "max_clients",
-    "learning_rate": "personalize_learning_rate",
-}
-
-
-def personalization_config() -> configs.PersonalizationConfig:
-    try:
-        return configs.PersonalizationConfig(
-            epochs=FLAGS.personalize_epochs,
-            fraction=FLAGS.fraction,
-            max_clients=FLAGS.max_clients,
-            learning_rate=FLAGS.personalize_learning_rate,
-        )
-    except validation.ConfigError as e:
-        name = _FLAG_OF[e.field]
-        raise flag_groups.FlagError(f"--{name}={FLAGS[name].value}: {e}") from None
 
 
 def main() -> None:
+    if FLAGS["fraction"].present:
+        raise flag_groups.FlagError(
+            "--fraction is now --personalize_fraction, the name train uses: "
+            f"pass --personalize_fraction={FLAGS.fraction}"
+        )
     config = flag_groups.experiment_config()
-    settings = personalization_config()
+    settings = flag_groups.personalization_config()
     from tffpipe import evaluation, outputs, personalization, program  # TensorFlow, once the flags are valid
 
     dirs = outputs.ExperimentDirs(config.root_dir, config.experiment)
@@ -87,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    cli.start(main, doc=__doc__, own_flags=["source", *_FLAG_OF.values()])
+    cli.start(main, doc=__doc__, own_flags=["source", "fraction"])

@@ -1,5 +1,6 @@
 """The flag layer: one declaration per flag, defaults from the config, errors named by flag."""
 
+import dataclasses
 import os
 
 import pytest
@@ -19,10 +20,56 @@ def parsed(*argv: str) -> configs.ExperimentConfig:
     return flag_groups.experiment_config(values)
 
 
+def personalized(*argv: str, only: tuple[str, ...] = (), training: bool = False) -> configs.PersonalizationConfig:
+    """The personalization settings of `argv`, as a binary that defines the group's flags in `only` (all: ())."""
+    values = flags.FlagValues()
+    flag_groups.define_all(values)
+    flag_groups.define("personalization", only=only, flag_values=values)
+    values(["prog", *argv])
+    config = flag_groups.experiment_config(values) if training else None
+    return flag_groups.personalization_config(values, training=config)
+
+
 def test_every_flag_sets_a_real_field_and_every_field_has_at_most_one_flag():
-    paths = [f.path for group in flag_groups.GROUPS.values() for f in group if f.path]
-    assert set(paths) <= set(configs.field_paths())
+    experiment = [f.path for g in flag_groups.EXPERIMENT_GROUPS for f in flag_groups.GROUPS[g] if f.path]
+    assert set(experiment) <= set(configs.field_paths())
+    personalization = [f.path for f in flag_groups.GROUPS["personalization"]]
+    # Each of PersonalizationConfig's five fields has its one flag (train and personalize share the spelling).
+    assert sorted(personalization) == sorted(
+        f"personalization.{f.name}" for f in dataclasses.fields(configs.PersonalizationConfig)
+    )
+    paths = experiment + personalization
     assert len(paths) == len(set(paths))
+
+
+def test_personalization_flags_default_to_the_configs_own_and_set_their_fields():
+    assert personalized() == configs.PersonalizationConfig()
+    argv = ("--personalize_every=4", "--personalize_fraction=0.25", "--personalize_learning_rate=0.01")
+    assert personalized(*argv, "--max_clients=3") == configs.PersonalizationConfig(
+        every=4, fraction=0.25, learning_rate=0.01, max_clients=3
+    )
+    # A binary without --max_clients (train) gets the field's default; define_all alone defines none of the group,
+    # so evaluate keeps its own --max_clients.
+    train = ("personalize_every", "personalize_epochs", "personalize_fraction", "personalize_learning_rate")
+    assert personalized(*argv, only=train).max_clients == -1
+    values = flags.FlagValues()
+    flag_groups.define_all(values)
+    assert not {f.name for f in flag_groups.GROUPS["personalization"]} & set(values)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--personalize_fraction=1"], "--personalize_fraction=1.0: fraction must be in (0, 1), got 1.0"),
+        (["--max_clients=0"], "--max_clients=0: max_clients must be positive or -1 (all), got 0"),
+        (["--eval_every=2", "--personalize_every=3"], "--personalize_every=3: every=3 must be a multiple of eval_"),
+        (["--eval_clients=0", "--personalize_every=2"], "--personalize_every=2: every=2 personalizes the evaluati"),
+    ],
+)
+def test_a_personalization_error_names_its_flag(argv, message):
+    with pytest.raises(flag_groups.FlagError) as e:
+        personalized(*argv, training=True)
+    assert str(e.value).startswith(message)
 
 
 def test_defaults_are_the_configs_own():

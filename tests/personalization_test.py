@@ -107,7 +107,8 @@ def test_the_binary_refuses_a_split_without_both_parts_and_a_missing_model_in_on
     import os
 
     cases = [
-        (["--fraction=1"], "--fraction=1.0: fraction must be in (0, 1), got 1.0"),
+        (["--personalize_fraction=1"], "--personalize_fraction=1.0: fraction must be in (0, 1), got 1.0"),
+        (["--fraction=0.3"], "--fraction is now --personalize_fraction, the name train uses: pass --personalize_fra"),
         (["--personalize_epochs=0"], "--personalize_epochs=0: epochs must be >= 1"),
         ([], "no Keras model file at"),
     ]
