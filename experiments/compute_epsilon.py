@@ -7,7 +7,9 @@ python -m experiments.compute_epsilon --table      # the README's grid of plans
 python -m experiments.compute_epsilon --dp=distributed --bits=16 --model=mlp   # refuses a width unusable here
 
 Takes the training binary's privacy and data flags, with the same names and defaults;
-the population is that of the data flags (--num_writers, or the file in --data_dir).
+the population is that of the data flags (--num_writers, or the file in --data_dir). The
+other training flags are accepted and ignored, so a training preset gives its run's epsilon:
+python -m experiments.compute_epsilon --flagfile=experiments/presets/keyboard_dp.flags
 Only the distributed mechanism loads TensorFlow: its epsilon depends on the model's size.
 """
 
@@ -26,6 +28,7 @@ from tffpipe import accounting, configs, tasks, validation  # noqa: E402
 
 flag_groups.define("task and data", "model", "privacy", "devices")  # the model: distributed DP depends on its size
 flag_groups.define("rounds", only=("rounds",))
+_IGNORED = flag_groups.define_ignored()  # the other training flags: any training preset parses here
 flags.DEFINE_bool(
     "table",
     False,
@@ -104,7 +107,7 @@ def _model_size(config: configs.ExperimentConfig, num_classes: int) -> int:
 
 
 def main() -> None:
-    config = flag_groups.experiment_config()
+    config = flag_groups.experiment_config(ignored=_IGNORED)
     source = tasks.data_source(config)
     population = source.population()
     if FLAGS.table:

@@ -247,19 +247,42 @@ def define(*groups: str, only: Sequence[str] = (), flag_values: flags.FlagValues
         for flag in GROUPS[group]:
             if only and flag.name not in only:
                 continue
-            default = flag.resolved_default
-            if flag.kind == "enum":
-                choices = [e.value for e in flag.enum_class]
-                flags.DEFINE_enum(flag.name, default, choices, flag.full_help, flag_values=flag_values)
-            else:
-                getattr(flags, f"DEFINE_{flag.kind}")(flag.name, default, flag.full_help, flag_values=flag_values)
+            _define(flag, flag.full_help, flag_values)
             if flag_values is FLAGS:
                 _DEFINED.setdefault(group, []).append(flag)
+
+
+def _define(flag: Flag, help_text: str, flag_values: flags.FlagValues) -> None:
+    default = flag.resolved_default
+    if flag.kind == "enum":
+        choices = [e.value for e in flag.enum_class]
+        flags.DEFINE_enum(flag.name, default, choices, help_text, flag_values=flag_values)
+    else:
+        getattr(flags, f"DEFINE_{flag.kind}")(flag.name, default, help_text, flag_values=flag_values)
 
 
 def define_all(flag_values: flags.FlagValues = FLAGS) -> None:
     """Defines every flag of the experiment's config (the binaries that fine-tune add personalization's)."""
     define(*EXPERIMENT_GROUPS, flag_values=flag_values)
+
+
+_IGNORED_TITLE = "ignored here (no bearing on the result), accepted so that any training preset (--flagfile) parses"
+
+
+def define_ignored(flag_values: flags.FlagValues = FLAGS) -> tuple[str, ...]:
+    """Defines every group flag the binary has not defined yet, as accepted and ignored; returns their names.
+
+    A binary that uses a part of the training flags (compute_epsilon) then reads any
+    training preset: absl still parses each value by its kind, and a flag that belongs to
+    no group is still refused. Pass the names to `experiment_config(ignored=...)`, which
+    then leaves their fields at their defaults.
+    """
+    ignored = tuple(f.name for group in GROUPS.values() for f in group if f.name not in flag_values)
+    for name in ignored:
+        _define(_BY_NAME[name], _BY_NAME[name].help, flag_values)  # the title of its --helpshort section says why
+        if flag_values is FLAGS:
+            _DEFINED.setdefault(_IGNORED_TITLE, []).append(_BY_NAME[name])
+    return ignored
 
 
 class FlagError(errors.InputError):
@@ -281,15 +304,18 @@ def to_flag_error(error: ValueError, flag_values: flags.FlagValues = FLAGS) -> F
     return FlagError(f"--{flag.name}={value}: {error}")
 
 
-def experiment_config(flag_values: flags.FlagValues = FLAGS) -> configs.ExperimentConfig:
-    """The validated config from the parsed flags (defaults for flags this binary lacks).
+def experiment_config(
+    flag_values: flags.FlagValues = FLAGS, *, ignored: Sequence[str] = ()
+) -> configs.ExperimentConfig:
+    """The validated config from the parsed flags (defaults for flags this binary lacks or `ignored`).
 
     Raises:
       FlagError: naming the one flag at fault.
     """
+    used = set(flag_values) - set(ignored)
     values = {}
     for name, flag in _EXPERIMENT.items():
-        if name not in flag_values:
+        if name not in used:
             continue
         value = flag_values[name].value
         if flag.enum_class is not None and value is not None:
@@ -297,17 +323,17 @@ def experiment_config(flag_values: flags.FlagValues = FLAGS) -> configs.Experime
         if flag.kind == "list":
             value = tuple(value or ())
         values[flag.path] = value
-    device_model = "device_model" in flag_values and flag_values["device_model"].value
+    device_model = "device_model" in used and flag_values["device_model"].value
     if not device_model:
         stray = [
             f.name
             for f in GROUPS["devices"]
-            if f.path and f.path.startswith("devices.") and f.name in flag_values and flag_values[f.name].present
+            if f.path and f.path.startswith("devices.") and f.name in used and flag_values[f.name].present
         ]
         if stray:
             raise FlagError(f"--{stray[0]} is a device-model flag: add --device_model, or drop --{stray[0]}")
         values = {k: v for k, v in values.items() if not k.startswith("devices.")}
-    _refuse_other_tasks_flags(values.get("task") or configs.Task.EMNIST, flag_values)
+    _refuse_other_tasks_flags(values.get("task") or configs.Task.EMNIST, flag_values, used)
     try:
         config = configs.build(values, devices=device_model)
     except validation.ConfigError as e:
@@ -353,11 +379,11 @@ def personalization_config(
     return settings
 
 
-def _refuse_other_tasks_flags(task: configs.Task, flag_values: flags.FlagValues) -> None:
+def _refuse_other_tasks_flags(task: configs.Task, flag_values: flags.FlagValues, used: set[str]) -> None:
     """A flag of another task than the run's would be silently ignored: refused, naming it."""
     for flag in _EXPERIMENT.values():
         owner = configs.task_of(flag.path)
-        if owner not in (None, task) and flag.name in flag_values and flag_values[flag.name].present:
+        if owner not in (None, task) and flag.name in used and flag_values[flag.name].present:
             raise FlagError(
                 f"--{flag.name} is a flag of the {owner.value} task, which --task={task.value} does not use: "
                 f"drop it, or use --task={owner.value}"

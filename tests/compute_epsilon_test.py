@@ -65,6 +65,24 @@ def test_bad_plans_get_one_line_and_exit_2(flags, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_training_preset_gives_its_runs_epsilon_and_an_unknown_flag_is_still_refused():
+    proc = _run("--flagfile=experiments/presets/keyboard_dp.flags")  # also sets --algorithm, --epochs, --eval_every...
+    assert proc.returncode == 0, proc.stderr
+    # The preset's plan: adaptive clipping, z = 1.0, 50 of the 1,000 embedded users by Poisson sampling (q = 0.05),
+    # 60 rounds, delta = 1000^-1.1 = 5.01e-4: the README's 2.347.
+    plan = accounting.PrivacyPlan(
+        configs.Mechanism.ADAPTIVE, 1.0, 50, 1000, configs.Sampling.POISSON, accounting.default_delta(1000)
+    )
+    assert f"{accounting.epsilon(plan, 60):.4g}" == "2.347"
+    assert proc.stdout.startswith("epsilon 2.347 at delta 0.000501 after 60 rounds\n")
+    for flag, message in [
+        ("--bogus=1", "error: Unknown command line flag 'bogus'"),  # belongs to no binary
+        ("--epochs=x", "error: flag --epochs=x: invalid literal for int()"),  # ignored, but still parsed as train does
+    ]:
+        proc = _run("--flagfile=experiments/presets/keyboard_dp.flags", flag)
+        assert proc.returncode == 2 and proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr
+
+
 def test_shares_the_training_binarys_privacy_flags_and_defaults():
     from experiments import flag_groups
 

@@ -150,6 +150,23 @@ def test_every_preset_parses_to_a_valid_config_named_after_it(name, monkeypatch)
     assert parsed(f"--flagfile=experiments/presets/{name}").experiment == name.removesuffix(".flags")
 
 
+def test_ignored_flags_are_parsed_and_leave_their_fields_at_the_defaults(monkeypatch):
+    monkeypatch.chdir(REPO)
+    values = flags.FlagValues()
+    flag_groups.define("privacy", flag_values=values)  # a binary that uses the privacy flags only
+    ignored = flag_groups.define_ignored(values)
+    assert "task" in ignored and "personalize_every" in ignored and "dp" not in ignored
+    values(["prog", "--flagfile=experiments/presets/keyboard_dp.flags"])
+    config = flag_groups.experiment_config(values, ignored=ignored)
+    # The preset's privacy flags land; its --task=keyboard and --rounds=60 are the defaults' emnist and 50.
+    assert (config.dp.mechanism, config.dp.noise_multiplier, config.clients_per_round) == (
+        configs.Mechanism.ADAPTIVE,
+        1.0,
+        50,
+    )
+    assert (config.task, config.loop.rounds) == (configs.Task.EMNIST, configs.LoopConfig().rounds)
+
+
 def test_the_dp_keyboard_preset_on_10000_users_plans_epsilon_8_over_its_60_rounds(monkeypatch):
     from tffpipe import accounting
 
