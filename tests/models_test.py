@@ -101,6 +101,21 @@ def test_every_registered_model_builds_with_its_parameter_count(name, num_classe
     assert set(models.REGISTRY[EMNIST]) == {"linear", "mlp", "cnn", "small_cnn"}
 
 
+@pytest.mark.parametrize(
+    "name, vocab, parameters",
+    [
+        # tied embedding + output bias (vocab x (96 + 1)), gates 3 x (192 x 670 + 670), projection 670 x 96
+        ("cifg_lstm", 10_004, 10_004 * 97 + 3 * (192 * 670 + 670) + 670 * 96),
+        # the same at width 64 / 256: vocab x 65, 3 x (128 x 256 + 256), 256 x 64
+        ("cifg_lstm_small", 2_004, 2_004 * 65 + 3 * (128 * 256 + 256) + 256 * 64),
+    ],
+)
+def test_keyboard_models_build_with_their_parameter_count(name, vocab, parameters):
+    model = models.create_model(name, configs.Task.KEYBOARD, vocab)
+    assert models.describe(name, model).num_parameters == parameters
+    assert model(tf.zeros([2, 5], tf.int64)).shape == (2, 5, vocab)  # logits per position over the ids
+
+
 def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(
         models.ModelBuilderError, match=r"unknown model 'resnet' for the emnist task; choose one of \['cnn', 'linear'"
