@@ -46,6 +46,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any
@@ -528,8 +529,7 @@ class _RemoteExecutor(remote_executor.RemoteExecutor):
         if self._shared is not None:
             serialized, value_type = self._shared.serialize(value, type_spec)
         else:
-            proto, value_type = serialization.serialize_value(value, type_spec)
-            serialized = proto.SerializeToString()
+            serialized, value_type = serialization.serialize_to_bytes(value, type_spec)
         request = serialization.create_value_request(serialized, self._executor_id)
         response = self._stub.create_value_serialized(request)
         return remote_executor.RemoteValue(response.value_ref, value_type, self)
@@ -545,8 +545,43 @@ def _executors(worker, shared: serialization.SharedValues | None = None) -> Exec
     return ExecutorPerCohortSize(stack_fn)
 
 
-def _sync_context(executors: ExecutorPerCohortSize) -> sync_execution_context.SyncExecutionContext:
-    return sync_execution_context.SyncExecutionContext(executor_fn=executors, **_CONTEXT_ARGS)
+def _sync_context(
+    executors: ExecutorPerCohortSize, compiler_fn: Callable[[Any], Any] | None = None
+) -> sync_execution_context.SyncExecutionContext:
+    args = dict(_CONTEXT_ARGS, compiler_fn=compiler_fn) if compiler_fn else _CONTEXT_ARGS
+    return sync_execution_context.SyncExecutionContext(executor_fn=executors, **args)
+
+
+class _CompileOnce:
+    """`compiler_fn` shared by the workers' contexts: each computation compiled once, not once per worker.
+
+    Each context keeps its own compile cache, so with W workers TFF compiled every
+    computation W times: at round 1 concurrently (W times the coordinator's CPU while
+    the workers wait), and `after_merge` again in whichever later round first makes a
+    worker finish last. The compiled computation is also one object for all of them,
+    so its serialized bytes are made once (`serialization.serialize_computation`).
+    Keeps the `kept` most recently compiled.
+    """
+
+    def __init__(self, compiler_fn: Callable[[Any], Any], kept: int = 32):
+        self._compiler_fn = compiler_fn
+        self._kept = kept
+        self._lock = threading.Lock()
+        self._compiled: collections.OrderedDict = collections.OrderedDict()  # comp -> [lock, compiled or None]
+
+    def __call__(self, comp):
+        with self._lock:
+            slot = self._compiled.get(comp)
+            if slot is None:
+                slot = self._compiled[comp] = [threading.Lock(), None]
+                while len(self._compiled) > self._kept:
+                    self._compiled.popitem(last=False)
+            else:
+                self._compiled.move_to_end(comp)
+        with slot[0]:  # a second thread waits for the first one's result
+            if slot[1] is None:
+                slot[1] = self._compiler_fn(comp)
+            return slot[1]
 
 
 class _ThreadedContext(context_base.AsyncContext):
@@ -651,8 +686,9 @@ class _MergeableContext(mergeable_comp_execution_context.MergeableCompExecutionC
 
     def __init__(self, workers: Sequence, *, local_merge: bool = True):
         self._shared = serialization.SharedValues()
+        compile_once = _CompileOnce(_CONTEXT_ARGS["compiler_fn"])
         super().__init__(
-            [_ThreadedContext(_sync_context(_executors(w, self._shared))) for w in workers],
+            [_ThreadedContext(_sync_context(_executors(w, self._shared), compile_once)) for w in workers],
             compiler_fn=_compile_with_local_merge
             if local_merge
             else mergeable_comp_compiler.compile_to_mergeable_comp_form,

@@ -16,6 +16,7 @@ depend on the worker.
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import numpy as np
@@ -134,14 +135,16 @@ class _Entry:
 
 
 class SharedValues:
-    """Serialized values keyed on (type, identities of the value's leaves), shared across threads.
+    """Serialized values keyed on the identities of the value's leaves (and an equal type), shared across threads.
 
     Valid within one invocation, while nobody mutates the leaves (TFF does not): the
     owner calls `clear` after each. Two threads asking for the same value serialize it
     once; the second waits for the first's bytes. Only values of an all-equal federated
     type are kept: those are what the mergeable context gives every worker alike (the
-    server state); clients' slices and partial aggregates differ per call, and keeping
-    them would only hold their bytes until the invocation ends.
+    server state, also to `after_merge`, under a type object of its own but equal);
+    clients' slices and partial aggregates differ per call, and keeping them would only
+    hold their bytes until the invocation ends. Computations are kept across invocations
+    (`serialize_computation`).
     """
 
     def __init__(self):
@@ -152,15 +155,16 @@ class SharedValues:
     def serialize(self, value: object, type_spec) -> tuple[bytes, object]:
         """(the serialized `executor_pb2.Value` of `value`, its type), made once per invocation."""
         if not (isinstance(type_spec, computation_types.FederatedType) and type_spec.all_equal):
-            proto, value_type = serialize_value(value, type_spec)
-            return proto.SerializeToString(), value_type
+            return serialize_to_bytes(value, type_spec)
         leaves: list = []
         _leaves(value, type_spec, leaves)
-        key = (id(type_spec), *map(id, leaves))
+        key = tuple(map(id, leaves))
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = _Entry(type_spec, leaves)
+            elif entry.type_spec is not type_spec and entry.type_spec != type_spec:
+                entry = _Entry(type_spec, leaves)  # the same objects under another type: not shared
             else:
                 self.hits += 1
         with entry.lock:
@@ -172,6 +176,43 @@ class SharedValues:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def serialize_to_bytes(value: object, type_spec) -> tuple[bytes, object]:
+    """(the serialized `executor_pb2.Value` of `value`, its type); computations once (`serialize_computation`)."""
+    if isinstance(value, _COMPUTATIONS):
+        return serialize_computation(value, type_spec)
+    proto, value_type = serialize_value(value, type_spec)
+    return proto.SerializeToString(), value_type
+
+
+_COMPUTATIONS_KEPT = 64
+_computations: collections.OrderedDict[tuple[int, int], tuple[object, object, bytes, object]] = (
+    collections.OrderedDict()
+)
+_computations_lock = threading.Lock()
+
+
+def serialize_computation(comp: object, type_spec) -> tuple[bytes, object]:
+    """(the serialized `executor_pb2.Value` of computation `comp`, its type), made once per (comp, type) object.
+
+    The context sends the same compiled computation to every worker, every round (TFF
+    rebuilds its proto, and deserializes its type, each time). Keyed on the objects'
+    identities, which the entry holds, for the `_COMPUTATIONS_KEPT` most recently used.
+    """
+    key = (id(comp), id(type_spec))
+    with _computations_lock:
+        kept = _computations.get(key)
+        if kept is not None:
+            _computations.move_to_end(key)
+            return kept[2], kept[3]
+    proto, value_type = serialize_value(comp, type_spec)
+    serialized = proto.SerializeToString()
+    with _computations_lock:
+        _computations[key] = (comp, type_spec, serialized, value_type)
+        while len(_computations) > _COMPUTATIONS_KEPT:
+            _computations.popitem(last=False)
+    return serialized, value_type
 
 
 def create_value_request(serialized_value: bytes, executor: executor_pb2.ExecutorId) -> bytes:
