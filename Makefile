@@ -27,8 +27,10 @@ $(SHIM): tffpipe/_native/loopback_bind.c
 train: env
 	$(PY) -m experiments.train --rounds=$(ROUNDS)
 
+# Two pytest processes (pytest-xdist), one per core; tests that share a module's fixture run in
+# one of them (tests/conftest.py groups them), so the fixture's run is made once.
 test: env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 lint: env
 	$(VENV)/bin/ruff check tffpipe experiments tests benchmarks

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 # The environment the suite relies on, whatever the caller's shell exports; subprocesses inherit it.
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # TF's C++ start-up lines off in this process (binaries set their own)
 os.environ.pop("TFFPIPE_SKIP_ENV_CHECK", None)  # the binaries' environment check runs as for a user
+# Every process this pytest process starts, and theirs, inherits this mark: the leak checks look
+# only at processes carrying it, as `make test` runs two pytest processes (pytest-xdist) and other
+# runs may share the machine. Each pytest process imports this file and sets its own.
+SESSION_VARIABLE = "TFFPIPE_TEST_SESSION"
+SESSION = os.environ[SESSION_VARIABLE] = f"{os.getpid()}-{time.time_ns()}"
 
 import pytest  # noqa: E402
 
@@ -52,10 +58,24 @@ def dp_factory(mechanism, noise_multiplier: float = 0.0, clients_per_round: int 
     )
 
 
+def session_pids(pattern: str) -> set[int]:
+    """PIDs of processes whose command line matches `pattern` (pgrep -f) and that this pytest process started."""
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    mark = f"{SESSION_VARIABLE}={SESSION}".encode()
+    ours = set()
+    for pid in map(int, out.stdout.split()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark in f.read().split(b"\0"):
+                    ours.add(pid)
+        except OSError:
+            continue  # exited meanwhile
+    return ours
+
+
 def worker_pids() -> set[int]:
-    """PIDs of TFF worker_binary processes on this machine."""
-    out = subprocess.run(["pgrep", "-f", "tensorflow_federated/data/worker_binary"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
+    """PIDs of the TFF worker_binary processes started by this pytest process (directly or not)."""
+    return session_pids("tensorflow_federated/data/worker_binary")
 
 
 def orphaned_workers() -> set[int]:
@@ -103,3 +123,42 @@ def no_worker_survives():
     before = orphaned_workers()
     yield
     assert orphaned_workers() - before == set()
+
+
+def pytest_configure(config):
+    # Registered here too, so the marks below raise no warning where pytest-xdist is not installed.
+    config.addinivalue_line("markers", "xdist_group(name): run these tests in one pytest-xdist process")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that share a module-scoped fixture run in one pytest process, in their order.
+
+    `make test` runs two pytest processes (pytest-xdist `--dist loadgroup`), which spread
+    the tests one by one; a module's fixture (often a run of a binary, which tests after it
+    extend or check) would then be made in each process, and a module's closing leak check
+    could run before the runs it checks. Tests linked by a module-scoped fixture, directly
+    or through another fixture, get one `xdist_group`; the others are spread one by one.
+    """
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared: dict[pytest.Item, list[str]] = {}
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        if definitions is None:
+            continue  # not a Python test function (a doctest)
+        keys = [
+            f"{item.module.__name__}::{name}"
+            for name in item.fixturenames
+            if any(d.scope == "module" for d in definitions.name2fixturedefs.get(name, ()))
+        ]
+        for key in keys[1:]:
+            parent[find(key)] = find(keys[0])
+        if keys:
+            shared[item] = keys
+    for item, keys in shared.items():
+        item.add_marker(pytest.mark.xdist_group(find(keys[0])))

@@ -267,10 +267,9 @@ def test_a_run_over_workers_on_separate_hosts_equals_one_worker_and_outlives_a_l
     assert float(table[-1]["system/worker_retries"]) == 1
 
 
-def test_no_worker_service_outlives_these_runs():
+def test_no_worker_service_outlives_these_runs(space):  # `space` keeps it with (and after) the runs above
     deadline = time.monotonic() + 10
     while conftest.orphaned_workers() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert conftest.orphaned_workers() == set()
-    leftover = subprocess.run(["pgrep", "-f", "experiments.worker"], capture_output=True, text=True).stdout.split()
-    assert leftover == []
+    assert conftest.session_pids("experiments.worker") == set()  # this pytest process's own services
