@@ -87,6 +87,9 @@ def start(main: Callable[[], int | None], *, doc: str, own_flags: Sequence[str] 
     from absl import flags, logging
 
     from experiments import flag_groups
+    from tffpipe import context_guard
+
+    context_guard.refuse_once_imported()  # TFF's default context would start a worker listening on every address
 
     program = os.path.basename(sys.argv[0]).removesuffix(".py")
     if any(arg in _HELP for arg in sys.argv[1:]):

@@ -17,7 +17,10 @@ SESSION = os.environ[SESSION_VARIABLE] = f"{os.getpid()}-{time.time_ns()}"
 
 import pytest  # noqa: E402
 
+from tffpipe import context_guard  # noqa: E402
 from tffpipe.tasks.emnist import generator  # noqa: E402
+
+context_guard.refuse_once_imported()  # a computation run without the tff_context fixture fails loudly (no *:PORT)
 
 TINY = generator.PopulationConfig(num_writers=12, median_examples=24, seed=7)
 
