@@ -52,7 +52,7 @@ def _dense():
     return tf.keras.Sequential([tf.keras.Input([4]), tf.keras.layers.Dense(3)])
 
 
-def test_evaluation_groups_follow_client_batching():
+def test_evaluation_groups_follow_client_batching(monkeypatch):
     # auto: one group per worker, ceil(200 / 1) = 200 and ceil(200 / 3) = 67; K: K, at most the clients.
     assert group_evaluation.group_size(_config("off"), _dense(), 200) is None
     assert group_evaluation.group_size(_config("auto"), _dense(), 200) == 200
@@ -63,6 +63,10 @@ def test_evaluation_groups_follow_client_batching():
     # Distributed DP trains per client; its evaluation sums plain metrics and still groups.
     private = configs.DpConfig(mechanism=configs.Mechanism.DISTRIBUTED, noise_multiplier=0.5, clip=1.0, bits=16)
     assert group_evaluation.group_size(_config("auto", dp=private), _dense(), 20) == 20
+    # Recurrent: one group per core (a group's members run in turn on one op thread): ceil(200 / 2) = 100.
+    monkeypatch.setattr(group_evaluation.os, "cpu_count", lambda: 2)
+    recurrent = tf.keras.Sequential([tf.keras.Input([5, 4]), tf.keras.layers.LSTM(3)])
+    assert group_evaluation.group_size(_config("auto"), recurrent, 200) == 100
     # A model with non-trainable weights cannot be converted: per client, even with an explicit K.
     batch_norm = tf.keras.Sequential([tf.keras.Input([4]), tf.keras.layers.BatchNormalization()])
     assert group_evaluation.group_size(_config("auto"), batch_norm, 200) is None

@@ -31,6 +31,7 @@ from tffpipe import (
     errors,
     evaluation,
     export,
+    group_evaluation,
     models,
     outputs,
     personalization,
@@ -467,8 +468,8 @@ def _build_evaluate(
 
     def evaluate(model_weights, round_num: int) -> dict[str, float | np.ndarray]:
         if not built:
-            process = algorithms.build_evaluation_process(task.learning_model(), per_client=True)
-            eval_process = task.compose_eval(process)
+            # Per client or in groups of held-out clients, as config.client_batching says (`group_evaluation`).
+            eval_process = group_evaluation.build_evaluation_process(task, config, len(eval_ids))
             built.append((eval_process, eval_process.initialize()))
         eval_process, eval_state = built[0]
         state = eval_process.set_model_weights(eval_state, model_weights)
