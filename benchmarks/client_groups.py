@@ -14,8 +14,10 @@ epsilon after the preset's rounds at that cohort (the preset's noise, or the noi
 Each workload (`benchmarks.workloads`) runs in a child process of its own, so its peak
 RSS is its own. The child builds the per-client process `train` runs
 (`algorithms.build_learning_process`) and the grouped one
-(`client_groups.build_learning_process`, members one after the other; with --batched
-also all members stepping together) for each group size K (`auto`: what
+(`client_groups.build_learning_process` as `train` builds it: dense models' members stepping
+together on the shared weights, other models' one after the other; with --member_loop also
+members one after the other, with --batched also stepping together with K weight copies)
+for each group size K (`auto`: what
 `--client_batching=auto` picks, `client_groups.group_size`, e.g. one group a round for
 dense models and one per core for recurrent ones; one group where auto would run per
 client, so that the basis of its rule is timed), then times
@@ -74,7 +76,12 @@ flags.DEFINE_list(
     "where auto runs per client).",
 )
 flags.DEFINE_integer("rounds", 3, "Timed rounds per variant, after one warm-up round.")
-flags.DEFINE_bool("batched", False, "Also time groups whose members take their steps together.")
+flags.DEFINE_bool("batched", False, "Also time groups whose members step together with K weight copies.")
+flags.DEFINE_bool(
+    "member_loop",
+    False,
+    "Also time groups whose members train one after the other (where the default steps them together).",
+)
 flags.DEFINE_float("matmul_seconds", 1.0, "How long each batched-matmul limit is timed.")
 flags.DEFINE_string("preset", None, "Time this presets/*.flags file at each of --cohorts instead of the workloads.")
 flags.DEFINE_list("cohorts", ["50", "200", "500"], "With --preset: clients per round to time it at.")
@@ -198,7 +205,9 @@ def time_config(config: configs.ExperimentConfig, info: dict, group_sizes: list[
     per_client_only = None
     for k in sizes:
         try:
-            variants[f"loop K={k}"] = client_groups.build_learning_process(task, config, plan, k)
+            variants[f"grouped K={k}"] = client_groups.build_learning_process(task, config, plan, k)
+            if FLAGS.member_loop:
+                variants[f"loop K={k}"] = client_groups.build_learning_process(task, config, plan, k, batched=False)
             if FLAGS.batched:
                 variants[f"batched K={k}"] = client_groups.build_learning_process(task, config, plan, k, batched=True)
         except client_groups.GroupingError as e:
@@ -287,7 +296,7 @@ def add_flop_fraction(r: dict) -> None:
     right after the workload's rounds; the worker-thread figure is the median of its two.
     """
     layers = r["dense_layers"]
-    grouped = [v for n, v in r["variants"].items() if n.startswith("loop")]
+    grouped = [v for n, v in r["variants"].items() if n != "per_client"]
     if not layers or not grouped:
         return
     w = r["workload"]
@@ -354,7 +363,7 @@ def rows(r: dict) -> list[str]:
             else "| - | - | - "
         )
         out.append(
-            common + f"| {name.split('K=')[1]}{' batched' if name.startswith('batched') else ''} "
+            common + f"| {name.split('K=')[1]}{'' if name.startswith('grouped') else ' ' + name.split()[0]} "
             f"| {v0['clients_per_second']:.3g} | {v['clients_per_second']:.3g} "
             f"| **{v['speedup_vs_per_client']:.2f}x** ({'>= ' + str(target) + 'x' if target else '-'}) "
             f"| {v0['cpu_seconds_per_round']:.2f} / {v['cpu_seconds_per_round']:.2f} "
@@ -412,7 +421,9 @@ def main(argv) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             path = os.path.join(tmp, f"{name}.json")
-            passed = [FLAGS[k].serialize() for k in ("group_sizes", "rounds", "batched", "matmul_seconds")]
+            passed = [
+                FLAGS[k].serialize() for k in ("group_sizes", "rounds", "batched", "member_loop", "matmul_seconds")
+            ]
             passed += [f"--cache_dir={FLAGS.cache_dir}", f"--result_file={path}"]
             if FLAGS.preset:
                 passed += [f"--preset={FLAGS.preset}", f"--cohorts={name}", f"--budget_seconds={FLAGS.budget_seconds}"]
@@ -434,7 +445,16 @@ def main(argv) -> None:
         out_dir=FLAGS.out_dir,
         flag_values={
             k: FLAGS[k].value
-            for k in ("cg_workloads", "group_sizes", "rounds", "batched", "cache_dir", "preset", "cohorts")
+            for k in (
+                "cg_workloads",
+                "group_sizes",
+                "rounds",
+                "batched",
+                "member_loop",
+                "cache_dir",
+                "preset",
+                "cohorts",
+            )
         },
         cpu_count=os.cpu_count(),
     )

@@ -46,7 +46,8 @@ def _processes(task, algorithm, mechanism, group_size, batched=None, noise=None,
     """(per-client process, grouped process) of the same algorithm, mechanism and noise seed.
 
     `batched`: None, members one after the other; "vmap", members together through
-    `tf.vectorized_map` of the model; "dense", through `create_dense_forward`.
+    `tf.vectorized_map` of the model; "dense", through `create_dense_forward`; "shared",
+    on the shared weights (`train_members_shared`) with the task's group read.
     `noise`: z (default NOISE with fixed clipping, else 0); `dp`: more `DpConfig` values.
     """
     config = algorithms.AlgorithmConfig(algorithm=algorithm, proximal_strength=MU)
@@ -70,6 +71,8 @@ def _processes(task, algorithm, mechanism, group_size, batched=None, noise=None,
         clip=CLIP if mechanism is FIXED and not dp.zeroing_norm else None,
         batch_size=BATCH if batched else None,
         forward=client_groups.create_dense_forward(task.create_keras_model()) if batched == "dense" else None,
+        activations=client_groups.dense_activations(task.create_keras_model()) if batched == "shared" else None,
+        group_examples_fn=task.group_examples_fn if batched == "shared" else None,
         hparams_state=keras_wrapped and algorithm not in (FEDPROX, FEDSGD),
     )
     return per_client, grouped
@@ -113,6 +116,8 @@ def test_pack_makes_even_groups_in_sampled_order():
         (FEDADAM, NONE, "linear", "vmap", 1),  # members step together
         (FEDYOGI, FIXED, "mlp", "dense", 1),
         (FEDAVG, NONE, "mlp", "dense", 2),  # two epochs: batches run across the epoch boundary
+        (FEDAVG, NONE, "mlp", "shared", 2),  # on the shared weights, read once per group
+        (FEDADAM, FIXED, "linear", "shared", 1),
         (FEDAVG, FIXED, "small_cnn", None, 1),  # Keras-wrapped per client, converted in groups
         (FEDSGD, NONE, "small_cnn", None, 1),  # the gradient at the initial weights
         (FEDPROX, FIXED, "linear", None, 1),  # the proximal term in every step
@@ -123,6 +128,8 @@ def test_pack_makes_even_groups_in_sampled_order():
         "vmap-fedadam-none-linear",
         "dense-fedyogi-fixed-mlp",
         "dense-fedavg-none-mlp-2epochs",
+        "shared-fedavg-none-mlp-2epochs",
+        "shared-fedadam-fixed-linear",
         "loop-fedavg-fixed-small_cnn",
         "loop-fedsgd-none-small_cnn",
         "loop-fedprox-fixed-linear",
@@ -182,7 +189,9 @@ def _plain(value):
     return {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else value
 
 
-@pytest.mark.parametrize("mechanism, batched", [(NONE, None), (NONE, "dense"), (FIXED, "vmap"), (TREE, "dense")])
+@pytest.mark.parametrize(
+    "mechanism, batched", [(NONE, None), (NONE, "dense"), (FIXED, "vmap"), (TREE, "dense"), (FIXED, "shared")]
+)
 def test_a_real_client_without_examples_changes_nothing(tiny_data_dir, tff_context, mechanism, batched):
     task = _task(tiny_data_dir, "linear")
     _, grouped = _processes(task, FEDAVG, mechanism, group_size=3, batched=batched)
@@ -225,8 +234,9 @@ def test_an_empty_member_is_a_zero_update_as_per_client_with_adaptive_clipping(t
         (TREE, NOISE, 0.0, "mlp", None),  # the tree's seeded noise: the same noise on both paths
         (FIXED, NOISE, ZEROING, "linear", None),
         (ADAPTIVE, 0.0, ZEROING, "linear", "dense"),
+        (TREE, NOISE, ZEROING, "mlp", "shared"),  # each member's own update, from the shared weights
     ],
-    ids=["adaptive", "tree-noised", "fixed-zeroing-noised", "adaptive-zeroing-dense"],
+    ids=["adaptive", "tree-noised", "fixed-zeroing-noised", "adaptive-zeroing-dense", "tree-zeroing-shared"],
 )
 def test_member_mechanisms_give_the_per_client_weights_metrics_and_events(
     tiny_data_dir, tff_context, mechanism, noise, zeroing_norm, model, batched
@@ -345,6 +355,38 @@ def test_models_and_algorithms_without_a_grouped_path_are_refused(tiny_data_dir)
     batch_norm = conftest.emnist_task(tiny_data_dir, "tests.fusion_test:batch_norm_model")
     with pytest.raises(client_groups.GroupingError, match="non-trainable weights"):
         client_groups.create_functional_model(batch_norm)
+
+
+@pytest.mark.parametrize(
+    "preprocess",
+    [
+        {"epochs": 2, "shuffle_buffer": 5, "max_examples_per_client": 20, "batch_size": 3},  # taken, shuffled, twice
+        {"epochs": 1, "shuffle_buffer": 1, "batch_size": 8},  # as read
+    ],
+    ids=["shuffled-2epochs-taken", "as-read"],
+)
+def test_the_group_read_gives_each_members_dataset_examples_in_its_order(tiny_data_dir, preprocess):
+    task = conftest.emnist_task(tiny_data_dir, "linear", **preprocess)
+    # Clients of different sizes (the tiny population's counts vary) and one without rows.
+    ids = [*task.train_data.client_ids[:4], "nobody", *task.train_data.client_ids[4:6]]
+    graph = tf.Graph()
+    with graph.as_default():
+        examples, counts = task.group_examples_fn(tf.constant(ids))
+        per_member = [task.train_data.serializable_dataset_fn(tf.constant(i)) for i in ids]
+        empty = tf.data.Dataset.from_tensors(
+            collections.OrderedDict(x=tf.zeros([0, 28, 28, 1]), y=tf.zeros([0, 1], tf.int32))
+        )
+        per_member = [d.unbatch().batch(10**6).concatenate(empty).take(1).get_single_element() for d in per_member]
+    with tf.compat.v1.Session(graph=graph) as session:
+        examples, counts, per_member = session.run((examples, counts, per_member))
+    assert task.group_examples_fn.batch_size == preprocess["batch_size"]
+    assert counts.tolist() == [len(m["y"]) for m in per_member]
+    assert counts[4] == 0 and len(set(counts.tolist())) > 2
+    if preprocess["epochs"] == 2:  # at most 20 examples a client, twice
+        assert max(counts) == 40
+    # Bit for bit: the same examples, each member's in its dataset's (seeded, shuffled) order.
+    np.testing.assert_array_equal(examples["x"], np.concatenate([m["x"] for m in per_member]))
+    np.testing.assert_array_equal(examples["y"], np.concatenate([m["y"] for m in per_member]))
 
 
 def test_dense_forward_gives_each_members_keras_output():

@@ -564,10 +564,25 @@ def build_group_client_work(
         ids = member_ids.batch(_ALL).concatenate(tf.data.Dataset.from_tensors(tf.constant([], tf.string)))
         ids = ids.take(1).get_single_element()
         count = tf.size(ids)
-        if batched is not None:
+        if batched is not None and batched.activations is not None:
+            examples_fn = batched.group_examples_fn or read_members(in_loop(dataset_fn), model.input_spec)
+            examples, counts = examples_fn(ids)
+            total, weight, metrics, clipped = train_members_shared(
+                model,
+                batched.activations,
+                examples,
+                counts,
+                initial,
+                batched.learning_rate,
+                batched.batch_size,
+                clip,
+                members=members,
+            )
+        elif batched is not None:
             total, weight, metrics, clipped = train_members_batched(
                 model, in_loop(dataset_fn), ids, initial, batched, clip, members=members
             )
+        if batched is not None:
             if members is not None:
                 return _member_result(total, count, members, initial[0], weight), metrics, _groups(count)
             update = total if clip is not None else tuple(tf.math.divide_no_nan(t, weight) for t in total)
@@ -739,6 +754,60 @@ class Batched:
     learning_rate: float
     batch_size: int
     forward: Callable[[tuple, tf.Tensor], tf.Tensor] | None = None  # see `create_dense_forward`
+    # A Flatten/Dense stack's `dense_activations`: its members step on the shared weights (`train_members_shared`).
+    activations: list | None = None
+    # The task's read of a group's examples (`base.Task.group_examples_fn`); None: each member's dataset.
+    group_examples_fn: Callable[[tf.Tensor], tuple] | None = None
+
+
+def read_members(dataset_fn: DatasetFn, spec) -> Callable[[tf.Tensor], tuple]:
+    """A group's examples read through each member's own dataset: `base.Task.group_examples_fn`'s contract.
+
+    `spec`: the datasets' batch spec. For tasks without a read of their own; a while
+    loop, not a tf.data map: a map instantiates the member's nested datasets at several
+    times the cost (W3: ~6 ms against ~1.5 ms per member).
+    """
+    flat_spec = tf.nest.flatten(spec)
+
+    def group_examples(ids: tf.Tensor):
+        k = tf.size(ids)
+
+        def read_member(i, rows, counts):
+            empty = tf.data.Dataset.from_tensors(
+                tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), spec)
+            )
+            examples = dataset_fn(ids[i]).unbatch().batch(_ALL).concatenate(empty).take(1).get_single_element()
+            flat = tf.nest.flatten(examples)
+            rows = tuple(ta.write(i, t) for ta, t in zip(rows, flat, strict=True))
+            return i + 1, rows, counts.write(i, tf.shape(flat[0])[0])
+
+        rows0 = tuple(
+            tf.TensorArray(s.dtype, size=k, infer_shape=False, element_shape=tf.TensorShape([None, *s.shape[1:]]))
+            for s in flat_spec
+        )
+        _, rows, counts = tf.while_loop(
+            lambda i, *_: i < k, read_member, (tf.constant(0), rows0, tf.TensorArray(tf.int32, size=k))
+        )
+        flat = [
+            tf.cond(ta.size() > 0, ta.concat, lambda s=s: tf.zeros([0, *s.shape[1:]], s.dtype))
+            for ta, s in zip(rows, flat_spec, strict=True)
+        ]
+        return tf.nest.pack_sequence_as(spec, flat), tf.reshape(counts.stack(), [k])
+
+    return group_examples
+
+
+def _to_steps(examples, counts: tf.Tensor, b: int):
+    """A group's concatenated examples as `[K, steps, B, ...]` (member k's run in its row, zeros after), and counts."""
+    k = tf.size(counts)
+    steps = (tf.reduce_max(tf.concat([counts, [0]], 0)) + b - 1) // b
+
+    def to_steps(t):
+        t = tf.RaggedTensor.from_row_lengths(t, counts).to_tensor()
+        t = tf.pad(t, [[0, 0], [0, steps * b - tf.shape(t)[1]]] + [[0, 0]] * (len(t.shape) - 2))
+        return tf.reshape(t, tf.concat([[k, steps, b], tf.shape(t)[2:]], 0))
+
+    return tf.nest.map_structure(to_steps, examples), counts
 
 
 def train_members_batched(
@@ -772,44 +841,10 @@ def train_members_batched(
     a zero update and weight 0, as TFF's client update does; its metrics still count.
     """
     trainable, non_trainable = initial
-    spec = model.input_spec
     b = batched.batch_size
-
-    k = tf.size(ids)
-    flat_spec = tf.nest.flatten(spec)
-
-    def read_member(i, rows, counts):
-        # A while loop, not a tf.data map: a map instantiates the member's nested datasets
-        # at several times the cost (W3: ~6 ms against ~1.5 ms per member).
-        empty = tf.data.Dataset.from_tensors(
-            tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape[1:]], s.dtype), spec)
-        )
-        examples = dataset_fn(ids[i]).unbatch().batch(_ALL).concatenate(empty).take(1).get_single_element()
-        flat = tf.nest.flatten(examples)
-        rows = tuple(ta.write(i, t) for ta, t in zip(rows, flat, strict=True))
-        return i + 1, rows, counts.write(i, tf.shape(flat[0])[0])
-
-    rows0 = tuple(
-        tf.TensorArray(s.dtype, size=k, infer_shape=False, element_shape=tf.TensorShape([None, *s.shape[1:]]))
-        for s in flat_spec
-    )
-    _, rows, counts = tf.while_loop(
-        lambda i, *_: i < k, read_member, (tf.constant(0), rows0, tf.TensorArray(tf.int32, size=k))
-    )
-    counts = counts.stack()
-    counts = tf.reshape(counts, [k])
-    # [K, max count, ...], each member's examples first, zeros after.
-    data = tf.nest.pack_sequence_as(
-        spec,
-        [tf.RaggedTensor.from_row_lengths(ta.concat(), counts).to_tensor() for ta in rows],
-    )
-    steps = (tf.reduce_max(tf.concat([counts, [0]], 0)) + b - 1) // b
-
-    def to_steps(t):
-        t = tf.pad(t, [[0, 0], [0, steps * b - tf.shape(t)[1]]] + [[0, 0]] * (len(t.shape) - 2))
-        return tf.reshape(t, tf.concat([[k, steps, b], tf.shape(t)[2:]], 0))
-
-    data = tf.nest.map_structure(to_steps, data)
+    examples_fn = batched.group_examples_fn or read_members(dataset_fn, model.input_spec)
+    data, counts = _to_steps(*examples_fn(ids), b)
+    k, steps = tf.size(counts), tf.shape(tf.nest.flatten(data)[0])[1]
     x_all, y_all = (data["x"], data["y"]) if isinstance(data, Mapping) else data
     stacked = tuple(tf.tile(w[None], [k] + [1] * len(w.shape)) for w in trainable)
 
@@ -867,13 +902,11 @@ def train_members_batched(
 _ACTIVATIONS = {"linear": tf.identity, "relu": tf.nn.relu}
 
 
-def create_dense_forward(keras_model: tf.keras.Model) -> Callable[[tuple, tf.Tensor], tf.Tensor] | None:
-    """K members' forward pass for a stack of Flatten and Dense layers, or None for other models.
+def dense_activations(keras_model: tf.keras.Model) -> list | None:
+    """A Flatten/Dense stack's layers as [None for Flatten, the activation for Dense], or None for other models.
 
-    `forward(weights, x)`: weights `[K, ...]` per trainable weight in the model's order
-    (kernel, bias per Dense), x `[K, B, ...]`, gives the logits `[K, B, C]` with one
-    batched matmul per layer: what `tf.vectorized_map` of the model computes, without
-    its per-member gathers (whose gradients are scatters of the K weight copies).
+    Dense layers with a bias, a linear or ReLU activation and no regularization losses,
+    whose kernel and bias are the model's trainable weights in order.
     """
     if not isinstance(keras_model, tf.keras.Sequential):
         return None
@@ -894,6 +927,20 @@ def create_dense_forward(keras_model: tf.keras.Model) -> Callable[[tuple, tf.Ten
             return None
     if len(keras_model.trainable_weights) != 2 * sum(a is not None for a in layers):
         return None
+    return layers
+
+
+def create_dense_forward(keras_model: tf.keras.Model) -> Callable[[tuple, tf.Tensor], tf.Tensor] | None:
+    """K members' forward pass for a stack of Flatten and Dense layers, or None for other models.
+
+    `forward(weights, x)`: weights `[K, ...]` per trainable weight in the model's order
+    (kernel, bias per Dense), x `[K, B, ...]`, gives the logits `[K, B, C]` with one
+    batched matmul per layer: what `tf.vectorized_map` of the model computes, without
+    its per-member gathers (whose gradients are scatters of the K weight copies).
+    """
+    layers = dense_activations(keras_model)
+    if layers is None:
+        return None
 
     def forward(weights: tuple, x: tf.Tensor) -> tf.Tensor:
         k, b = tf.shape(x)[0], tf.shape(x)[1]
@@ -907,6 +954,159 @@ def create_dense_forward(keras_model: tf.keras.Model) -> Callable[[tuple, tf.Ten
         return h
 
     return forward
+
+
+def train_members_shared(
+    model: tff.learning.models.FunctionalModel,
+    activations: list,
+    examples,
+    counts: tf.Tensor,
+    initial: tuple,
+    learning_rate: float,
+    batch_size: int,
+    clip: float | None,
+    *,
+    members: int | None = None,
+):
+    """Every member's local SGD on a Flatten/Dense stack without K copies of the weights.
+
+    Returns what `train_members_batched` returns: (total, weight, metrics state, clipped
+    count); with `members`, each member's own update `[k, ...]` per weight.
+
+    `examples`, `counts`: the members' examples concatenated, member k's `counts[k]` in
+    the order its dataset yields them (`base.Task.group_examples_fn`); step s gathers
+    rows s*B..s*B+B-1 of each member's run, so the group's data is never laid out as
+    `[K, steps, B, ...]` (a copy of it per pass: W3's are 60 MB). All members start from the same weights W, and a Dense
+    layer's kernel gradient on a batch is A^T G (A the layer's inputs `[B, in]`, G the
+    loss gradient at its pre-activations `[B, out]`; the bias's is 1^T G). So after t
+    plain SGD steps member k's kernel is W - lr sum_{s<t} A_s^T G_s, and its
+    pre-activations on the next batch X are
+
+        X W_k + b_k = X W + b - lr sum_{s<t} ((X A_s^T) G_s + 1 (1^T G_s)):
+
+    one GEMM of every member's rows with the shared W, plus small per-member
+    corrections `[B, tB]` from the member's own earlier A and G (the low-rank
+    formulation of issue 21). G comes from the tape at the pre-activations, through the
+    same corrections, so each member's steps are its per-client steps in exact
+    arithmetic. The results are GEMMs too: the update (W - trained) is
+    lr A_k^T G_k over the member's rows, the example-weighted sum lr A^T (w G) over all
+    rows, and with a clip each member's norm comes from its Gram matrices
+    ||A^T G||_F^2 = sum((A A^T) * (G G^T)).
+
+    Rounding: the sums run in another order than per client (W is not updated in place),
+    so weights agree to float rounding (~1e-7 relative), and, as with every batched
+    path, a ReLU whose pre-activation is within rounding of 0 can take the other side.
+    """
+    trainable, non_trainable = initial
+    del non_trainable  # a Dense stack has none (`dense_activations`)
+    b, lr = batch_size, learning_rate
+    x_all, y_all = (examples["x"], examples["y"]) if isinstance(examples, Mapping) else examples
+    k = tf.size(counts)
+    steps = (tf.reduce_max(tf.concat([counts, [0]], 0)) + b - 1) // b
+    starts = tf.cumsum(counts, exclusive=True)
+    kernels, biases = trainable[0::2], trainable[1::2]
+    n_dense = len(kernels)
+
+    def mean_loss(args):
+        output, y, sample_weight = args
+        return model.loss(output, y, sample_weight=sample_weight)
+
+    def step(s, a_hist, g_hist, metrics, finite):
+        position = tf.range(b)[None] + s * b
+        valid = position < counts[:, None]  # [K, B]
+        # A row past a member's run reads its group's first row: masked out of the loss, so its G is 0.
+        index = tf.where(valid, starts[:, None] + position, 0)
+        x, y = tf.gather(x_all, index), tf.gather(y_all, index)
+        rows = tf.reduce_sum(tf.cast(valid, tf.float32), 1)
+        # Keras' mean loss divides by B whatever the weights: B / rows makes it the mean over valid rows.
+        sample_weight = tf.cast(valid, tf.float32) * (b / tf.maximum(rows, 1.0))[:, None]
+        inputs, pre = [], []
+        with tf.GradientTape() as tape:
+            h, layer = x, 0
+            for activation in activations:
+                if activation is None:
+                    h = tf.reshape(h, [k, b, -1])
+                    continue
+                a = h
+                z = tf.reshape(tf.linalg.matmul(tf.reshape(a, [k * b, -1]), kernels[layer]), [k, b, -1])
+                z = z + biases[layer]
+                correction = tf.linalg.matmul(tf.linalg.matmul(a, a_hist[layer], transpose_b=True), g_hist[layer])
+                z = z - lr * (correction + tf.reduce_sum(g_hist[layer], 1)[:, None, :])
+                tape.watch(z)
+                inputs.append(a)
+                pre.append(z)
+                h = activation(z)
+                layer += 1
+            loss = tf.reduce_sum(tf.vectorized_map(mean_loss, (h, y, sample_weight)))
+        gradients = tape.gradient(loss, pre)
+        a_hist = tuple(tf.concat([old, new], 1) for old, new in zip(a_hist, inputs, strict=True))
+        g_hist = tuple(tf.concat([old, new], 1) for old, new in zip(g_hist, gradients, strict=True))
+        finite = tf.logical_and(
+            finite,
+            tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g), [1, 2]) for g in gradients]), 0),
+        )
+        flat = tf.reshape(valid, [-1])
+        predictions = tf.boolean_mask(tf.reshape(h, tf.concat([[-1], tf.shape(h)[2:]], 0)), flat)
+        labels = tf.boolean_mask(tf.reshape(y, tf.concat([[-1], tf.shape(y)[2:]], 0)), flat)
+        metrics = model.update_metrics_state(
+            metrics, batch_output=tff.learning.models.BatchOutput(predictions=predictions), labels=labels
+        )
+        return s + 1, a_hist, g_hist, metrics, finite
+
+    a0 = tuple(tf.zeros([k, 0, w.shape[0]], w.dtype) for w in kernels)
+    g0 = tuple(tf.zeros([k, 0, w.shape[1]], w.dtype) for w in kernels)
+    invariants = (
+        tf.TensorShape([]),
+        tuple(tf.TensorShape([None, None, w.shape[0]]) for w in kernels),
+        tuple(tf.TensorShape([None, None, w.shape[1]]) for w in kernels),
+        tf.nest.map_structure(lambda t: t.shape, model.initialize_metrics_state()),
+        tf.TensorShape([None]),
+    )
+    _, a_hist, g_hist, metrics, finite = tf.while_loop(
+        lambda s, *_: s < steps,
+        step,
+        (tf.constant(0), a0, g0, model.initialize_metrics_state(), tf.ones([k], tf.bool)),
+        shape_invariants=invariants,
+    )
+    # A non-finite member gives a zero update and weight 0, as TFF's client update does.
+    keep = tf.cast(finite, tf.float32)
+
+    def zero_non_finite(hist):
+        return tf.cond(
+            tf.reduce_all(finite),
+            lambda: hist,
+            lambda: tuple(tf.where(_per_member(finite, h), h, tf.zeros_like(h)) for h in hist),
+        )
+
+    a_hist, g_hist = zero_non_finite(a_hist), zero_non_finite(g_hist)
+    if members is not None:
+        deltas = []
+        for layer in range(n_dense):
+            deltas.append(lr * tf.linalg.matmul(a_hist[layer], g_hist[layer], transpose_a=True))
+            deltas.append(lr * tf.reduce_sum(g_hist[layer], 1))
+        return tuple(deltas), tf.cast(k, tf.float32), metrics, tf.constant(0.0)
+    if clip is None:
+        member_weights = tf.cast(counts, tf.float32) * keep
+    else:
+        squares = []
+        for layer in range(n_dense):
+            a, g = a_hist[layer], g_hist[layer]
+            gram_a = tf.linalg.matmul(a, a, transpose_b=True)
+            gram_g = tf.linalg.matmul(g, g, transpose_b=True)
+            squares.append(tf.reduce_sum(gram_a * gram_g, [1, 2]))
+            squares.append(tf.reduce_sum(tf.square(tf.reduce_sum(g, 1)), 1))
+        norms = lr * tf.sqrt(tf.maximum(tf.add_n(squares), 0.0))
+        member_weights = clip * tf.minimum(1.0 / norms, 1.0 / clip)  # as tf.clip_by_global_norm scales
+    total = []
+    for layer in range(n_dense):
+        a, g = a_hist[layer], g_hist[layer] * _per_member(member_weights, g_hist[layer])
+        a_rows, g_rows = tf.reshape(a, [-1, tf.shape(a)[2]]), tf.reshape(g, [-1, tf.shape(g)[2]])
+        total.append(lr * tf.linalg.matmul(a_rows, g_rows, transpose_a=True))
+        total.append(lr * tf.reduce_sum(g_rows, 0))
+    if clip is None:
+        return tuple(total), tf.reduce_sum(member_weights), metrics, tf.constant(0.0)
+    clipped = tf.reduce_sum(tf.cast(norms > clip, tf.float32) * keep)
+    return tuple(total), tf.reduce_sum(keep), metrics, clipped
 
 
 def _per_member(values: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
@@ -990,6 +1190,8 @@ def build_training_process(
     clip: float | None = None,
     batch_size: int | None = None,
     forward: Callable[[tuple, tf.Tensor], tf.Tensor] | None = None,
+    activations: list | None = None,
+    group_examples_fn: Callable[[tf.Tensor], tuple] | None = None,
     replace_update: ReplaceUpdate | None = None,
     hparams_state: bool = False,
     initial_weights: tff.Computation | None = None,
@@ -1017,6 +1219,11 @@ def build_training_process(
         them together (`train_members_batched`).
       forward: with `batch_size`, the members' batched forward pass
         (`create_dense_forward`); None: `tf.vectorized_map` of the model's.
+      activations: with `batch_size`, a Flatten/Dense stack's `dense_activations`:
+        the members step on the shared weights (`train_members_shared`, no K weight
+        copies; `forward` is then unused).
+      group_examples_fn: with `batch_size`, the task's read of a group's examples
+        (`base.Task.group_examples_fn`); None: each member's `dataset_fn` dataset.
       replace_update: each member's result replaced before it is clipped or weighted
         (`build_group_client_work`; the audit's canaries).
       hparams_state: the client work's state is the client optimizer's hyperparameters,
@@ -1044,7 +1251,9 @@ def build_training_process(
 
     initial_model_weights_fn = initial_weights or initial_weights_of(model)
     weights_type = initial_model_weights_fn.type_signature.result
-    batched = None if batch_size is None else Batched(config.client_learning_rate, batch_size, forward)
+    batched = None
+    if batch_size is not None:
+        batched = Batched(config.client_learning_rate, batch_size, forward, activations, group_examples_fn)
     client_work = build_group_client_work(
         model,
         tff.learning.optimizers.build_sgdm(config.client_learning_rate),
@@ -1194,7 +1403,7 @@ def build_learning_process(
     group_size: int,
     *,
     model: tff.learning.models.FunctionalModel | None = None,
-    batched: bool = False,
+    batched: bool | None = None,
 ) -> GroupedLearningProcess:
     """The experiment's training process over groups of `group_size` real clients.
 
@@ -1202,9 +1411,14 @@ def build_learning_process(
     aggregator parameters and noise seed; `next` takes the round's client ids.
     `model`: the task's learning model if already built (building one draws initial
     weights from the seeded global generator, so the caller's model keeps them equal
-    to the per-client path's). With `batched`, a group's members take their local steps
-    together; off by default, since the member loop measured as fast or faster under TFF's
-    worker (module doc).
+    to the per-client path's).
+
+    How a group's members train (`batched`): None (the default) steps them together on
+    the shared weights where `shared_obstacle` finds nothing against it (a Flatten/Dense
+    stack under FedAvg or a server-optimizer variant, without canaries), reading the
+    group's examples with the task's `group_examples_fn`, else one after the other;
+    False, one after the other (TFF's client update per member); True, together with K
+    weight copies (`train_members_batched`, measured no faster than the loop).
     """
     replace_update = None
     if config.privacy.canaries:  # each canary member's update replaced in the group's call, as per client
@@ -1223,6 +1437,12 @@ def build_learning_process(
         configs.Algorithm.FEDPROX,
         configs.Algorithm.FEDSGD,
     )
+    activations = None
+    if batched is None:
+        with models.seeds_kept():
+            keras_model = task.create_keras_model()
+        if shared_obstacle(config, keras_model) is None:
+            activations = dense_activations(keras_model)
     return build_training_process(
         create_functional_model(task, model),
         config.algorithm,
@@ -1230,12 +1450,36 @@ def build_learning_process(
         group_size,
         aggregator=aggregator,
         clip=clip,
-        batch_size=config.preprocess.batch_size if batched else None,
+        batch_size=_batch_size(task, config) if batched or activations else None,
         forward=_dense_forward(task) if batched else None,
+        activations=activations,
+        group_examples_fn=task.group_examples_fn if activations else None,
         replace_update=replace_update,
         hparams_state=hparams_state,
         initial_weights=initial_weights,
     )
+
+
+def _batch_size(task: base.Task, config: configs.ExperimentConfig) -> int:
+    """B of the task's member datasets: its group read's where it has one (a task built apart from `config`)."""
+    return getattr(task.group_examples_fn, "batch_size", None) or config.preprocess.batch_size
+
+
+def shared_obstacle(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> str | None:
+    """Why a group's members cannot step together on the shared weights (`train_members_shared`), or None.
+
+    That path runs plain SGD steps of a Flatten/Dense stack (`dense_activations`):
+    FedAvg's client work, which the server-optimizer variants share; FedProx adds a
+    proximal term and FedSGD takes no step, and the audit's canaries replace a member's
+    own result, so those run their members one after the other.
+    """
+    if dense_activations(keras_model) is None:
+        return "not a stack of Flatten and Dense layers"
+    if config.algorithm.algorithm in (configs.Algorithm.FEDPROX, configs.Algorithm.FEDSGD):
+        return f"{config.algorithm.algorithm.value} is not plain SGD steps"
+    if config.privacy.canaries:
+        return "canaries replace a member's own update"
+    return None
 
 
 def _dense_forward(task: base.Task):

@@ -39,6 +39,104 @@ def create_train_fn(
     return preprocess
 
 
+class GroupExamplesFn:
+    """A group's members' ids -> (their examples, concatenated in the members' order, and each member's count).
+
+    `batch_size`: B, the size of the batches the members' datasets cut their runs into.
+    """
+
+    def __init__(self, fn: Callable[[tf.Tensor], tuple[object, tf.Tensor]], batch_size: int):
+        self._fn = fn
+        self.batch_size = batch_size
+
+    def __call__(self, ids: tf.Tensor) -> tuple[object, tf.Tensor]:
+        return self._fn(ids)
+
+
+def create_group_train_fn(
+    config: configs.PreprocessConfig,
+    to_model_batch: ToModelBatch,
+    *,
+    seed: int,
+    rows_fn: Callable[[tf.Tensor], tf.data.Dataset],
+) -> GroupExamplesFn:
+    """A group's training examples in one pass: what each member's `create_train_fn` dataset yields.
+
+    `rows_fn` maps a client id to its raw rows (the unpreprocessed `ClientData`'s
+    `serializable_dataset_fn`). For the members' ids `[K]` it gives every member's
+    examples in the order its own training dataset yields them (taken, shuffled, repeated
+    for the epochs; not batched), the members' runs concatenated in id order, and each
+    run's length `[K]`. Batch s of member k is then rows s*B..s*B+B-1 of its run, as
+    `batch(B)` cuts it.
+
+    Why: a tf.data pipeline per member costs ~0.3 ms of CPU to build and iterate (W3: 294
+    ms for 1,000 members against 132 ms for reading their rows alone, plain graph-mode TF,
+    one thread). Here each member's rows are read with its own query in a while loop (one
+    query over the whole group measured slower: 186-188 ms, SQLite sorts the rows), parsed
+    and converted once for the group, and each member's order is computed from its count
+    alone: tf.data's shuffle draws its order from the seed and the number of elements, never
+    from their values, so shuffling `range(n)` with the same seed, buffer and epochs (and
+    the same `_lean` options) gives member k's permutation; one such small pipeline runs
+    per distinct count, not per member.
+    """
+    take, epochs, buffer = config.max_examples_per_client, config.epochs, config.shuffle_buffer
+
+    def permutation(n: tf.Tensor) -> tf.Tensor:
+        """The order `create_train_fn` yields n examples in, epochs included, as indices into them."""
+        if buffer <= 1:
+            return tf.tile(tf.range(n, dtype=tf.int64), [epochs])
+        order = tf.data.Dataset.range(tf.cast(n, tf.int64)).shuffle(buffer, seed=seed).repeat(epochs)
+        empty = tf.data.Dataset.from_tensors(tf.zeros([0], tf.int64))
+        return _lean(order).batch(_ALL).concatenate(empty).take(1).get_single_element()
+
+    def group_examples(ids: tf.Tensor):
+        k = tf.size(ids)
+        spec = rows_fn(tf.constant("")).element_spec  # traced for its spec only, never run
+        flat_spec = tf.nest.flatten(spec)
+
+        def read(i, rows, counts):
+            dataset = rows_fn(ids[i])
+            empty = tf.data.Dataset.from_tensors(
+                tf.nest.map_structure(lambda s: tf.zeros([0, *s.shape], s.dtype), dataset.element_spec)
+            )
+            member = dataset.batch(_ALL).concatenate(empty).take(1).get_single_element()
+            flat = tf.nest.flatten(member)
+            rows = tuple(ta.write(i, t) for ta, t in zip(rows, flat, strict=True))
+            return i + 1, rows, counts.write(i, tf.shape(flat[0])[0])
+
+        rows0 = tuple(
+            tf.TensorArray(s.dtype, size=k, infer_shape=False, element_shape=tf.TensorShape([None, *s.shape]))
+            for s in flat_spec
+        )
+        _, rows, counts = tf.while_loop(
+            lambda i, *_: i < k, read, (tf.constant(0), rows0, tf.TensorArray(tf.int32, size=k))
+        )
+        counts = tf.reshape(counts.stack(), [k])
+        # One parse and conversion for the whole group (a TensorArray of no element concatenates to nothing).
+        everything = tf.nest.pack_sequence_as(spec, [_concat(ta, s) for ta, s in zip(rows, flat_spec, strict=True)])
+        examples = to_model_batch(everything)
+        if buffer <= 1 and epochs == 1 and take <= 0:  # each member's rows as read: no reordering
+            return examples, counts
+        starts = tf.cumsum(counts, exclusive=True)
+        kept = tf.minimum(counts, take) if take > 0 else counts
+        distinct, which = tf.unique(kept)
+        orders = tf.map_fn(
+            permutation,
+            distinct,
+            fn_output_signature=tf.RaggedTensorSpec([None], tf.int64, ragged_rank=0),
+        )
+        member_orders = tf.gather(orders, which)  # [K, epochs * kept_k], ragged
+        lengths = tf.cast(member_orders.row_lengths(), tf.int32)
+        index = member_orders.values + tf.cast(tf.repeat(starts, lengths), tf.int64)
+        return tf.nest.map_structure(lambda t: tf.gather(t, index), examples), lengths
+
+    return GroupExamplesFn(group_examples, config.batch_size)
+
+
+def _concat(rows: tf.TensorArray, spec: tf.TensorSpec) -> tf.Tensor:
+    return tf.cond(rows.size() > 0, rows.concat, lambda: tf.zeros([0, *spec.shape], spec.dtype))
+
+
 def create_eval_fn(to_model_batch: ToModelBatch, batch_size: int = 100) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
     """A deterministic transform for evaluation: every example once, large batches."""
 

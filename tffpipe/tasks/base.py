@@ -39,6 +39,11 @@ class Task:
         functional models need and Keras-wrapped ones get from TFF); `num_examples`
         is added for functional models as TFF adds it for Keras-wrapped ones.
       sample_fn: (seed) -> {client id: samples} for TensorBoard (images or texts).
+      group_examples_fn: a group's member ids `[K]` -> (their training examples, as
+        each member's `train_data` dataset yields them unbatched, concatenated in
+        the members' order; each member's count `[K]`), read without a pipeline per
+        member (`data.preprocessing.create_group_train_fn`); None where the task has
+        no such read (client groups then read each member's dataset).
     """
 
     kind: configs.Task
@@ -50,6 +55,7 @@ class Task:
     loss_fn: Callable[[], tf.keras.losses.Loss]
     metrics_fn: MetricsFn
     sample_fn: Callable[[int], Mapping[str, np.ndarray]]
+    group_examples_fn: Callable[[tf.Tensor], tuple] | None = None
 
     @property
     def input_spec(self):

@@ -85,6 +85,9 @@ def create_task_from_client_data(
         loss_fn=_loss,
         metrics_fn=_metrics,
         sample_fn=sample_images,
+        group_examples_fn=preprocessing.create_group_train_fn(
+            preprocess, to_model_batch, seed=seed, rows_fn=train.serializable_dataset_fn
+        ),
     )
 
 
