@@ -47,8 +47,12 @@ from tffpipe.tasks import base
 _ALL = 2**31 - 1
 
 # Whether `client_batching=auto` evaluates a model of this kind in groups: where grouped
-# evaluations measured faster than per-client ones (benchmarks/evaluation_cost.py --grouped,
-# figures in BENCHMARKS.md). Filled from those measurements; kinds are `client_groups.model_kind`'s.
+# evaluations measured faster than per-client ones (`python -m benchmarks.evaluation_cost
+# --grouped`, alternated in one run, 2026-12-05, load 12-16; BENCHMARKS.md). One group against
+# per client, wall (CPU): dense, mlp on 200 held-out clients 2.90x (2.56x), linear on 1,000
+# 2.24x (2.18x); convolutional, small_cnn on the default run's 200 3.28x (2.54x): evaluation is
+# one forward pass a batch, so the per-call cost grouping saves is most of it; recurrent,
+# cifg_lstm on 200 users, CPU 1.13-1.23x, wall 0.83-1.49x (two groups 1.11-1.36x).
 AUTO_GROUPS = {"dense": True, "convolutional": True, "recurrent": True}
 # Kinds whose evaluation is compute-bound: one group per core, not per worker, since a
 # worker runs each call on one op thread and a group's members run in turn.
