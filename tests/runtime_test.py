@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
+from tensorflow.python.framework import ops as tf_ops
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
 from tests import conftest
@@ -562,3 +563,43 @@ def test_two_workers_partial_aggregates_are_merged_here_not_by_a_worker(
     # The merged sum counts each of the four clients' examples once (one local epoch).
     batches = [b for cid in task.train_data.client_ids[:4] for b in task.train_data.create_tf_dataset_for_client(cid)]
     assert output.metrics["client_work"]["train"]["num_examples"] == sum(int(b["y"].shape[0]) for b in batches)
+
+
+def test_a_local_merge_adds_the_accumulators_without_formatting_them(monkeypatch):
+    # A pruned graph has no structured signature: called as `pruned(*tensors)`, TF built a
+    # TypeError holding every argument's numpy repr before its flat fallback, each merge.
+    vector, count = tff.TensorType(np.float32, [1000]), tff.TensorType(np.int64)
+    accumulator = tff.StructType([("sum", vector), ("n", count)])
+
+    @tff.tensorflow.computation(accumulator, accumulator)
+    def merge(a, b):
+        return collections.OrderedDict(sum=a.sum + b.sum, n=a.n + b.n)
+
+    local = runtime._LocalMerge.of(merge)
+    assert isinstance(local, runtime._LocalMerge)
+    formatted = []  # tensors turned into text (an EagerTensor's repr goes through ops.value_text)
+    value_text = tf_ops.value_text
+    monkeypatch.setattr(tf_ops, "value_text", lambda t, is_repr=False: formatted.append(t) or value_text(t, is_repr))
+    a = tff.structure.Struct([("sum", np.arange(1000, dtype=np.float32)), ("n", np.int64(3))])
+    b = tff.structure.Struct([("sum", np.full(1000, 0.5, np.float32)), ("n", np.int64(4))])
+    merged = local.run(tff.structure.Struct.unnamed(a, b))
+    np.testing.assert_array_equal(merged.sum, np.arange(1000, dtype=np.float32) + 0.5)
+    assert int(merged.n) == 7
+    assert not formatted
+
+
+def test_two_workers_compile_each_computation_once(one_and_two_workers, tiny_data_dir, monkeypatch):
+    # Each worker's context compiled every computation for itself: at round 1 all at once,
+    # and after_merge again on whichever worker first finished last in a later round.
+    compiled = []
+    compile_fn = runtime._CONTEXT_ARGS["compiler_fn"]
+    monkeypatch.setitem(runtime._CONTEXT_ARGS, "compiler_fn", lambda comp: compiled.append(comp) or compile_fn(comp))
+    task = conftest.emnist_task(tiny_data_dir, "linear")
+    process = task.compose_train(algorithms.build_training_process(task.learning_model(), configs.AlgorithmConfig()))
+    workers = one_and_two_workers[1]
+    workers.start()  # installs a new context over the two workers
+    state = process.initialize()
+    for _ in range(3):
+        state = process.next(state, task.train_data.client_ids[:4]).state
+    # initialize's and next's up_to_merge and after_merge (merges run here): each once, not once per worker.
+    assert len(compiled) == len(set(map(id, compiled))) == 4

@@ -12,13 +12,14 @@ from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 
 from tests import conftest
-from tffpipe import accounting, algorithms, audit, configs, models, serialization
+from tffpipe import accounting, algorithms, audit, client_groups, configs, models, serialization
 from tffpipe.tasks.keyboard import task as keyboard_task
 
 Algorithm, Mechanism = configs.Algorithm, configs.Mechanism
 
-# Each algorithm's state, each aggregator's inside one of them (7 processes, not 14: building
-# one takes 2-5 s), canaries (ids in the round's argument, zeroing in their transform).
+# Each algorithm's state, each aggregator's inside one of them (10 processes, not 20: building
+# one takes 2-5 s), canaries (ids in the round's argument, zeroing in their transform), and a
+# grouped process (client groups: its own client work, the per-client state type).
 FIXED = {"dp.mechanism": Mechanism.FIXED, "dp.noise_multiplier": 0.5}
 STATES = {
     "fedavg, compression": {
@@ -53,6 +54,13 @@ STATES = {
         "dp.noise_multiplier": 1.0,
     },
     "fedsgd": {"algorithm.algorithm": Algorithm.FEDSGD, "dp.mechanism": Mechanism.NONE},
+    "fedavg, secure aggregation": {"dp.mechanism": Mechanism.NONE, "secure_aggregation": True},
+    "fedavg, distributed DP, Skellam": {
+        "dp.mechanism": Mechanism.DISTRIBUTED,
+        "dp.noise_multiplier": 1.0,
+        "dp.distributed_noise": configs.DistributedNoise.SKELLAM,
+    },
+    "fedavg, client groups of 2, fixed clipping": {**FIXED, "client_batching": "2"},
 }
 
 
@@ -75,6 +83,8 @@ def next_arguments(tiny_data_dir, tff_context):
         plan = accounting.create_plan(config, population=len(task.train_data.client_ids), model_size=lambda: 785 * 62)
         process = algorithms.build_learning_process(task, config, plan)
         ids = task.train_data.client_ids[:3] + audit.canary_ids(config.privacy.canaries)
+        if isinstance(process, client_groups.GroupedLearningProcess):
+            ids = client_groups.pack(ids, process.group_size)  # one TFF client carries a group's ids
         found[name] = (process.initialize(), ids, process.next.type_signature.parameter)
     return found
 
@@ -86,7 +96,17 @@ def test_a_states_bytes_and_a_rounds_argument_equal_tffs(next_arguments, name, m
     with_tff = serialization._with_tff
     monkeypatch.setattr(serialization, "_with_tff", lambda out, v, t: left_to_tff.append((v, t)) or with_tff(out, v, t))
     assert _tffpipe_bytes(state, state_type) == _tff_bytes(state, state_type)
-    assert _tffpipe_bytes(ids, ids_type) == _tff_bytes(ids, ids_type)
+    if isinstance(ids_type.member, computation_types.SequenceType):
+        # A group's ids go to TFF's serializer whole, as a tf.data graph whose node names
+        # change with every call (TFF's bytes differ from TFF's): compared by what they hold.
+        sent = executor_pb2.Value.FromString(_tffpipe_bytes(ids, ids_type))
+        received, _ = value_serialization.deserialize_value(sent, ids_type)
+        assert [[x.decode() for x in d.as_numpy_iterator()] for d in received] == ids
+        groups = [v for v, t in left_to_tff if isinstance(t, computation_types.SequenceType)]
+        assert groups == ids  # each group's ids as TFF's serializer got them
+        left_to_tff = [(v, t) for v, t in left_to_tff if not isinstance(t, computation_types.SequenceType)]
+    else:
+        assert _tffpipe_bytes(ids, ids_type) == _tff_bytes(ids, ids_type)
     # The in-place path did the rest: TFF only got scalars and the ids, no struct and no array.
     assert left_to_tff
     for v, t in left_to_tff:
@@ -169,3 +189,51 @@ def test_a_create_value_request_from_bytes_equals_the_proto():
     assert (
         serialization.create_value_request(value.SerializeToString(), executor) == expected
     )  # 800 bytes: a 2-byte length
+
+
+def test_the_evaluation_state_and_argument_equal_tffs(tiny_data_dir, tff_context):
+    # Every evaluation (periodic, final, on stop) sends the model and the ids to the workers.
+    task = conftest.emnist_task(tiny_data_dir, "linear")
+    process = task.compose_eval(algorithms.build_evaluation_process(task.learning_model(), per_client=True))
+    state_type, ids_type = process.next.type_signature.parameter
+    state, ids = process.initialize(), sorted(task.test_data.client_ids)[:3]
+    assert _tffpipe_bytes(state, state_type) == _tff_bytes(state, state_type)
+    assert _tffpipe_bytes(ids, ids_type) == _tff_bytes(ids, ids_type)
+
+
+def test_a_computation_is_serialized_once_as_tff_serializes_it(monkeypatch):
+    # The context sends the same compiled computation to each worker every round.
+    @tff.tensorflow.computation(T(np.float32, [3]))
+    def double(x):
+        return x * 2
+
+    @tff.tensorflow.computation(T(np.float32, [3]))
+    def triple(x):
+        return x * 3
+
+    calls = []
+    serialize = serialization.serialize_value
+    monkeypatch.setattr(serialization, "serialize_value", lambda v, t: calls.append(v) or serialize(v, t))
+    first, value_type = serialization.serialize_to_bytes(double, double.type_signature)
+    assert first == _tff_bytes(double, double.type_signature)
+    assert value_type == double.type_signature
+    again, _ = serialization.serialize_to_bytes(double, double.type_signature)
+    assert again is first and len(calls) == 1
+    other = serialization.serialize_to_bytes(triple, triple.type_signature)[0]
+    assert other == _tff_bytes(triple, triple.type_signature)
+    assert len(calls) == 2
+
+
+def test_the_same_leaves_under_another_type_are_serialized_for_that_type(monkeypatch):
+    # The cache is keyed on the leaves; a hit must also be for an equal type.
+    calls = []
+    serialize = serialization.serialize_value
+    monkeypatch.setattr(serialization, "serialize_value", lambda v, t: calls.append(t) or serialize(v, t))
+    state = np.arange(3, dtype=np.float32)
+    shared = serialization.SharedValues()
+    first = shared.serialize(state, computation_types.FederatedType(T(np.float32, [3]), placements.SERVER))
+    again = shared.serialize(state, computation_types.FederatedType(T(np.float32, [3]), placements.SERVER))
+    assert again[0] is first[0] and len(calls) == 1
+    other_type = computation_types.FederatedType(T(np.float32, [None]), placements.SERVER)
+    other = shared.serialize(state, other_type)
+    assert len(calls) == 2 and other[1] == other_type and other[0] == _tff_bytes(state, other_type)

@@ -141,9 +141,9 @@ class SharedValues:
     owner calls `clear` after each. Two threads asking for the same value serialize it
     once; the second waits for the first's bytes. Only values of an all-equal federated
     type are kept: those are what the mergeable context gives every worker alike (the
-    server state, also to `after_merge`, under a type object of its own but equal);
-    clients' slices and partial aggregates differ per call, and keeping them would only
-    hold their bytes until the invocation ends. Computations are kept across invocations
+    server state, to each worker's `up_to_merge` and to `after_merge`); clients' slices
+    and partial aggregates differ per call, and keeping them would only hold their bytes
+    until the invocation ends. Computations are kept across invocations
     (`serialize_computation`).
     """
 
@@ -163,7 +163,7 @@ class SharedValues:
             entry = self._entries.get(key)
             if entry is None:
                 entry = self._entries[key] = _Entry(type_spec, leaves)
-            elif entry.type_spec is not type_spec and entry.type_spec != type_spec:
+            elif entry.type_spec != type_spec:
                 entry = _Entry(type_spec, leaves)  # the same objects under another type: not shared
             else:
                 self.hits += 1
