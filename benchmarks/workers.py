@@ -30,12 +30,23 @@ round extrapolated to `--extrapolate` workers from those per-worker costs:
 C, K the coordinator's and all workers' CPU per round, as lines fitted by least squares
 over the counts measured, c, k their slopes (the round is the coordinator's CPU plus the workers' CPU over N,
 within 3% in issue 15's measurements: the coordinator is on the critical path).
-`--rounds` shortens the runs (the CPU is taken over rounds 3 .. R-1).
+`--rounds` shortens the runs (the CPU is taken over rounds 3 .. R-1). `--train_flags` adds
+flags to every run (e.g. `--train_flags=--client_batching=auto` for W3 in groups).
+
+  python -m benchmarks.workers --watchdog --workloads=w1 --rounds=6
+
+instead runs the first workload's rounds in this process over one worker on loopback TCP
+(as `experiments.worker` serves), reached as a remote worker whose calls are watched
+(`runtime._Watchdog`, the remote path's default) and as one whose calls are not, alternated
+round by round from the same state: the watchdog's cost in wall time and in this process's
+and the worker's CPU per round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 
 import numpy as np
 from absl import app, flags
@@ -50,6 +61,7 @@ flags.DEFINE_list("per_worker", [], "Pinned worker counts (e.g. 1,2,4): the coor
 flags.DEFINE_list("repos", ["."], "With --per_worker: checkouts to compare in the same passes (e.g. before a change).")
 flags.DEFINE_integer("rounds", 0, "With --per_worker: rounds per run (>= 4), 0 for the workload's own.")
 flags.DEFINE_integer("extrapolate", 64, "With --per_worker: the worker count to extrapolate the round to.")
+flags.DEFINE_bool("watchdog", False, "Instead: a loopback remote worker's rounds watched and unwatched, alternated.")
 
 # name: (training flags, remote workers)
 CONFIGS = {
@@ -76,7 +88,7 @@ def per_worker(counts: list[int], repos: list[str]) -> dict:
         for _ in range(FLAGS.repeats):
             for n in counts:  # the checkouts side by side at each count: drift between them stays small
                 for repo in repos:
-                    extra = [f"--local_workers={n}", "--pin_workers"]
+                    extra = [f"--local_workers={n}", "--pin_workers", *FLAGS.train_flags]
                     runs[repo, n].append(wall.run_once(w, FLAGS.cache_dir, repo, extra))
         far = FLAGS.extrapolate
         print(
@@ -113,8 +125,81 @@ def per_worker(counts: list[int], repos: list[str]) -> dict:
     return results
 
 
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of process `pid` (/proc/<pid>/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def watchdog_cost(name: str, rounds: int) -> dict:
+    """Rounds of workload `name` over one loopback TCP worker, watched and unwatched, alternated (module doc)."""
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    from tffpipe import algorithms, program, runtime, tasks
+    from tffpipe.data import sampling
+
+    config = wall.WORKLOADS[name].config(FLAGS.cache_dir)
+    program.check(config)
+    tasks.data_source(config).prepare()
+    prepared = program.prepare(config)
+    task = prepared.task
+    process = algorithms.build_learning_process(task, config, prepared.plan)
+    server = runtime.LocalWorker(bind_address="127.0.0.1")
+    server.start()
+    address = f"127.0.0.1:{server.port}"
+    remotes = {"watched": runtime.RemoteWorker(address), "unwatched": runtime.RemoteWorker(address, watched=False)}
+    contexts = {}
+    for variant, worker in remotes.items():
+        worker.start()
+        contexts[variant] = runtime._sync_context(runtime._executors(worker))
+    sampler = sampling.ClientSampler(task.train_data.client_ids, config.clients_per_round, config.sampling, seed=0)
+    with context_stack_impl.context_stack.install(contexts["unwatched"]):
+        state = process.initialize()
+    measured = {variant: {"wall": [], "cpu": [], "worker_cpu": []} for variant in remotes}
+    try:
+        for r in range(1, rounds + 2):  # round 1: warm-up (tracing, the worker's first executor)
+            ids = sampler.sample(r)
+            order = list(remotes) if r % 2 else list(reversed(remotes))  # neither always goes first
+            for variant in order:
+                with context_stack_impl.context_stack.install(contexts[variant]):
+                    t, c, wc = time.perf_counter(), time.process_time(), _process_cpu_seconds(server.pid)
+                    out = process.next(state, ids)
+                    dt, dc = time.perf_counter() - t, time.process_time() - c
+                    dwc = _process_cpu_seconds(server.pid) - wc
+                if r > 1:
+                    for key, value in (("wall", dt), ("cpu", dc), ("worker_cpu", dwc)):
+                        measured[variant][key].append(value)
+            state = out.state
+    finally:
+        for worker in remotes.values():
+            worker.stop()
+        server.stop()
+    result = {variant: {k: float(np.median(v)) for k, v in m.items()} for variant, m in measured.items()}
+    result["raw"] = measured
+    watched, unwatched = result["watched"], result["unwatched"]
+    # Paired by round (same clients, same state): the differences' and ratios' medians.
+    pairs = list(zip(measured["watched"]["cpu"], measured["unwatched"]["cpu"], strict=True))
+    result["cpu_difference"] = float(np.median([a - b for a, b in pairs]))
+    walls = zip(measured["watched"]["wall"], measured["unwatched"]["wall"], strict=True)
+    result["wall_ratio"] = float(np.median([a / b for a, b in walls]))
+    print(
+        f"{name}, one loopback remote worker, median of {rounds} rounds each: watched {watched['wall'] * 1000:.0f} ms "
+        f"wall, {watched['cpu'] * 1000:.0f} ms coordinator CPU, {watched['worker_cpu'] * 1000:.0f} ms worker CPU; "
+        f"unwatched {unwatched['wall'] * 1000:.0f} / {unwatched['cpu'] * 1000:.0f} / "
+        f"{unwatched['worker_cpu'] * 1000:.0f} ms; per round (paired medians) watched / unwatched wall "
+        f"{result['wall_ratio']:.3f}, coordinator CPU {result['cpu_difference'] * 1000:+.1f} ms",
+        flush=True,
+    )
+    return result
+
+
 def main(argv) -> None:
     del argv
+    if FLAGS.watchdog:
+        name = FLAGS.workloads[0]
+        wall.save_results("workers-watchdog", {name: watchdog_cost(name, FLAGS.rounds or 6)})
+        return
     if FLAGS.per_worker:
         wall.save_results("workers-per-worker", per_worker([int(n) for n in FLAGS.per_worker], FLAGS.repos))
         return

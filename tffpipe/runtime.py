@@ -57,7 +57,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 from absl import logging
 from tensorflow_federated.proto.v0 import executor_pb2
-from tensorflow_federated.python.common_libs import structure
+from tensorflow_federated.python.common_libs import structure, tracing
 from tensorflow_federated.python.core.backends.native import compiler, mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 from tensorflow_federated.python.core.impl.computation import computation_base
@@ -258,6 +258,8 @@ class RemoteWorker:
 
     Its calls are watched (`_Watchdog`): a worker whose link goes down without a word is
     found gone within `probe_interval + probe_timeout` seconds, as a killed one is at once.
+    `watched=False` leaves them unwatched (such a worker is then waited for as TFF waits):
+    only to measure what watching costs (`benchmarks.workers --watchdog`).
     """
 
     def __init__(
@@ -267,11 +269,13 @@ class RemoteWorker:
         connect_timeout: float = 10.0,
         probe_interval: float = 2.0,
         probe_timeout: float = 6.0,
+        watched: bool = True,
     ):
         self.address = address
         self._endpoint = network.parse_endpoint(address)
         self._timeout = connect_timeout
         self._probe = (probe_interval, probe_timeout)
+        self._watched = watched
         self._stub: remote_executor_grpc_stub.RemoteExecutorGrpcStub | None = None
         self._channel: grpc.Channel | None = None
         self._watchdog: _Watchdog | None = None
@@ -314,7 +318,7 @@ class RemoteWorker:
             ) from None
         # A new watchdog per connection: the stubs of a closed one stay given up.
         self._watchdog = _Watchdog(self.name, self._endpoint, *self._probe)
-        self._stub = _Stub(self._channel, watchdog=self._watchdog)
+        self._stub = _Stub(self._channel, watchdog=self._watchdog if self._watched else None)
 
     def stub(self) -> remote_executor_grpc_stub.RemoteExecutorGrpcStub:
         if self._stub is None:
@@ -702,6 +706,12 @@ class _MergeableContext(mergeable_comp_execution_context.MergeableCompExecutionC
 
 
 def _install(workers: Sequence) -> None:
+    if not logging.level_debug():
+        # TFF's one tracing provider writes a debug log line per span, and every executor call
+        # opens several (the remote executor's, the stub's, (de)serialization's), in each
+        # worker's thread: ~2 ms of this process's CPU per worker per round, for lines that
+        # are only written at --verbosity=1 (kept then).
+        tracing.set_tracing_providers([])
     context = _sync_context(_executors(workers[0])) if len(workers) == 1 else _MergeableContext(workers)
     context_stack_impl.context_stack.set_default_context(context)
 
