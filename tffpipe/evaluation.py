@@ -109,7 +109,7 @@ def client_quantiles(per_client: Mapping[str, np.ndarray], prefix: str = "eval")
 
     Args:
       per_client: {metric: value of each client}, as `algorithms.build_evaluation_process(per_client=True)`
-        returns them (any order; quantiles do not depend on it).
+        and grouped evaluation (`group_evaluation`) return them (any order; quantiles do not depend on it).
     """
     keep = np.asarray(per_client.get("num_examples", np.ones_like(next(iter(per_client.values())))), float) > 0
     values: dict[str, float | np.ndarray] = {f"{prefix}/clients": float(keep.sum())}
