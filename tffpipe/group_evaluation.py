@@ -23,6 +23,11 @@ The process has the per-client evaluation's state and `set_model_weights`, and i
 composed with the task's data (`Task.compose_eval`) does: the loop and the program do
 not know which one they hold (`build_evaluation_process` decides).
 
+Over several workers TFF's mergeable context splits the groups as it splits clients and
+the per-member vectors are concatenated across them (checked by hand over 2 local workers,
+8 held-out clients in 2 groups: pooled metrics and quantiles within 1.1e-7 of per client on
+one worker; not in the suite).
+
 Keras-wrapped models are converted by `client_groups.create_functional_model`, which
 reports the metrics TFF's `from_keras_model` does, in its order. Models it cannot convert
 (non-trainable weights) evaluate per client.
