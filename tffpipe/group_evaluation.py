@@ -26,7 +26,10 @@ not know which one they hold (`build_evaluation_process` decides).
 Over several workers TFF's mergeable context splits the groups as it splits clients and
 the per-member vectors are concatenated across them (checked by hand over 2 local workers,
 8 held-out clients in 2 groups: pooled metrics and quantiles within 1.1e-7 of per client on
-one worker; not in the suite).
+one worker; not in the suite). So was the keyboard pipeline (its vocabulary table read in
+the members' loop through `client_groups.in_loop`, masked accuracy, top-3 and perplexity;
+`tests/client_groups_test.py`'s five users and an empty one, groups of 2): pooled metrics
+and every quantile equal to per client.
 
 Keras-wrapped models are converted by `client_groups.create_functional_model`, which
 reports the metrics TFF's `from_keras_model` does, in its order. Models it cannot convert
