@@ -133,6 +133,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): run these tests in one pytest-xdist process")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the marks into the test ids
 def pytest_collection_modifyitems(items):
     """Tests that share a module-scoped fixture run in one pytest process, in their order.
 

@@ -60,6 +60,16 @@ def train(*flags: str, cache: str, root: str, timeout: int = 240) -> subprocess.
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def train_forked(forks, *flags: str, cache: str, root: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`train`, run in a process forked from the fork server that imported TF once (tests/forkserver.py).
+
+    For runs whose test needs no process of its own (no signal sent, no process watched):
+    the same run, output and exit code, without the ~5 s (30-60 s under load) of imports.
+    """
+    (proc,) = forks.run([("train", train_args(*flags, cache=cache, root=root))], timeout=timeout)
+    return proc
+
+
 def start_train(*flags: str, cache: str, root: str, stderr=subprocess.PIPE) -> subprocess.Popen:
     cmd = train_command(*flags, cache=cache, root=root)
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -91,9 +101,9 @@ def workspace(tmp_path_factory, workers_before_this_module):
 
 
 @pytest.fixture(scope="module")
-def finished_run(workspace):
+def finished_run(forks, workspace):
     cache, runs = workspace
-    proc = train("--rounds=3", "--experiment=base", cache=cache, root=runs)
+    proc = train_forked(forks, "--rounds=3", "--experiment=base", cache=cache, root=runs)
     assert proc.returncode == 0, proc.stderr
     return proc, os.path.join(runs, "base")
 
@@ -199,22 +209,22 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(workspace, finished_r
     assert [e.step for e in acc.Tensors("train/loss")] == [1, 2, 3]  # no round missing or duplicated
 
 
-def test_raising_rounds_extends_a_finished_run(workspace, finished_run):
+def test_raising_rounds_extends_a_finished_run(forks, workspace, finished_run):
     cache, runs = workspace
     shutil.copytree(finished_run[1], os.path.join(runs, "extended"))
-    proc = train("--rounds=4", "--experiment=extended", cache=cache, root=runs)
+    proc = train_forked(forks, "--rounds=4", "--experiment=extended", cache=cache, root=runs)
     assert proc.returncode == 0, proc.stderr
     assert "round 3/4" not in proc.stdout and "round 4/4" in proc.stdout
     assert [r["round"] for r in rows(os.path.join(runs, "extended", "metrics.csv"))] == ["1", "2", "3", "4"]
 
 
-def test_train_with_export_and_personalize_every_writes_the_tflite_files_and_the_gains(workspace, finished_run):
+def test_train_with_export_and_personalize_every_writes_the_tflite_files_and_the_gains(forks, workspace, finished_run):
     # One extension of the finished run (round 4) serves both flags: no new run from round 1.
     cache, runs = workspace
     exp = os.path.join(runs, "exported")
     shutil.copytree(finished_run[1], exp)
     flags = ("--rounds=4", "--experiment=exported", "--export", "--personalize_every=2")
-    proc = train(*flags, cache=cache, root=runs, timeout=600)
+    proc = train_forked(forks, *flags, cache=cache, root=runs)
     assert proc.returncode == 0, proc.stderr
     variants = [v.value for v in configs.ExportVariant]
     assert sorted(os.listdir(os.path.join(exp, "export"))) == sorted(
@@ -506,13 +516,12 @@ def test_helpfull_as_the_help_advertises_adds_absls_own_flags(binary):
     assert "--verbosity (default -1)" in own and "--flagfile=<file>" in own and "--root_dir" not in own
 
 
-def test_evaluate_gives_the_same_accuracy_from_the_exported_model_and_the_checkpoint(workspace, finished_run):
+def test_evaluate_gives_the_same_accuracy_from_the_exported_model_and_the_checkpoint(forks, workspace, finished_run):
     cache, runs = workspace
 
     def evaluate(source: str) -> str:
-        cmd = [sys.executable, "-m", "experiments.evaluate", f"--cache_dir={cache}", f"--root_dir={runs}"]
-        cmd += [*TINY_FLAGS, "--experiment=base", f"--source={source}"]
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+        args = [f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS, "--experiment=base", f"--source={source}"]
+        (proc,) = forks.run([("evaluate", args)], timeout=600)  # forked from one process that imported TF
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout
 
@@ -558,12 +567,12 @@ def test_sigterm_stops_after_saving_and_tensorboard_really_shows_the_scalars(wor
         urllib.request.urlopen(url, timeout=5)
 
 
-def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(workspace):
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(forks, workspace):
     cache, runs = workspace
     # A learning rate of 1e12 is not enough: TFF drops non-finite client results and the
     # loss stays huge but finite. This model's logits turn NaN from round 4 on (see its docstring).
     model = "--model=tests.models_test:nan_after_three_rounds"
-    proc = train("--rounds=5", "--experiment=diverged", model, cache=cache, root=runs)
+    proc = train_forked(forks, "--rounds=5", "--experiment=diverged", model, cache=cache, root=runs)
     assert proc.returncode == 3, proc.stderr
     assert "round 4 produced a non-finite training loss" in proc.stderr
     assert "the last good checkpoint (round 3) is kept" in proc.stderr
@@ -589,15 +598,15 @@ MOBILE_FLAGS = (
 
 
 @pytest.fixture(scope="module")
-def mobile_run(workspace) -> subprocess.CompletedProcess:
+def mobile_run(forks, workspace) -> subprocess.CompletedProcess:
     """Two rounds of the device model with compression, experiment `mobile`."""
     cache, runs = workspace
-    proc = train("--rounds=2", "--experiment=mobile", *MOBILE_FLAGS, cache=cache, root=runs)
+    proc = train_forked(forks, "--rounds=2", "--experiment=mobile", *MOBILE_FLAGS, cache=cache, root=runs)
     assert proc.returncode == 0, proc.stderr
     return proc
 
 
-def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace, mobile_run):
+def test_device_model_run_reports_devices_and_counts_compressed_bytes(forks, workspace, mobile_run):
     cache, runs = workspace
     proc = mobile_run
     # Compression runs without DP, so there is no epsilon to label (devices_test checks the DP label).
@@ -619,21 +628,22 @@ def test_device_model_run_reports_devices_and_counts_compressed_bytes(workspace,
     assert set(summary) == {"low", "mid", "high"}
     assert sum(t["reported"] for t in summary.values()) == sum(float(r["system/reported"]) for r in table)
     # The checkpoint holds the compression aggregator's state: evaluate restores it into the same process.
-    evaluated = subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate", f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS]
-        + ["--experiment=mobile", "--device_model", "--dp=none", "--noise_multiplier=0", "--compression"]
-        + ["--deadline_seconds=60"]
-        + ["--source=checkpoint"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
+    (evaluated,) = forks.run(  # forked from one process that imported TF (tests/forkserver.py)
+        [
+            (
+                "evaluate",
+                [f"--cache_dir={cache}", f"--root_dir={runs}", *TINY_FLAGS]
+                + ["--experiment=mobile", "--device_model", "--dp=none", "--noise_multiplier=0", "--compression"]
+                + ["--deadline_seconds=60", "--source=checkpoint"],
+            )
+        ],
+        timeout=600,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert "checkpoint of round 2" in evaluated.stdout and "pooled accuracy" in evaluated.stdout
 
 
-def test_a_resumed_device_model_run_replays_the_device_clock(workspace, mobile_run):
+def test_a_resumed_device_model_run_replays_the_device_clock(forks, workspace, mobile_run):
     # The two-round run, as if killed after round 2's row but before its checkpoint: the rerun
     # resumes from round 1's and must give round 2 the devices the uninterrupted run had (who was
     # available, asked, reported, dropped or late, and the simulated clock). Without replaying
@@ -642,7 +652,7 @@ def test_a_resumed_device_model_run_replays_the_device_clock(workspace, mobile_r
     resumed_dir = os.path.join(runs, "mobile_resumed")
     shutil.copytree(os.path.join(runs, "mobile"), resumed_dir)
     shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "program_state_2"))
-    resumed = train("--rounds=2", "--experiment=mobile_resumed", *MOBILE_FLAGS, cache=cache, root=runs)
+    resumed = train_forked(forks, "--rounds=2", "--experiment=mobile_resumed", *MOBILE_FLAGS, cache=cache, root=runs)
     assert resumed.returncode == 0, resumed.stderr
     assert "round 1/2" not in resumed.stdout and "round 2/2" in resumed.stdout  # only round 2 ran again
     expected, found = (rows(os.path.join(runs, e, "metrics.csv")) for e in ("mobile", "mobile_resumed"))
@@ -714,7 +724,7 @@ def test_sigkill_during_data_generation_leaves_no_process_and_the_next_start_cle
     assert os.listdir(os.path.join(cache, data_dir)) == ["emnist_all.sqlite"]
 
 
-def test_a_budget_stops_at_the_last_round_within_it_and_a_larger_one_continues(workspace):
+def test_a_budget_stops_at_the_last_round_within_it_and_a_larger_one_continues(forks, workspace):
     cache, runs = workspace
     from tffpipe import accounting, configs
 
@@ -723,12 +733,12 @@ def test_a_budget_stops_at_the_last_round_within_it_and_a_larger_one_continues(w
         configs.Mechanism.FIXED, 0.3, 3, 12, configs.Sampling.POISSON, accounting.default_delta(12)
     )
     budget = (accounting.epsilon(plan, 2) + accounting.epsilon(plan, 3)) / 2  # between rounds 2 and 3
-    first = train("--rounds=5", f"--max_epsilon={budget}", "--experiment=budget", cache=cache, root=runs)
+    first = train_forked(forks, "--rounds=5", f"--max_epsilon={budget}", "--experiment=budget", cache=cache, root=runs)
     assert first.returncode == 0, first.stderr
     assert "round 2/2" in first.stdout and "round 3/" not in first.stdout
     assert f"stopped at round 2 of 5: round 3 would take epsilon to {accounting.epsilon(plan, 3):.4g}" in first.stdout
     more = accounting.epsilon(plan, 4) + 0.01
-    second = train("--rounds=5", f"--max_epsilon={more}", "--experiment=budget", cache=cache, root=runs)
+    second = train_forked(forks, "--rounds=5", f"--max_epsilon={more}", "--experiment=budget", cache=cache, root=runs)
     assert second.returncode == 0, second.stderr
     assert "resuming" in second.stdout and "round 3/4" in second.stdout and "round 4/4" in second.stdout
     assert [r["round"] for r in rows(os.path.join(runs, "budget", "metrics.csv"))] == ["1", "2", "3", "4"]
@@ -747,10 +757,11 @@ KEYBOARD_FLAGS = [
 ]
 
 
-def test_a_small_keyboard_run_with_dp_trains_evaluates_and_reports_its_metrics(tmp_path):
+def test_a_small_keyboard_run_with_dp_trains_evaluates_and_reports_its_metrics(forks, tmp_path):
     # train_command leaves TINY_FLAGS' EMNIST-only flags out (refused with --task=keyboard); the keyboard flags win.
     root, cache = str(tmp_path / "runs"), str(tmp_path / "cache")
-    proc = train(
+    proc = train_forked(
+        forks,
         "--rounds=2",
         "--eval_every=2",
         "--dp=adaptive",
@@ -878,7 +889,7 @@ def test_distributed_dp_bad_input_is_one_error_line_before_any_data(forks, tmp_p
     assert not os.path.exists(cache) and not os.path.exists(root)  # no data generated, nothing written
 
 
-def test_distributed_budget_stops_before_a_round_the_realized_noise_cannot_pay_for(tmp_path):
+def test_distributed_budget_stops_before_a_round_the_realized_noise_cannot_pay_for(forks, tmp_path):
     # Seed 5 samples 2 clients in round 1 where the shares are sized for 3, so round 1 costs
     # epsilon 15.3 instead of the planned 9.7. The plan allowed 2 rounds within 20 (9.7, then
     # 18.05); after round 1 as it was, round 2 with the expected 3 clients would reach 23.6.
@@ -891,7 +902,9 @@ def test_distributed_budget_stops_before_a_round_the_realized_noise_cannot_pay_f
         "--rounds=3",
         "--client_batching=auto",
     )
-    proc = train(*flags, "--experiment=budget", cache=str(tmp_path / "cache"), root=str(tmp_path / "runs"))
+    proc = train_forked(
+        forks, *flags, "--experiment=budget", cache=str(tmp_path / "cache"), root=str(tmp_path / "runs")
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [line for line in proc.stdout.splitlines() if line.startswith("note:")] == [
         "note: client_batching=auto runs per client: distributed DP needs each real client's own clipping, "
@@ -918,7 +931,9 @@ def test_distributed_budget_stops_before_a_round_the_realized_noise_cannot_pay_f
     assert float(rows[0]["privacy/epsilon"]) == pytest.approx(tracker(1), rel=1e-9)
     # Run again: the rounds as they were (read back from metrics.csv) already spend the budget,
     # so the resumed run trains no round, not one more before it checks.
-    again = train(*flags, "--experiment=budget", cache=str(tmp_path / "cache"), root=str(tmp_path / "runs"))
+    again = train_forked(
+        forks, *flags, "--experiment=budget", cache=str(tmp_path / "cache"), root=str(tmp_path / "runs")
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"stopped at round 1 of 3: round 2 would take epsilon to {tracker(2):.4g}" in again.stdout
     assert not any(line.startswith("round 2/") for line in again.stdout.splitlines())
