@@ -437,6 +437,22 @@ def test_an_explicit_group_size_is_refused_where_groups_cannot_run_and_auto_fall
     assert client_groups.group_size(configs.build({"client_batching": "off"}), linear) is None
 
 
+def test_members_step_on_the_shared_weights_by_default_only_for_plain_sgd_on_dense_stacks_without_relu():
+    from tffpipe import models
+
+    def reason(model, **values):
+        config = configs.build({"model": model, "client_batching": "auto", **values})
+        return client_groups.shared_obstacle(config, models.create_model(model, configs.Task.EMNIST, 62))
+
+    assert reason("linear") is None  # Flatten, Dense(62): FedAvg's plain SGD steps
+    assert reason("linear", **{"algorithm.algorithm": FEDADAM}) is None  # the same client work
+    assert "ReLU" in reason("mlp")  # measured: ReLU units flip within rounding (W2 2.2e-5)
+    assert reason("small_cnn") == "not a stack of Flatten and Dense layers"
+    assert "fedprox" in reason("linear", **{"algorithm.algorithm": FEDPROX})
+    assert "fedsgd" in reason("linear", **{"algorithm.algorithm": FEDSGD, "dp.mechanism": NONE})
+    assert "canaries" in reason("linear", **{"privacy.canaries": 2})
+
+
 def test_groups_that_send_their_members_stay_under_the_memory_budget(tiny_data_dir, monkeypatch):
     from tffpipe import models
 
