@@ -123,8 +123,18 @@ Three ways to train a group's members, each tested against the per-client path:
   TF_NUM_INTRAOP_THREADS=1) and the K weight copies cost memory passes; in a plain
   session with 2 threads the W2 group of 100 trains in 0.42-0.50 s.
 
-Measured (benchmarks/client_groups.py, 2026-12-05, shared 2-core machine, ratios within
-one run): the data stage costs ~0.5 ms per member read in a while loop (a tf.data map
+Measured on the shared path (`python -m benchmarks.client_groups --cg_workloads=w3_2k,w2
+--group_sizes=50,500,1000 --rounds=3 --member_loop`, twice, 2026-12-05 22:28-22:40, load
+7-20; BENCHMARKS.md): W3 (linear, 1,000 x 19) K=1000 3.45x and 2.68x the per-client
+clients/s, CPU 0.46-0.48 s a round against 2.37-2.46 per client (5.1-5.2x) and 1.02-1.05
+for the member loop in the same runs. In plain graph-mode TF on one thread the group's
+computation took 268-305 ms of CPU against the member loop's 945: rows read 122-134 ms
+(a query per member; one query for the group measured no faster), parsed once 40-50 ms,
+training ~100 ms. What stays: reading the rows (the per-client path pays it too) and
+one op thread per group; see BENCHMARKS.md for the bound.
+
+Measured for the member loop (benchmarks/client_groups.py, 2026-12-05, shared 2-core
+machine, ratios within one run): the data stage costs ~0.5 ms per member read in a while loop (a tf.data map
 over members cost ~6 ms), and each group costs ~75 ms of its own (W3, member loop: 20
 groups of 50 took 3.07 s a round, 2 of 500 1.73 s), so few large groups are fastest:
 `auto` makes one group per worker.
@@ -1485,8 +1495,9 @@ def shared_obstacle(config: configs.ExperimentConfig, keras_model: tf.keras.Mode
     canaries replace a member's own result, so those run their members one after the
     other. So do ReLU stacks (`mlp`), by measurement: their pre-activations are summed in
     another order than per client, and one within rounding of 0 now and then takes the
-    other side (W2, mlp, 100 clients: 2.2e-05 relative after one of four rounds, ~1e-7 in
-    the others; the member loop gives the per-client weights bit for bit), and under
+    other side (W2, mlp, 100 clients: 2.2e-05 relative after a benchmark's last round,
+    ~1e-7 in three rounds compared one by one; the member loop gives the per-client
+    weights bit for bit), and under
     TFF's worker the shared path measured no faster there (W2 CPU 0.30 against 0.34 s
     a round, wall 1.99x against 2.75x the per-client rounds in the same run, module doc).
     """
