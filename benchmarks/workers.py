@@ -48,10 +48,17 @@ import dataclasses
 import os
 import time
 
+# TensorFlow, TFF and tffpipe are imported here, not in `watchdog_cost`: imported there (after
+# absl's app.run started), the cnn's model check failed in Keras's Sequential.add with an
+# IndexError on its builder thread (`models.check_builder`), every time, in a clean clone
+# too; not understood.
 import numpy as np
 from absl import app, flags
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
 from benchmarks import wall
+from tffpipe import algorithms, program, runtime, tasks
+from tffpipe.data import sampling
 
 # benchmarks.wall's flags (--workloads, --repeats, --cache_dir, --out_dir, --repo), other defaults.
 FLAGS = flags.FLAGS
@@ -134,11 +141,6 @@ def _process_cpu_seconds(pid: int) -> float:
 
 def watchdog_cost(name: str, rounds: int) -> dict:
     """Rounds of workload `name` over one loopback TCP worker, watched and unwatched, alternated (module doc)."""
-    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
-
-    from tffpipe import algorithms, program, runtime, tasks
-    from tffpipe.data import sampling
-
     config = wall.WORKLOADS[name].config(FLAGS.cache_dir)
     program.check(config)
     tasks.data_source(config).prepare()
