@@ -10,6 +10,7 @@ import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types, placements
+from tensorflow_federated.python.core.impl.utils import tensorflow_utils
 
 from tests import conftest
 from tffpipe import accounting, algorithms, audit, client_groups, configs, models, serialization
@@ -103,7 +104,7 @@ def test_a_states_bytes_and_a_rounds_argument_equal_tffs(next_arguments, name, m
         received, _ = value_serialization.deserialize_value(sent, ids_type)
         assert [[x.decode() for x in d.as_numpy_iterator()] for d in received] == ids
         groups = [v for v, t in left_to_tff if isinstance(t, computation_types.SequenceType)]
-        assert groups == ids  # each group's ids as TFF's serializer got them
+        assert len(groups) == len(ids)  # each group went to TFF's serializer, as one dataset
         left_to_tff = [(v, t) for v, t in left_to_tff if not isinstance(t, computation_types.SequenceType)]
     else:
         assert _tffpipe_bytes(ids, ids_type) == _tff_bytes(ids, ids_type)
@@ -237,3 +238,17 @@ def test_the_same_leaves_under_another_type_are_serialized_for_that_type(monkeyp
     other_type = computation_types.FederatedType(T(np.float32, [None]), placements.SERVER)
     other = shared.serialize(state, other_type)
     assert len(calls) == 2 and other[1] == other_type and other[0] == _tff_bytes(state, other_type)
+
+
+def test_a_groups_ids_go_as_one_dataset_and_arrive_as_they_were(monkeypatch):
+    # TFF's own path converts each id to a tensor on its own (`make_data_set_from_elements`).
+    made = []
+    make = tensorflow_utils.make_data_set_from_elements
+    monkeypatch.setattr(tensorflow_utils, "make_data_set_from_elements", lambda *a: made.append(a) or make(*a))
+    ids = [["f0001_03", "f0002_11"], ["f0003_07"], []]
+    ids_type = computation_types.FederatedType(computation_types.SequenceType(np.str_), placements.CLIENTS)
+    sent = executor_pb2.Value.FromString(_tffpipe_bytes(ids, ids_type))
+    assert len(made) == 1  # only the empty group took TFF's path
+    received, received_type = value_serialization.deserialize_value(sent, ids_type)
+    assert [[x.decode() for x in d.as_numpy_iterator()] for d in received] == ids
+    assert received_type == ids_type

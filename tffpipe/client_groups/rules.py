@@ -1,0 +1,207 @@
+"""What `client_batching` decides: whether and how large `auto` groups (by model kind,
+`AUTO_GROUPS`, one group per core for `ONE_GROUP_PER_CORE` kinds), why a configuration
+runs per client (`auto_obstacle`, `auto_note`, `shared_obstacle`), and whether an explicit
+K fits (`check_model`, `check_member_memory`).
+
+Keras-wrapped models (member loop, same clients and state, per-client and grouped rounds
+alternated; `python -m benchmarks.client_groups --cg_workloads=default,keyboard
+--group_sizes=5,25,auto --rounds=2`, then twice `--group_sizes=auto --rounds=3`; load average
+13-35 on the 2 cores, so CPU seconds per round, this process and TFF's worker, are given
+beside the wall ratio):
+
+* default run (small_cnn, ~52 clients x 5 epochs, fixed DP), K=50: wall ratio
+  (per-client / grouped) 0.79x, 1.49x, 0.91x, 1.03x in four runs; CPU 3.35 / 3.15 s,
+  3.40 / 3.43 s, 3.16 / 3.43 s (0.92-1.06x). K=25 1.09x, K=5 1.04x (CPU 0.93x, 0.91x).
+  Another session's run: 0.87x wall, 1.07x CPU. No gain, and why is open: the
+  converted model's step is not dearer in itself (in plain graph-mode TF on one thread,
+  400 steps of batch 20 took 0.60-0.68 s CPU converted against 0.59-0.66 s
+  Keras-wrapped), yet the grouped round spends what grouping saves per call (~30 ms of
+  CPU per client beyond the steps' ~1.6 s) somewhere else. `auto` runs convolutional
+  models per client.
+* keyboard (cifg_lstm, 10 users x ~80 sequences, FedAvg): K=10 1.26x and 1.56x wall,
+  CPU 8.91 / 8.53 s and 7.44 / 6.92 s (1.04-1.08x); K=5 1.36x and 1.27x (CPU 0.99x,
+  1.01x). Another session's runs in the same hour (BENCHMARKS.md) measured 0.86x (K=5),
+  0.93x and 0.95x (K=10) wall, CPU 0.99-1.07x: the wall ratio is the load's, the CPU
+  ratio (0.99-1.08x over seven runs) what grouping buys. What bounds it: every member
+  runs the same steps on the same [16, 20] batches as alone, so the arithmetic (~8.5
+  MFLOP a token forward and back, 20 tokens a sequence: 123-149 GFLOP a round, ~17
+  GFLOP per CPU second on both paths) is untouched; grouping saves only the per-call
+  cost, ~40-50 ms of CPU per user. Beyond that needs members stepping together
+  (`train_members_batched`, not tried on the LSTM). `auto` groups
+  recurrent models (CPU at most 1% above per client, up to 8% below), one group per core: a
+  group's members run in turn on the worker's one op thread, so on an idle machine one
+  group would leave a core the per-client calls use; K=5 costs 3-5% more CPU than K=10
+  here, where the cores are busy anyway.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from tffpipe import configs, models
+from tffpipe.client_groups.batched import dense_activations
+from tffpipe.client_groups.functional import functional_obstacle
+from tffpipe.client_groups.grouped_process import GroupedLearningProcess
+from tffpipe.client_groups.packing import GroupingError
+
+
+def check_model(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> None:
+    """An explicit group size needs a model `create_functional_model` can convert.
+
+    Raises:
+      GroupingError: naming the model and why.
+    """
+    explicit = configs.client_group_size(config)
+    reason = None if explicit is None else functional_obstacle(keras_model)
+    if reason is not None:
+        raise GroupingError(f"client_batching={explicit} cannot run: model {config.model}: {reason}; use off or auto")
+    if explicit is not None:
+        check_member_memory(config, explicit, models.weight_bytes(keras_model.trainable_weights))
+
+
+def check_member_memory(config: configs.ExperimentConfig, k: int, update_bytes: int) -> None:
+    """K groups' stacked member updates must fit a group's memory budget (`configs.member_group_limit`).
+
+    Raises:
+      GroupingError: naming client_batching, the memory it needs and the largest K that fits.
+    """
+    limit = configs.member_group_limit(config, update_bytes)
+    if limit is not None and k > limit:
+        need = configs.GROUP_UPDATE_COPIES * k * update_bytes
+        raise GroupingError(
+            f"client_batching={k} cannot run: with {config.dp.mechanism.value} DP"
+            f"{' and zeroing' if config.dp.zeroing_norm > 0 else ''} a group sends each member's update, "
+            f"{need / 1e9:,.1f} GB for {k} members of {update_bytes:,} bytes ({configs.GROUP_UPDATE_COPIES} copies), "
+            f"over a group's share of this machine's memory; use at most {limit}, or auto"
+        )
+
+
+_CONVOLUTIONAL = (tf.keras.layers.Conv1D, tf.keras.layers.Conv2D, tf.keras.layers.Conv3D)
+
+
+_RECURRENT = (tf.keras.layers.RNN,)  # LSTM and GRU are RNN layers too
+
+
+def model_kind(keras_model: tf.keras.Model) -> str:
+    """ "recurrent", "convolutional" or "dense": what decides whether `auto` groups (`AUTO_GROUPS`)."""
+    layers = list(keras_model.submodules)
+    if any(isinstance(m, _RECURRENT) for m in layers):
+        return "recurrent"
+    if any(isinstance(m, _CONVOLUTIONAL) for m in layers):
+        return "convolutional"
+    return "dense"
+
+
+# Whether `client_batching=auto` groups a model of this kind: where grouped rounds measured
+# faster than per-client ones (benchmarks/client_groups.py, figures in the module doc and
+# BENCHMARKS.md). Convolutional: small_cnn's grouped rounds took as much CPU or more
+# (per-client / grouped 0.92-1.07x) and wall time straddled 1 (0.79x-1.49x). Recurrent:
+# cifg_lstm's took as much CPU or less (0.99-1.08x over seven runs), wall 0.86x-1.56x.
+AUTO_GROUPS = {"dense": True, "convolutional": False, "recurrent": True}
+
+
+# Kinds whose rounds (training, and evaluation in `group_evaluation`) are compute-bound: `auto`
+# makes one group per core, not per worker, since a worker runs each call on one op thread
+# and a group's members run in turn.
+ONE_GROUP_PER_CORE = frozenset({"recurrent"})
+
+
+def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> int | None:
+    """K for `config.client_batching` with this model (the task's Keras model); None: per client.
+
+    off: None. K: K, if `create_functional_model` can convert the model (`configs` has
+    checked the rest). auto: one group per worker, ceil(m / workers), where the model,
+    its kind (`AUTO_GROUPS`) and the configuration allow, else None; recurrent models one
+    group per core, ceil(m / max(workers, cores)), since a group runs on one op thread
+    (module doc). Few large groups
+    measured fastest (benchmarks/client_groups.py, 2026-12-05, same runs: W3, 1,000
+    linear clients, K=1000 2.42x the per-client rounds against K=100 1.30x; W2, 100 mlp
+    clients, K=100 2.24x against K=50 1.83x): each group costs ~75 ms of its own here,
+    and a worker runs one op thread per call. Groups
+    that send their members' updates (`configs.group_sends_members`) are capped at
+    `configs.member_group_limit` (an explicit K over it is refused by `check_model`).
+
+    Raises:
+      GroupingError: an explicit K for a model that cannot be converted.
+    """
+    if config.client_batching == "off":
+        return None
+    reason = functional_obstacle(keras_model)
+    explicit = configs.client_group_size(config)
+    if explicit is not None:
+        if reason is not None:  # `program.check` says so before any data is generated
+            raise GroupingError(f"client_batching={explicit} cannot run: model {config.model}: {reason}")
+        return explicit
+    if auto_obstacle(config, keras_model) is not None:
+        return None
+    workers = len(config.runtime.workers) or config.runtime.local_workers
+    groups = max(workers, os.cpu_count() or 1) if model_kind(keras_model) in ONE_GROUP_PER_CORE else workers
+    k = max(1, -(-config.clients_per_round // groups))
+    if not configs.group_sends_members(config.dp):
+        return k
+    return min(k, configs.member_group_limit(config, models.weight_bytes(keras_model.trainable_weights)) or k)
+
+
+def auto_obstacle(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> str | None:
+    """Why `client_batching=auto` trains this configuration and model per client, or None: it groups.
+
+    In this order: the aggregation needs each real client's own update
+    (`configs.per_client_reason`), the configuration has no grouped path
+    (`configs.client_batching_obstacle`), the model cannot be converted
+    (`functional_obstacle`), or its kind measured slower in groups (`AUTO_GROUPS`).
+    `group_size` groups exactly when this is None, and `auto_note` says it.
+    """
+    reason = configs.per_client_reason(config) or configs.client_batching_obstacle(config)
+    if reason is not None:
+        return reason
+    reason = functional_obstacle(keras_model)
+    if reason is not None:
+        return f"model {config.model}: {reason}"
+    kind = model_kind(keras_model)
+    if not AUTO_GROUPS[kind]:
+        return f"model {config.model} is {kind}, and {kind} models measured no faster in groups than per client"
+    return None
+
+
+def auto_note(config: configs.ExperimentConfig, process, keras_model_fn: Callable[[], tf.keras.Model]) -> str | None:
+    """Under `client_batching=auto`, why `process` trains per client, in one line; None if it groups.
+
+    `process` is what `algorithms.build_learning_process` built for `config`; the reason
+    is `auto_obstacle`'s, the one `group_size` decided by. `keras_model_fn` builds the
+    task's Keras model, called only when the configuration alone does not say why.
+    """
+    if config.client_batching != "auto" or isinstance(process, GroupedLearningProcess):
+        return None
+    reason = configs.per_client_reason(config) or configs.client_batching_obstacle(config)
+    reason = reason or auto_obstacle(config, keras_model_fn())
+    return f"client_batching=auto runs per client: {reason}"
+
+
+def shared_obstacle(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> str | None:
+    """Why `build_learning_process` does not step a group's members together on the shared weights, or None.
+
+    That path (`train_members_shared`) runs plain SGD steps of a Flatten/Dense stack
+    (`dense_activations`): FedAvg's client work, which the server-optimizer variants
+    share; FedProx adds a proximal term and FedSGD takes no step, and the audit's
+    canaries replace a member's own result, so those run their members one after the
+    other. So do ReLU stacks (`mlp`), by measurement: their pre-activations are summed in
+    another order than per client, and one within rounding of 0 now and then takes the
+    other side (W2, mlp, 100 clients: 2.2e-05 relative after a benchmark's last round,
+    ~1e-7 in three rounds compared one by one; the member loop gives the per-client
+    weights bit for bit), and under
+    TFF's worker the shared path measured no faster there (W2 CPU 0.30 against 0.34 s
+    a round, wall 1.99x against 2.75x the per-client rounds in the same run, BENCHMARKS.md).
+    """
+    activations = dense_activations(keras_model)
+    if activations is None:
+        return "not a stack of Flatten and Dense layers"
+    if any(a is tf.nn.relu for a in activations):
+        return "ReLU units can flip within float rounding (measured; see shared_obstacle)"
+    if config.algorithm.algorithm in (configs.Algorithm.FEDPROX, configs.Algorithm.FEDSGD):
+        return f"{config.algorithm.algorithm.value} is not plain SGD steps"
+    if config.privacy.canaries:
+        return "canaries replace a member's own update"
+    return None
