@@ -62,9 +62,6 @@ _ALL = 2**31 - 1
 # one forward pass a batch, so the per-call cost grouping saves is most of it; recurrent,
 # cifg_lstm on 200 users, CPU 1.13-1.23x, wall 0.83-1.49x (two groups 1.11-1.36x).
 AUTO_GROUPS = {"dense": True, "convolutional": True, "recurrent": True}
-# Kinds whose evaluation is compute-bound: one group per core, not per worker, since a
-# worker runs each call on one op thread and a group's members run in turn.
-_ONE_GROUP_PER_CORE = frozenset({"recurrent"})
 
 
 def build_group_evaluation(
@@ -274,7 +271,7 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model, cl
     if not AUTO_GROUPS[kind]:
         return None
     workers = max(1, len(config.runtime.workers) or config.runtime.local_workers)
-    groups = max(workers, os.cpu_count() or 1) if kind in _ONE_GROUP_PER_CORE else workers
+    groups = max(workers, os.cpu_count() or 1) if kind in client_groups.ONE_GROUP_PER_CORE else workers
     return max(1, math.ceil(clients / groups))
 
 
