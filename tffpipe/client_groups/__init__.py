@@ -96,6 +96,7 @@ device model chooses who reports before `next` (dropped and late devices are nev
 packed) and counts bytes per reporting device; over several workers TFF's mergeable
 context splits the groups as it splits clients (a worker may get none) and merges the
 partial sums. All three are tested against the per-client path.
+
 The parts, one module each:
 
 * `packing`: real-client ids into groups (`pack`), a group's types, `GroupingError`;

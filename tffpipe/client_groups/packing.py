@@ -12,11 +12,8 @@ import tensorflow as tf
 from tffpipe import errors
 
 DatasetFn = Callable[[tf.Tensor], tf.data.Dataset]
-
-
 # (member id, update tensors, weight) -> (update tensors, weight), in the group's graph.
 ReplaceUpdate = Callable[[tf.Tensor, Sequence[tf.Tensor], tf.Tensor], tuple[Sequence[tf.Tensor], tf.Tensor]]
-
 
 # A group's member ids are read into one tensor; no group comes near this.
 _ALL = 2**31 - 1
