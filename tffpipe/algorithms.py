@@ -153,6 +153,33 @@ def build_evaluation_process(
     )
 
 
+def per_client_vectors(names: list[str]) -> tuple[tff.Computation, tff.Computation, tff.Computation]:
+    """`(empty, concatenate, report)` for a `federated_aggregate` that gathers `{<n=float32[None]>}@CLIENTS`.
+
+    One float32 vector per metric name in `names`; each client's (or each group's)
+    vectors are concatenated at the server in no particular order (TFF 0.87 has no
+    `federated_collect`). Used as `federated_aggregate(v, empty(), concatenate, concatenate, report)`.
+    """
+    vectors = tff.StructWithPythonType(
+        [(n, tff.TensorType(np.float32, [None])) for n in names], collections.OrderedDict
+    )
+
+    @tff.tensorflow.computation
+    def empty():
+        # [None], not [0]: the accumulator grows by each client's entries.
+        return collections.OrderedDict((n, tf.compat.v1.placeholder_with_default(tf.zeros([0]), [None])) for n in names)
+
+    @tff.tensorflow.computation(vectors, vectors)
+    def concatenate(a, b):
+        return collections.OrderedDict((n, tf.concat([a[n], b[n]], 0)) for n in names)
+
+    @tff.tensorflow.computation(vectors)
+    def report(a):
+        return a
+
+    return empty, concatenate, report
+
+
 def build_per_client_metrics_process(
     model_fn: Callable[[], tff.learning.models.VariableModel] | tff.learning.models.FunctionalModel,
 ) -> tff.templates.AggregationProcess:
@@ -192,22 +219,7 @@ def build_per_client_metrics_process(
         )
 
     names = [name for name, _ in tff.structure.iter_elements(finalize_client.type_signature.result)]
-    vectors = tff.StructWithPythonType(
-        [(n, tff.TensorType(np.float32, [None])) for n in names], collections.OrderedDict
-    )
-
-    @tff.tensorflow.computation
-    def empty():
-        # [None], not [0]: the accumulator grows by one entry per client.
-        return collections.OrderedDict((n, tf.compat.v1.placeholder_with_default(tf.zeros([0]), [None])) for n in names)
-
-    @tff.tensorflow.computation(vectors, vectors)
-    def concatenate(a, b):
-        return collections.OrderedDict((n, tf.concat([a[n], b[n]], 0)) for n in names)
-
-    @tff.tensorflow.computation(vectors)
-    def report(a):
-        return a
+    empty, concatenate, report = per_client_vectors(names)
 
     @tff.federated_computation(
         pooled.initialize.type_signature.result, tff.FederatedType(unfinalized_type, tff.CLIENTS)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -131,22 +131,7 @@ def build_group_evaluation(
     unfinalized_type, each_type = group_eval.type_signature.result
     names = [name for name, _ in tff.structure.iter_elements(each_type)]
     pooled = tff.learning.metrics.SumThenFinalizeFactory(model.finalize_metrics).create(unfinalized_type)
-    vectors = tff.StructWithPythonType(
-        [(n, tff.TensorType(np.float32, [None])) for n in names], collections.OrderedDict
-    )
-
-    @tff.tensorflow.computation
-    def empty():
-        # [None], not [0]: the accumulator grows by each group's members.
-        return collections.OrderedDict((n, tf.compat.v1.placeholder_with_default(tf.zeros([0]), [None])) for n in names)
-
-    @tff.tensorflow.computation(vectors, vectors)
-    def concatenate(a, b):
-        return collections.OrderedDict((n, tf.concat([a[n], b[n]], 0)) for n in names)
-
-    @tff.tensorflow.computation(vectors)
-    def report(a):
-        return a
+    empty, concatenate, report = algorithms.per_client_vectors(names)
 
     @tff.federated_computation
     def init_fn():
@@ -176,47 +161,9 @@ def build_group_evaluation(
     return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
 
 
-class GroupedEvaluationProcess(tff.learning.templates.LearningProcess):
-    """Federated evaluation over groups whose `next` takes the held-out client ids.
-
-    `next(state, client_ids)` packs the ids into groups of at most `group_size`
-    (`client_groups.pack`) and runs the composed process once; everything else is the
-    composed process's, whose state is the per-client evaluation's.
-    """
-
-    def __init__(self, process: tff.learning.templates.LearningProcess, group_size: int):
-        super().__init__(
-            process.initialize,
-            process.next,
-            process.get_model_weights,
-            process.set_model_weights,
-            get_hparams_fn=process.get_hparams,
-            set_hparams_fn=process.set_hparams,
-        )
-        self._process = process
-        self._group_size = group_size
-        self._packing_next = _PackingNext(process.next, group_size)
-
-    @property
-    def group_size(self) -> int:
-        return self._group_size
-
-    @property
-    def next(self):
-        return self._packing_next
-
-
-class _PackingNext:
-    def __init__(self, computation, group_size: int):
-        self._computation = computation
-        self._group_size = group_size
-        self.type_signature = computation.type_signature
-
-    def __call__(self, state, client_ids: Sequence[str]):
-        return self._computation(state, client_groups.pack(client_ids, self._group_size))
-
-
-def build_grouped_evaluation_process(task: base.Task, group_size: int, *, model=None) -> GroupedEvaluationProcess:
+def build_grouped_evaluation_process(
+    task: base.Task, group_size: int, *, model=None
+) -> client_groups.GroupedLearningProcess:
     """The task's federated evaluation over groups of `group_size` held-out clients.
 
     Composed from TFF's parts as `build_fed_eval` composes its own: broadcast of the
@@ -248,7 +195,7 @@ def build_grouped_evaluation_process(task: base.Task, group_size: int, *, model=
         aggregator,
         finalizer,
     )
-    return GroupedEvaluationProcess(process, group_size)
+    return client_groups.GroupedLearningProcess(process, group_size)  # packs the ids as training does
 
 
 def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model, clients: int) -> int | None:

@@ -16,7 +16,8 @@ class GroupedLearningProcess(tff.learning.templates.LearningProcess):
     `next(state, client_ids)` packs the ids into groups of at most `group_size` and runs
     the composed process once; `next.type_signature` is the composed one
     (`(<S@SERVER, {str*}@CLIENTS> -> <S@SERVER, M@SERVER>)`). Everything else is the
-    composed process's.
+    composed process's. Grouped evaluation (`group_evaluation`) is one too: its output
+    carries no DP query, which `with_member_clipped_count` leaves as it is.
     """
 
     def __init__(self, process: tff.learning.templates.LearningProcess, group_size: int):
