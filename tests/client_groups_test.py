@@ -423,7 +423,8 @@ def test_bad_group_sizes_name_the_parameter(value, message):
     assert raised.value.field == "client_batching"
 
 
-def test_an_explicit_group_size_is_refused_where_groups_cannot_run_and_auto_falls_back():
+def test_an_explicit_group_size_is_refused_where_groups_cannot_run_and_auto_falls_back(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     compressed = {"dp.mechanism": NONE, "compression": True, "clients_per_round": 50}
     with pytest.raises(validation.ConfigError, match="client_batching=10 cannot run: compression and secure"):
         configs.build({**compressed, "client_batching": "10"})
@@ -433,7 +434,7 @@ def test_an_explicit_group_size_is_refused_where_groups_cannot_run_and_auto_fall
     auto = configs.build({**compressed, "client_batching": "auto"})
     assert client_groups.group_size(auto, linear) is None  # auto: per client, no error
     fixed = configs.build({"clients_per_round": 50, "client_batching": "auto", "runtime.local_workers": 2})
-    assert client_groups.group_size(fixed, linear) == 25  # one group per worker: ceil(50 / 2)
+    assert client_groups.group_size(fixed, linear) == 25  # one group per worker and core: ceil(50 / 2)
     assert client_groups.group_size(configs.build({"client_batching": "off"}), linear) is None
 
 
@@ -473,8 +474,13 @@ def test_groups_that_send_their_members_stay_under_the_memory_budget(tiny_data_d
     client_groups.check_model(fits, keras_model)
     client_groups.check_model(fixed, keras_model)  # fixed clipping sends one clipped sum per group: no bound
     assert configs.member_group_limit(fixed, update) is None
-    # auto: one group per worker, ceil(100 / 1), capped at the 64 that fit.
+    # auto on one core: one group per worker, ceil(100 / 1), capped at the 64 that fit.
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert client_groups.group_size(auto, keras_model) == 64
+    # On two cores linear's members step on the shared weights, one group per core: ceil(100 / 2) = 50,
+    # and the one worker's budget is shared by its two groups: 64 * 1 // 2 = 32.
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert client_groups.group_size(auto, keras_model) == 32
 
 
 def test_the_process_builder_groups_with_client_batching_and_not_without(tiny_data_dir, tff_context):
@@ -801,8 +807,10 @@ def test_auto_groups_by_model_kind_as_measured(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     config = configs.build({"clients_per_round": 10, "client_batching": "auto", "dp.mechanism": NONE})
     assert client_groups.model_kind(models.create_model("mlp", configs.Task.EMNIST, 62)) == "dense"
-    # Dense: one group per worker, ceil(10 / 1) = 10.
+    # Dense with ReLU (mlp, the member loop): one group per worker, ceil(10 / 1) = 10.
     assert client_groups.group_size(config, models.create_model("mlp", configs.Task.EMNIST, 62)) == 10
+    # Dense whose members step on the shared weights (linear): one group per core, ceil(10 / 2) = 5.
+    assert client_groups.group_size(config, models.create_model("linear", configs.Task.EMNIST, 62)) == 5
     # Convolutional: measured no faster in groups, so per client.
     assert client_groups.group_size(config, models.create_model("small_cnn", configs.Task.EMNIST, 62)) is None
     # Recurrent: one group per core, ceil(10 / max(1 worker, 2 cores)) = 5.

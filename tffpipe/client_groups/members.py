@@ -30,7 +30,8 @@ Measured for the member loop (benchmarks/client_groups.py, 2026-12-05, shared 2-
 machine, ratios within one run): the data stage costs ~0.5 ms per member read in a while loop (a tf.data map
 over members cost ~6 ms), and each group costs ~75 ms of its own (W3, member loop: 20
 groups of 50 took 3.07 s a round, 2 of 500 1.73 s), so few large groups are fastest:
-`auto` makes one group per worker.
+`auto` makes one group per worker for the member loop (one per core where members step on
+the shared weights, or are recurrent: `rules.group_size`).
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ AUTO_GROUPS = {"dense": True, "convolutional": False, "recurrent": True}
 
 # Kinds whose rounds (training, and evaluation in `group_evaluation`) are compute-bound: `auto`
 # makes one group per core, not per worker, since a worker runs each call on one op thread
-# and a group's members run in turn.
+# and a group's members run in turn. (Training also splits groups whose members step on the
+# shared weights per core: `group_size`.)
 ONE_GROUP_PER_CORE = frozenset({"recurrent"})
 
 
@@ -114,9 +115,11 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
 
     off: None. K: K, if `create_functional_model` can convert the model (`configs` has
     checked the rest). auto: one group per worker, ceil(m / workers), where the model,
-    its kind (`AUTO_GROUPS`) and the configuration allow, else None; recurrent models one
+    its kind (`AUTO_GROUPS`) and the configuration allow, else None; recurrent models, and
+    dense ones whose members step on the shared weights (`shared_obstacle` None), one
     group per core, ceil(m / max(workers, cores)), since a group runs on one op thread
-    (module doc). Few large groups
+    (module doc; W3, 1,000 linear clients on a quiet machine, same runs: K=500 5.16x and
+    4.95x the per-client rounds against K=1000 4.73x and 4.31x, BENCHMARKS.md). Few large groups
     measured fastest (benchmarks/client_groups.py, 2026-12-05, same runs: W3, 1,000
     linear clients, K=1000 2.42x the per-client rounds against K=100 1.30x; W2, 100 mlp
     clients, K=100 2.24x against K=50 1.83x): each group costs ~75 ms of its own here,
@@ -137,12 +140,15 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
         return explicit
     if auto_obstacle(config, keras_model) is not None:
         return None
-    workers = len(config.runtime.workers) or config.runtime.local_workers
-    groups = max(workers, os.cpu_count() or 1) if model_kind(keras_model) in ONE_GROUP_PER_CORE else workers
+    workers = max(1, len(config.runtime.workers) or config.runtime.local_workers)
+    per_core = model_kind(keras_model) in ONE_GROUP_PER_CORE or shared_obstacle(config, keras_model) is None
+    groups = max(workers, os.cpu_count() or 1) if per_core else workers
     k = max(1, -(-config.clients_per_round // groups))
     if not configs.group_sends_members(config.dp):
         return k
-    return min(k, configs.member_group_limit(config, models.weight_bytes(keras_model.trainable_weights)) or k)
+    limit = configs.member_group_limit(config, models.weight_bytes(keras_model.trainable_weights))
+    # The budget is a worker's; its groups (groups / workers of them) may run at once.
+    return min(k, max(1, limit * workers // groups)) if limit is not None else k
 
 
 def auto_obstacle(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> str | None:
