@@ -483,12 +483,14 @@ def test_groups_that_send_their_members_stay_under_the_memory_budget(tiny_data_d
     assert client_groups.group_size(auto, keras_model) == 32
 
 
-def test_the_process_builder_groups_with_client_batching_and_not_without(tiny_data_dir, tff_context):
+def test_the_process_builder_groups_with_client_batching_and_not_without(tiny_data_dir, tff_context, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     task = _task(tiny_data_dir, "linear")
     plan = conftest.plan(NONE, 0.0, 3, population=12)
     config = configs.build({"clients_per_round": 3, "dp.mechanism": NONE, "client_batching": "auto"})
     grouped = algorithms.build_learning_process(task, config, plan)
-    assert isinstance(grouped, client_groups.GroupedLearningProcess) and grouped.group_size == 3
+    # linear's members step on the shared weights: one group per core, ceil(3 / 2).
+    assert isinstance(grouped, client_groups.GroupedLearningProcess) and grouped.group_size == 2
     per_client = algorithms.build_learning_process(task, dataclasses.replace(config, client_batching="off"), plan)
     assert not isinstance(per_client, client_groups.GroupedLearningProcess)
     # The same state type: a checkpoint of either restores into the other.
