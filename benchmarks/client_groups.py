@@ -127,18 +127,8 @@ _worker_pid: int | None = None  # TFF's worker, whose CPU time counts with ours
 
 
 def _cpu_seconds() -> float:
-    """CPU time (user + system) of this process and of TFF's worker so far.
-
-    The worker's from /proc/<pid>/stat (utime and stime, fields 14 and 15, in clock
-    ticks): on a shared machine CPU time per round moves far less with the load than wall
-    time does, and divided by the cores it bounds the round an idle machine could give.
-    """
-    seconds = time.process_time()
-    if _worker_pid is not None:
-        with open(f"/proc/{_worker_pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return seconds
+    """CPU time (user + system) of this process and of TFF's worker so far (`measurements.cpu_seconds`)."""
+    return measurements.cpu_seconds(_worker_pid)
 
 
 def time_workload(w: workloads.Workload, group_sizes: list[str], rounds: int) -> dict:

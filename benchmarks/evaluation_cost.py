@@ -31,7 +31,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from benchmarks import workloads
+from benchmarks import measurements, workloads
 from tffpipe import algorithms, configs, group_evaluation, personalization, program, runtime, tasks
 
 _CACHE = flags.DEFINE_string("cache_dir", "data_cache", "Where the default run's data is (generated if absent).")
@@ -99,16 +99,6 @@ def main(argv) -> None:
         worker.stop()
 
 
-def _cpu_seconds(worker_pid: int | None) -> float:
-    """CPU seconds (user + system) of this process and of TFF's worker so far (fields 14 and 15 of its stat)."""
-    seconds = time.process_time()
-    if worker_pid is not None:
-        with open(f"/proc/{worker_pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return seconds
-
-
 def _time_grouped(w: workloads.Workload) -> None:
     """Per-client and grouped evaluations of one workload's held-out clients, alternated (module doc)."""
     config = w.config(_CACHE.value)
@@ -124,7 +114,8 @@ def _time_grouped(w: workloads.Workload) -> None:
             dataclasses.replace(config, client_batching="auto"), task.create_keras_model(), len(ids)
         )
         sizes = sorted({(auto or len(ids)) if k == "auto" else min(int(k), len(ids)) for k in _GROUP_SIZES.value})
-        variants = {"per_client": group_evaluation.build_evaluation_process(task, config, len(ids))}
+        per_client = dataclasses.replace(config, client_batching="off")  # whatever the workload sets
+        variants = {"per_client": group_evaluation.build_evaluation_process(task, per_client, len(ids))}
         for k in sizes:
             variants[f"K={k}"] = group_evaluation.build_grouped_evaluation_process(task, k)
         weights = variants["per_client"].get_model_weights(variants["per_client"].initialize())
@@ -137,10 +128,10 @@ def _time_grouped(w: workloads.Workload) -> None:
         wall, cpu = {n: [] for n in variants}, {n: [] for n in variants}
         for _ in range(_REPS.value):
             for n, p in variants.items():
-                began, began_cpu = time.perf_counter(), _cpu_seconds(worker.pid)
+                began, began_cpu = time.perf_counter(), measurements.cpu_seconds(worker.pid)
                 p.next(states[n], ids)
                 wall[n].append(time.perf_counter() - began)
-                cpu[n].append(_cpu_seconds(worker.pid) - began_cpu)
+                cpu[n].append(measurements.cpu_seconds(worker.pid) - began_cpu)
         print(f"{w.name} ({config.model}, {len(ids)} held-out clients, auto K={auto}, load {os.getloadavg()[0]:.1f}):")
         base_wall, base_cpu = np.array(wall["per_client"]), np.array(cpu["per_client"])
         for n in variants:

@@ -60,6 +60,22 @@ class TreeRss:
         return self.peaks, self.cpu
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds so far of process `pid` (/proc/<pid>/stat fields 14 and 15, in clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(worker_pid: int | None) -> float:
+    """CPU seconds so far of this process and of TFF's worker `worker_pid` (None: this process's only).
+
+    On a shared machine CPU time per round moves far less with the load than wall time
+    does, and divided by the cores it bounds the round an idle machine could give.
+    """
+    return time.process_time() + (process_cpu_seconds(worker_pid) if worker_pid is not None else 0.0)
+
+
 def save_results(kind: str, results, *, out_dir: str, flag_values: dict, **extra) -> str:
     """Writes the flags, `extra` and `results` to `out_dir/<kind>-<time>.json`, says where and returns the path."""
     os.makedirs(out_dir, exist_ok=True)

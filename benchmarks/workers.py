@@ -45,7 +45,6 @@ and the worker's CPU per round.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 # TensorFlow, TFF and tffpipe are imported here, not in `watchdog_cost`: imported there (after
@@ -56,7 +55,7 @@ import numpy as np
 from absl import app, flags
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
-from benchmarks import wall
+from benchmarks import measurements, wall
 from tffpipe import algorithms, program, runtime, tasks
 from tffpipe.data import sampling
 
@@ -132,13 +131,6 @@ def per_worker(counts: list[int], repos: list[str]) -> dict:
     return results
 
 
-def _process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds so far of process `pid` (/proc/<pid>/stat fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def watchdog_cost(name: str, rounds: int) -> dict:
     """Rounds of workload `name` over one loopback TCP worker, watched and unwatched, alternated (module doc)."""
     config = wall.WORKLOADS[name].config(FLAGS.cache_dir)
@@ -165,10 +157,10 @@ def watchdog_cost(name: str, rounds: int) -> dict:
             order = list(remotes) if r % 2 else list(reversed(remotes))  # neither always goes first
             for variant in order:
                 with context_stack_impl.context_stack.install(contexts[variant]):
-                    t, c, wc = time.perf_counter(), time.process_time(), _process_cpu_seconds(server.pid)
+                    t, c, wc = time.perf_counter(), time.process_time(), measurements.process_cpu_seconds(server.pid)
                     out = process.next(state, ids)
                     dt, dc = time.perf_counter() - t, time.process_time() - c
-                    dwc = _process_cpu_seconds(server.pid) - wc
+                    dwc = measurements.process_cpu_seconds(server.pid) - wc
                 if r > 1:
                     for key, value in (("wall", dt), ("cpu", dc), ("worker_cpu", dwc)):
                         measured[variant][key].append(value)
