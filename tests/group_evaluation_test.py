@@ -1,5 +1,7 @@
 """Grouped federated evaluation against the per-client one: the same pooled metrics and per-client quantiles."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -64,7 +66,7 @@ def test_evaluation_groups_follow_client_batching(monkeypatch):
     private = configs.DpConfig(mechanism=configs.Mechanism.DISTRIBUTED, noise_multiplier=0.5, clip=1.0, bits=16)
     assert group_evaluation.group_size(_config("auto", dp=private), _dense(), 20) == 20
     # Recurrent: one group per core (a group's members run in turn on one op thread): ceil(200 / 2) = 100.
-    monkeypatch.setattr(group_evaluation.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     recurrent = tf.keras.Sequential([tf.keras.Input([5, 4]), tf.keras.layers.LSTM(3)])
     assert group_evaluation.group_size(_config("auto"), recurrent, 200) == 100
     # A model with non-trainable weights cannot be converted: per client, even with an explicit K.

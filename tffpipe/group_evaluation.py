@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -54,14 +53,13 @@ from tffpipe.tasks import base
 # A group's member ids are read into one tensor; no group comes near this.
 _ALL = 2**31 - 1
 
-# Whether `client_batching=auto` evaluates a model of this kind in groups: where grouped
-# evaluations measured faster than per-client ones (`python -m benchmarks.evaluation_cost
-# --grouped`, alternated in one run, 2026-12-05, load 12-16; BENCHMARKS.md). One group against
-# per client, wall (CPU): dense, mlp on 200 held-out clients 2.90x (2.56x), linear on 1,000
-# 2.24x (2.18x); convolutional, small_cnn on the default run's 200 3.28x (2.54x): evaluation is
-# one forward pass a batch, so the per-call cost grouping saves is most of it; recurrent,
-# cifg_lstm on 200 users, CPU 1.13-1.23x, wall 0.83-1.49x (two groups 1.11-1.36x).
-AUTO_GROUPS = {"dense": True, "convolutional": True, "recurrent": True}
+# `client_batching=auto` evaluates every model kind in groups: each measured faster so
+# (`python -m benchmarks.evaluation_cost --grouped`, alternated in one run, 2026-12-05, load
+# 12-16; BENCHMARKS.md). One group against per client, wall (CPU): dense, mlp on 200 held-out
+# clients 2.90x (2.56x), linear on 1,000 2.24x (2.18x); convolutional, small_cnn on the default
+# run's 200 3.28x (2.54x): evaluation is one forward pass a batch, so the per-call cost grouping
+# saves is most of it; recurrent, cifg_lstm on 200 users, CPU 1.13-1.23x, wall 0.83-1.49x (two
+# groups 1.11-1.36x).
 
 
 def build_group_evaluation(
@@ -202,9 +200,9 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model, cl
     """K held-out clients per group for evaluating `clients` of them under `config.client_batching`; None: per client.
 
     off: None. K: K (at most `clients`). auto: one group per worker,
-    ceil(clients / workers), where the model can be converted
-    (`client_groups.functional_obstacle`) and its kind measured faster evaluated in
-    groups (`AUTO_GROUPS`). Training's obstacles (DP mechanisms, compression, secure
+    ceil(clients / workers), or per core for recurrent models (`client_groups.auto_groups`),
+    where the model can be converted (`client_groups.functional_obstacle`); every kind
+    measured faster evaluated in groups (above). Training's obstacles (DP mechanisms, compression, secure
     aggregation) do not apply: evaluation sums plain metrics on both paths.
     """
     if config.client_batching == "off" or clients < 1:
@@ -214,11 +212,9 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model, cl
     explicit = configs.client_group_size(config)
     if explicit is not None:
         return min(explicit, clients)
-    kind = client_groups.model_kind(keras_model)
-    if not AUTO_GROUPS[kind]:
-        return None
-    workers = max(1, len(config.runtime.workers) or config.runtime.local_workers)
-    groups = max(workers, os.cpu_count() or 1) if kind in client_groups.ONE_GROUP_PER_CORE else workers
+    groups = client_groups.auto_groups(
+        config, client_groups.model_kind(keras_model) in client_groups.ONE_GROUP_PER_CORE
+    )
     return max(1, math.ceil(clients / groups))
 
 

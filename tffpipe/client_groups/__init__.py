@@ -120,6 +120,7 @@ from tffpipe.client_groups.queries import GroupedQuery, MembersFactory, Preclipp
 from tffpipe.client_groups.rules import (
     AUTO_GROUPS,
     ONE_GROUP_PER_CORE,
+    auto_groups,
     auto_note,
     check_model,
     group_size,
@@ -136,6 +137,7 @@ __all__ = [
     "MembersFactory",
     "ONE_GROUP_PER_CORE",
     "PreclippedGaussianSumQuery",
+    "auto_groups",
     "auto_note",
     "build_factory",
     "build_learning_process",

@@ -110,6 +110,12 @@ AUTO_GROUPS = {"dense": True, "convolutional": False, "recurrent": True}
 ONE_GROUP_PER_CORE = frozenset({"recurrent"})
 
 
+def auto_groups(config: configs.ExperimentConfig, per_core: bool) -> int:
+    """How many groups `auto` makes a round: one per worker, or one per core (at least one per worker)."""
+    workers = max(1, len(config.runtime.workers) or config.runtime.local_workers)
+    return max(workers, os.cpu_count() or 1) if per_core else workers
+
+
 def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) -> int | None:
     """K for `config.client_batching` with this model (the task's Keras model); None: per client.
 
@@ -141,8 +147,9 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
     if auto_obstacle(config, keras_model) is not None:
         return None
     workers = max(1, len(config.runtime.workers) or config.runtime.local_workers)
-    per_core = model_kind(keras_model) in ONE_GROUP_PER_CORE or shared_obstacle(config, keras_model) is None
-    groups = max(workers, os.cpu_count() or 1) if per_core else workers
+    groups = auto_groups(
+        config, model_kind(keras_model) in ONE_GROUP_PER_CORE or shared_obstacle(config, keras_model) is None
+    )
     k = max(1, -(-config.clients_per_round // groups))
     if not configs.group_sends_members(config.dp):
         return k
