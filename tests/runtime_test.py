@@ -603,3 +603,23 @@ def test_two_workers_compile_each_computation_once(one_and_two_workers, tiny_dat
         state = process.next(state, task.train_data.client_ids[:4]).state
     # initialize's and next's up_to_merge and after_merge (merges run here): each once, not once per worker.
     assert len(compiled) == len(set(map(id, compiled))) == 4
+
+
+def test_quiet_tracing_keeps_one_provider_so_a_span_opened_before_the_context_still_closes():
+    # TFF's per-thread span stack holds one entry per tracing provider and asserts so on every span: a thread
+    # that opened a span under TFF's one provider must still be able to open spans after tffpipe quiets tracing.
+    from tensorflow_federated.python.common_libs import tracing
+
+    before = tracing._global_tracing_providers
+    try:
+        with tracing.span("tffpipe_test", "before"):
+            pass
+        tracing.set_tracing_providers([tracing.LoggingTracingProvider()])
+        with tracing.span("tffpipe_test", "tff_default"):
+            pass
+        runtime._quiet_tracing()
+        assert len(tracing._global_tracing_providers) == 1
+        with tracing.span("tffpipe_test", "after"):  # AssertionError in tracing.py with an empty provider list
+            pass
+    finally:
+        tracing.set_tracing_providers(before)

@@ -705,16 +705,30 @@ class _MergeableContext(mergeable_comp_execution_context.MergeableCompExecutionC
             self._shared.clear()
 
 
+class _SilentTracingProvider(tracing.LoggingTracingProvider):
+    """TFF's logging tracing provider without its two debug records per span."""
+
+    def span(self, scope, sub_scope, nonce, parent_span_yield, fn_args, fn_kwargs, trace_opts):
+        del scope, sub_scope, nonce, parent_span_yield, fn_args, fn_kwargs, trace_opts
+        yield None
+
+
 def _install(workers: Sequence) -> None:
+    _quiet_tracing()
+    context = _sync_context(_executors(workers[0])) if len(workers) == 1 else _MergeableContext(workers)
+    context_stack_impl.context_stack.set_default_context(context)
+
+
+def _quiet_tracing() -> None:
     if not logging.level_debug():
         # TFF's one tracing provider makes a debug log record per span, and every executor
         # call opens several (the remote executor's, the stub's, (de)serialization's) in
         # each worker's thread: under yappi, W1's spans took 29 ms of this process's CPU a
         # round at 4 workers against 8 at one. The records are only written at
-        # --verbosity=1, which keeps them.
-        tracing.set_tracing_providers([])
-    context = _sync_context(_executors(workers[0])) if len(workers) == 1 else _MergeableContext(workers)
-    context_stack_impl.context_stack.set_default_context(context)
+        # --verbosity=1, which keeps them. One provider still: TFF's per-thread span stack
+        # asserts one entry per provider, so a thread that opened a span before this (the
+        # list emptied) would fail its next one.
+        tracing.set_tracing_providers([_SilentTracingProvider()])
 
 
 def install_local_context(*, max_concurrent_computation_calls: int = -1, log_path: str | None = None) -> LocalWorker:
