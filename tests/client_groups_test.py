@@ -438,14 +438,21 @@ def test_an_explicit_group_size_is_refused_where_groups_cannot_run_and_auto_fall
     assert client_groups.group_size(configs.build({"client_batching": "off"}), linear) is None
 
 
+# Short local work (5 epochs of at most 20 examples, batches of 20: 5 steps), where auto takes the shared path.
+SHORT = {"preprocess.max_examples_per_client": 20}
+
+
 def test_members_step_on_the_shared_weights_by_default_only_for_plain_sgd_on_dense_stacks_without_relu():
     from tffpipe import models
 
     def reason(model, **values):
-        config = configs.build({"model": model, "client_batching": "auto", **values})
+        config = configs.build({"model": model, "client_batching": "auto", **SHORT, **values})
         return client_groups.shared_obstacle(config, models.create_model(model, configs.Task.EMNIST, 62))
 
-    assert reason("linear") is None  # Flatten, Dense(62): FedAvg's plain SGD steps
+    assert reason("linear") is None  # Flatten, Dense(62): FedAvg's plain SGD steps, 5 epochs of one batch
+    # The default population: up to 600 examples, 5 epochs of 20: 150 steps, whose corrections grow as their square.
+    assert "local steps up to 150" in reason("linear", **{"preprocess.max_examples_per_client": -1})
+    assert "unbounded" in reason("linear", **{"preprocess.max_examples_per_client": -1, "data.data_dir": "/data"})
     assert reason("linear", **{"algorithm.algorithm": FEDADAM}) is None  # the same client work
     assert "ReLU" in reason("mlp")  # measured: ReLU units flip within rounding (W2 2.2e-5)
     assert reason("small_cnn") == "not a stack of Flatten and Dense layers"
@@ -460,7 +467,13 @@ def test_groups_that_send_their_members_stay_under_the_memory_budget(tiny_data_d
     keras_model = models.create_model("linear", configs.Task.EMNIST, 62)
     update = models.weight_bytes(keras_model.trainable_weights)
     assert update == 4 * (28 * 28 * 62 + 62) == 194_680
-    adaptive = {"model": "linear", "dp.mechanism": ADAPTIVE, "dp.noise_multiplier": 0.5, "clients_per_round": 100}
+    adaptive = {
+        "model": "linear",
+        "dp.mechanism": ADAPTIVE,
+        "dp.noise_multiplier": 0.5,
+        "clients_per_round": 100,
+        **SHORT,
+    }
     over, fits, auto = (configs.build({**adaptive, "client_batching": k}) for k in ("65", "64", "auto"))
     fixed = configs.build({**adaptive, "dp.mechanism": FIXED, "client_batching": "65"})
     # Tree aggregation and zeroing are no obstacle to an explicit K either (`configs.client_batching_obstacle`).
@@ -487,7 +500,7 @@ def test_the_process_builder_groups_with_client_batching_and_not_without(tiny_da
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     task = _task(tiny_data_dir, "linear")
     plan = conftest.plan(NONE, 0.0, 3, population=12)
-    config = configs.build({"clients_per_round": 3, "dp.mechanism": NONE, "client_batching": "auto"})
+    config = configs.build({"clients_per_round": 3, "dp.mechanism": NONE, "client_batching": "auto", **SHORT})
     grouped = algorithms.build_learning_process(task, config, plan)
     # linear's members step on the shared weights: one group per core, ceil(3 / 2).
     assert isinstance(grouped, client_groups.GroupedLearningProcess) and grouped.group_size == 2
@@ -807,7 +820,7 @@ def test_auto_groups_by_model_kind_as_measured(monkeypatch):
     from tffpipe import models
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    config = configs.build({"clients_per_round": 10, "client_batching": "auto", "dp.mechanism": NONE})
+    config = configs.build({"clients_per_round": 10, "client_batching": "auto", "dp.mechanism": NONE, **SHORT})
     assert client_groups.model_kind(models.create_model("mlp", configs.Task.EMNIST, 62)) == "dense"
     # Dense with ReLU (mlp, the member loop): one group per worker, ceil(10 / 1) = 10.
     assert client_groups.group_size(config, models.create_model("mlp", configs.Task.EMNIST, 62)) == 10

@@ -124,13 +124,12 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
     its kind (`AUTO_GROUPS`) and the configuration allow, else None; recurrent models, and
     dense ones whose members step on the shared weights (`shared_obstacle` None), one
     group per core, ceil(m / max(workers, cores)), since a group runs on one op thread
-    (module doc; W3, 1,000 linear clients on a quiet machine, same runs: K=500 5.16x and
-    4.95x the per-client rounds against K=1000 4.73x and 4.31x, BENCHMARKS.md). Few large groups
-    measured fastest (benchmarks/client_groups.py, 2026-12-05, same runs: W3, 1,000
-    linear clients, K=1000 2.42x the per-client rounds against K=100 1.30x; W2, 100 mlp
-    clients, K=100 2.24x against K=50 1.83x): each group costs ~75 ms of its own here,
-    and a worker runs one op thread per call. Groups
-    that send their members' updates (`configs.group_sends_members`) are capped at
+    (`auto_groups`; W3, 1,000 linear clients on a quiet machine, same runs: K=500 5.16x,
+    4.95x and 4.70x the per-client rounds against K=1000 4.73x, 4.31x and 4.29x,
+    BENCHMARKS.md). Otherwise few large groups measured fastest, one per worker (the member
+    loop, 2026-12-05, same runs: W3 K=1000 2.42x the per-client rounds against K=100 1.30x;
+    W2, 100 mlp clients, K=100 2.24x against K=50 1.83x, and on a quiet machine 1.79x
+    against 1.69x): each group costs ~75 ms of its own here. Groups that send their members' updates (`configs.group_sends_members`) are capped at
     `configs.member_group_limit` (an explicit K over it is refused by `check_model`).
 
     Raises:
@@ -217,4 +216,29 @@ def shared_obstacle(config: configs.ExperimentConfig, keras_model: tf.keras.Mode
         return f"{config.algorithm.algorithm.value} is not plain SGD steps"
     if config.privacy.canaries:
         return "canaries replace a member's own update"
+    steps = max_local_steps(config)
+    if steps is None or steps > SHARED_MAX_STEPS:
+        bound = "unbounded (real files)" if steps is None else f"up to {steps}"
+        return (
+            f"local steps {bound}: a member's corrections grow with the square of its steps, "
+            f"so the shared path is taken up to {SHARED_MAX_STEPS}"
+        )
     return None
+
+
+# The shared path's per-member corrections for T local steps of B rows cost about
+# T * B * (in + out) / (6 * in * out) of the steps themselves (0.058 T for `linear`), and its
+# history holds T * B * (in + out) floats a member (68 KB a step for `linear`, B = 20): measured
+# only at W3's T = 2 (1 epoch of ~20 examples), so `auto` takes it for short local work only.
+SHARED_MAX_STEPS = 8
+
+
+def max_local_steps(config: configs.ExperimentConfig) -> int | None:
+    """The most local steps a client can take in a round; None when the data's client sizes are unknown."""
+    cap = config.preprocess.max_examples_per_client
+    if cap <= 0:
+        if config.data.data_dir is not None or config.task is not configs.Task.EMNIST:
+            return None
+        population = config.data.population  # the generator's sizes: log-normal, at most 10 x the median
+        cap = population.median_examples * (1 if population.quantity_sigma == 0 else 10)
+    return config.preprocess.epochs * -(-cap // config.preprocess.batch_size)
