@@ -129,7 +129,8 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
     BENCHMARKS.md). Otherwise few large groups measured fastest, one per worker (the member
     loop, 2026-12-05, same runs: W3 K=1000 2.42x the per-client rounds against K=100 1.30x;
     W2, 100 mlp clients, K=100 2.24x against K=50 1.83x, and on a quiet machine 1.79x
-    against 1.69x): each group costs ~75 ms of its own here. Groups that send their members' updates (`configs.group_sends_members`) are capped at
+    against 1.69x): each group costs ~75 ms of its own here. Groups that send their
+    members' updates (`configs.group_sends_members`) are capped at
     `configs.member_group_limit` (an explicit K over it is refused by `check_model`).
 
     Raises:
