@@ -71,6 +71,12 @@ def build_training_process(
         (`build_group_client_work`).
       initial_weights: the process's initial model weights (`initial_weights_of`);
         None: `model.initial_weights`.
+
+    Raises:
+      GroupingError: a model or algorithm without a grouped path.
+      ValueError: `clip` without the fixed-clip aggregator (or missing with it), a
+        group size below 1, `forward`, `activations` or `group_examples_fn` without
+        `batch_size`, or `forward` with `activations` (each would be ignored).
     """
     if not isinstance(model, tff.learning.models.FunctionalModel):
         raise GroupingError(
@@ -88,6 +94,7 @@ def build_training_process(
         )
     if group_size < 1:
         raise ValueError(f"group_size must be positive, got {group_size}")
+    _check_batched(batch_size, forward=forward, activations=activations, group_examples_fn=group_examples_fn)
 
     initial_model_weights_fn = initial_weights or initial_weights_of(model)
     weights_type = initial_model_weights_fn.type_signature.result
@@ -120,6 +127,28 @@ def build_training_process(
         ),
     )
     return GroupedLearningProcess(process, group_size)
+
+
+def _check_batched(batch_size: int | None, **together) -> None:
+    """The arguments of members stepping together need `batch_size`, and `forward` is not for the shared path.
+
+    Without `batch_size` the members run one after the other and would ignore them, so
+    a caller who meant the faster path would silently get the member loop.
+
+    Raises:
+      ValueError: naming the argument given without `batch_size` (or `forward` given
+        with `activations`).
+    """
+    given = [name for name, value in together.items() if value is not None]
+    if batch_size is None and given:
+        raise ValueError(
+            f"{given[0]} is for members stepping together and needs batch_size (their datasets' batch size); "
+            "without it the members run one after the other and would ignore it"
+        )
+    if together["forward"] is not None and together["activations"] is not None:
+        raise ValueError(
+            "forward is unused when activations is given (members step on the shared weights): give one of them"
+        )
 
 
 _GROUPED_ALGORITHMS = frozenset(
