@@ -1,11 +1,12 @@
 """Client groups: the debts the last review of issue 21 found, each pinned by a test that fails without its fix."""
 
+import os
 import re
 
 import pytest
 
 from tests import client_groups_test
-from tffpipe import algorithms, client_groups
+from tffpipe import algorithms, client_groups, configs, models
 
 
 @pytest.mark.parametrize(
@@ -39,3 +40,22 @@ def test_arguments_of_members_stepping_together_are_refused_where_they_would_be_
             2,
             **arguments,
         )
+
+
+def test_auto_counts_cores_only_where_the_workers_run_here(monkeypatch):
+    # A coordinator of 8 cores, and linear (members on the shared weights: one group per core where cores are known).
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    linear = models.create_model("linear", configs.Task.EMNIST, 62)
+    common = {"clients_per_round": 24, "client_batching": "auto", "dp.mechanism": configs.Mechanism.NONE}
+    common.update(client_groups_test.SHORT)
+    local = configs.build({**common, "runtime.local_workers": 2})
+    remote = configs.build({**common, "runtime.workers": ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")})
+    # Local workers run on this machine's 8 cores: 8 groups of ceil(24 / 8) = 3 (per worker: 2 groups of 12).
+    assert client_groups.auto_groups(local, per_core=True) == 8
+    assert client_groups.auto_groups(local, per_core=False) == 2
+    assert client_groups.group_size(local, linear) == 3
+    # Three remote workers: their cores are not this machine's, so one group each, ceil(24 / 3) = 8,
+    # not 8 groups of 3 sized by the coordinator's cores.
+    assert client_groups.auto_groups(remote, per_core=True) == 3
+    assert client_groups.auto_groups(remote, per_core=False) == 3
+    assert client_groups.group_size(remote, linear) == 8

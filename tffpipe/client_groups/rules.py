@@ -111,8 +111,18 @@ ONE_GROUP_PER_CORE = frozenset({"recurrent"})
 
 
 def auto_groups(config: configs.ExperimentConfig, per_core: bool) -> int:
-    """How many groups `auto` makes a round: one per worker, or one per core (at least one per worker)."""
-    workers = max(1, len(config.runtime.workers) or config.runtime.local_workers)
+    """How many groups `auto` makes a round: one per worker, or one per core (at least one per worker).
+
+    Cores are counted only where the workers run here (`runtime.local_workers`): this
+    machine's cores are theirs. Remote workers (`runtime.workers`) get one group each
+    whatever `per_core` says: this process cannot see their cores, and the coordinator's
+    count would be a guess (a 2-core coordinator under-splits for 64-core workers, a
+    64-core one splits a round into 64 groups for one small worker, each paying its
+    per-group cost). For more groups per remote worker, give `client_batching=K`.
+    """
+    if config.runtime.workers:
+        return len(config.runtime.workers)
+    workers = max(1, config.runtime.local_workers)
     return max(workers, os.cpu_count() or 1) if per_core else workers
 
 
@@ -124,7 +134,8 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
     its kind (`AUTO_GROUPS`) and the configuration allow, else None; recurrent models, and
     dense ones whose members step on the shared weights (`shared_obstacle` None), one
     group per core, ceil(m / max(workers, cores)), since a group runs on one op thread
-    (`auto_groups`; W3, 1,000 linear clients on a quiet machine, same runs: K=500 5.16x,
+    (with remote workers, whose cores this process cannot count, one group per worker;
+    `auto_groups`; W3, 1,000 linear clients on a quiet machine, same runs: K=500 5.16x,
     4.95x and 4.70x the per-client rounds against K=1000 4.73x, 4.31x and 4.29x,
     BENCHMARKS.md). Otherwise few large groups measured fastest, one per worker (the member
     loop, 2026-12-05, same runs: W3 K=1000 2.42x the per-client rounds against K=100 1.30x;
