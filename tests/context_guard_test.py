@@ -6,6 +6,8 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from tffpipe import context_guard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,3 +92,32 @@ def test_a_computation_without_tffpipes_context_fails_loudly_and_leaves_no_wildc
 def test_this_test_session_refuses_tffs_default_context():
     # conftest arms the guard before any test imports TFF; a test that forgets tff_context then fails loudly.
     assert context_guard.armed()
+
+
+def test_a_late_call_leaves_an_installed_context_alone_and_still_refuses_tffs_own(tff_context):
+    import tensorflow as tf
+    import tensorflow_federated as tff
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+    @tff.tensorflow.computation
+    def one():
+        return tf.constant(1)
+
+    stack = context_stack_impl.context_stack
+    installed = stack.current  # tffpipe's local worker (the tff_context fixture)
+    try:
+        # Late: TFF is imported and tffpipe's context installed, as when a binary's cli.start runs
+        # after a library caller has installed one. It stays, and computations still run on it.
+        context_guard.refuse_once_imported()
+        assert stack.current is installed
+        assert one() == 1
+        # TFF's own default (what its __init__ installs) is still replaced by a late call. Never
+        # invoked here: it would start a worker listening on every address.
+        tffs_own = tff.backends.native.create_sync_local_cpp_execution_context()
+        stack.set_default_context(tffs_own)
+        context_guard.refuse_once_imported()
+        assert stack.current is not tffs_own
+        with pytest.raises(context_guard.NoContextError):
+            stack.current.invoke(one, None)
+    finally:
+        stack.set_default_context(installed)

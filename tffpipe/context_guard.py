@@ -36,16 +36,45 @@ class NoContextError(RuntimeError):
 
 
 def refuse() -> None:
-    """Makes a context that raises `NoContextError` TFF's default in this thread (imports TFF)."""
+    """Makes a context that raises `NoContextError` TFF's default in this thread (imports TFF).
+
+    Only in place of TFF's own default (`replaceable`): a context installed since, such
+    as tffpipe's (`runtime.install_local_context`), is left as it is, so a late call (a
+    binary's `cli.start` after a library caller installed a context) cannot turn a
+    working process into a refusing one.
+    """
     from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl
 
     class _Refusing(context_base.SyncContext):
+        refuses = True  # what `replaceable` recognizes (each call defines its own class)
+
         def invoke(self, comp, arg):
             raise NoContextError(MESSAGE)
 
     global _refused
-    context_stack_impl.context_stack.set_default_context(_Refusing())
-    _refused = True
+    stack = context_stack_impl.context_stack
+    if replaceable(stack._stack[0]):  # the default, which is what `set_default_context` replaces
+        stack.set_default_context(_Refusing())
+        _refused = True
+
+
+def replaceable(context) -> bool:
+    """Whether `context` is one the guard replaces: TFF's own default, its placeholder, or the guard's.
+
+    TFF's own default is the local C++ context its `__init__` installs
+    (`set_sync_local_cpp_execution_context`), recognized by its executor factory's
+    stack function, defined in TFF's `local_cpp_executor_factory` (the one that starts
+    the worker listening on every address; TFF 0.87, pinned). Before that, and in a
+    thread that never set one, the default is TFF's `RuntimeErrorContext`, which
+    refuses too, though without naming tffpipe's fix. Any other context was installed
+    on purpose, and is a real one.
+    """
+    from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
+
+    if getattr(context, "refuses", False) or isinstance(context, runtime_error_context.RuntimeErrorContext):
+        return True
+    stack_fn = getattr(getattr(context, "executor_factory", None), "_executor_stack_fn", None)
+    return getattr(stack_fn, "__qualname__", "").startswith("local_cpp_executor_factory.")
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -69,7 +98,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def refuse_once_imported() -> None:
-    """Calls `refuse` now if TFF is imported, else right after it is (without importing it here)."""
+    """Calls `refuse` now if TFF is imported, else right after it is (without importing it here).
+
+    A late call, once TFF's default has been replaced by a real context, changes nothing (`refuse`).
+    """
     if _TFF in sys.modules:
         refuse()
     elif not armed():
