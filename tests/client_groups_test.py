@@ -362,8 +362,9 @@ def test_models_and_algorithms_without_a_grouped_path_are_refused(tiny_data_dir)
     [
         {"epochs": 2, "shuffle_buffer": 5, "max_examples_per_client": 20, "batch_size": 3},  # taken, shuffled, twice
         {"epochs": 1, "shuffle_buffer": 1, "batch_size": 8},  # as read
+        {"epochs": 2, "shuffle_buffer": 1, "batch_size": 5},  # as read, twice: all rows, then all again
     ],
-    ids=["shuffled-2epochs-taken", "as-read"],
+    ids=["shuffled-2epochs-taken", "as-read", "unshuffled-2epochs"],
 )
 def test_the_group_read_gives_each_members_dataset_examples_in_its_order(tiny_data_dir, preprocess):
     task = conftest.emnist_task(tiny_data_dir, "linear", **preprocess)
@@ -382,7 +383,9 @@ def test_the_group_read_gives_each_members_dataset_examples_in_its_order(tiny_da
     assert task.group_examples_fn.batch_size == preprocess["batch_size"]
     assert counts.tolist() == [len(m["y"]) for m in per_member]
     assert counts[4] == 0 and len(set(counts.tolist())) > 2
-    if preprocess["epochs"] == 2:  # at most 20 examples a client, twice
+    if preprocess["epochs"] == 2:  # every member's run is its rows twice
+        assert all(c % 2 == 0 for c in counts)
+    if "max_examples_per_client" in preprocess:  # at most 20 examples a client, twice
         assert max(counts) == 40
     # Bit for bit: the same examples, each member's in its dataset's (seeded, shuffled) order.
     np.testing.assert_array_equal(examples["x"], np.concatenate([m["x"] for m in per_member]))
