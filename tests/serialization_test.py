@@ -2,6 +2,7 @@
 
 import collections
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -215,14 +216,49 @@ def test_a_computation_is_serialized_once_as_tff_serializes_it(monkeypatch):
     calls = []
     serialize = serialization.serialize_value
     monkeypatch.setattr(serialization, "serialize_value", lambda v, t: calls.append(v) or serialize(v, t))
-    first, value_type = serialization.serialize_to_bytes(double, double.type_signature)
+    computations = serialization.SerializedComputations()  # a context's own
+    first, value_type = serialization.serialize_to_bytes(double, double.type_signature, computations)
     assert first == _tff_bytes(double, double.type_signature)
     assert value_type == double.type_signature
-    again, _ = serialization.serialize_to_bytes(double, double.type_signature)
+    again, _ = serialization.serialize_to_bytes(double, double.type_signature, computations)
     assert again is first and len(calls) == 1
-    other = serialization.serialize_to_bytes(triple, triple.type_signature)[0]
+    other = serialization.serialize_to_bytes(triple, triple.type_signature, computations)[0]
     assert other == _tff_bytes(triple, triple.type_signature)
     assert len(calls) == 2
+    # Another context (a new run's) keeps its own: nothing outlives the context that made it.
+    serialization.serialize_to_bytes(double, double.type_signature, serialization.SerializedComputations())
+    assert len(calls) == 3
+
+
+def test_workers_asking_for_a_computation_at_once_wait_for_one_serialization(monkeypatch):
+    # At round 1 every worker's thread sends the same computation at the same time.
+    @tff.tensorflow.computation(T(np.float32, [3]))
+    def double(x):
+        return x * 2
+
+    calls, started = [], threading.Event()
+    serialize = serialization.serialize_value
+
+    def slow(v, t):
+        calls.append(v)
+        started.set()
+        time.sleep(0.2)  # the other threads ask meanwhile
+        return serialize(v, t)
+
+    monkeypatch.setattr(serialization, "serialize_value", slow)
+    computations, results = serialization.SerializedComputations(), []
+    ask = lambda: results.append(computations.serialize(double, double.type_signature)[0])  # noqa: E731
+    first = threading.Thread(target=ask)
+    first.start()
+    started.wait()
+    others = [threading.Thread(target=ask) for _ in range(3)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join()
+    assert len(calls) == 1
+    assert len(results) == 4 and all(r is results[0] for r in results)
+    assert results[0] == _tff_bytes(double, double.type_signature)
 
 
 def test_the_same_leaves_under_another_type_are_serialized_for_that_type(monkeypatch):

@@ -153,6 +153,42 @@ class _Entry:
         self.value_type = None
 
 
+class SerializedComputations:
+    """The serialized `executor_pb2.Value` of each computation, made once per (computation, type) object.
+
+    A context sends the same compiled computation to every worker, every round (TFF
+    rebuilds its proto, and deserializes its type, each time). Owned by the context whose
+    workers share it (a run's context lives as long as its workers), keyed on the objects'
+    identities, which the entry holds, for the `kept` most recently used. A second thread
+    asking for a computation being serialized waits for the first one's bytes (at round 1,
+    W workers ask at once), as `runtime._CompileOnce` does for compiling.
+    """
+
+    def __init__(
+        self, kept: int = 16
+    ):  # a run sends a handful (initialize, next, evaluation forms); each may hold a model
+        self._kept = kept
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[tuple[int, int], _Entry] = collections.OrderedDict()
+
+    def serialize(self, comp: object, type_spec) -> tuple[bytes, object]:
+        """(the serialized `executor_pb2.Value` of computation `comp`, its type)."""
+        key = (id(comp), id(type_spec))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = self._entries[key] = _Entry(type_spec, [comp])
+                while len(self._entries) > self._kept:
+                    self._entries.popitem(last=False)
+            else:
+                self._entries.move_to_end(key)
+        with entry.lock:
+            if entry.serialized is None:
+                proto, entry.value_type = serialize_value(comp, type_spec)
+                entry.serialized = proto.SerializeToString()
+        return entry.serialized, entry.value_type
+
+
 class SharedValues:
     """Serialized values keyed on the identities of the value's leaves (and an equal type), shared across threads.
 
@@ -162,30 +198,42 @@ class SharedValues:
     type are kept: those are what the mergeable context gives every worker alike (the
     server state, to each worker's `up_to_merge` and to `after_merge`); clients' slices
     and partial aggregates differ per call, and keeping them would only hold their bytes
-    until the invocation ends. Computations are kept across invocations
-    (`serialize_computation`).
+    until the invocation ends. The same value object under the same type object (what
+    the context hands each worker) is found without walking its leaves. Computations go
+    to `computations`, kept across invocations.
     """
 
-    def __init__(self):
+    def __init__(self, computations: SerializedComputations | None = None):
+        self.computations = computations if computations is not None else SerializedComputations()
         self._lock = threading.Lock()
         self._entries: dict[tuple, _Entry] = {}
+        self._by_object: dict[tuple[int, int], tuple[object, _Entry]] = {}
         self.hits = 0
 
     def serialize(self, value: object, type_spec) -> tuple[bytes, object]:
         """(the serialized `executor_pb2.Value` of `value`, its type), made once per invocation."""
         if not (isinstance(type_spec, computation_types.FederatedType) and type_spec.all_equal):
-            return serialize_to_bytes(value, type_spec)
-        leaves: list = []
-        _leaves(value, type_spec, leaves)
-        key = tuple(map(id, leaves))
+            return serialize_to_bytes(value, type_spec, self.computations)
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                entry = self._entries[key] = _Entry(type_spec, leaves)
-            elif entry.type_spec != type_spec:
-                entry = _Entry(type_spec, leaves)  # the same objects under another type: not shared
-            else:
+            found = self._by_object.get((id(value), id(type_spec)))
+        if found is not None and found[0] is value and found[1].type_spec is type_spec:
+            entry = found[1]
+            with self._lock:
                 self.hits += 1
+        else:
+            leaves: list = []
+            _leaves(value, type_spec, leaves)
+            key = tuple(map(id, leaves))
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is None:
+                    entry = self._entries[key] = _Entry(type_spec, leaves)
+                elif entry.type_spec != type_spec:
+                    entry = _Entry(type_spec, leaves)  # the same objects under another type: not shared
+                else:
+                    self.hits += 1
+                if entry.type_spec is type_spec:
+                    self._by_object[id(value), id(type_spec)] = (value, entry)  # holds the value: its id stays its own
         with entry.lock:
             if entry.serialized is None:
                 proto, entry.value_type = serialize_value(value, type_spec)
@@ -195,43 +243,17 @@ class SharedValues:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._by_object.clear()
 
 
-def serialize_to_bytes(value: object, type_spec) -> tuple[bytes, object]:
-    """(the serialized `executor_pb2.Value` of `value`, its type); computations once (`serialize_computation`)."""
-    if isinstance(value, _COMPUTATIONS):
-        return serialize_computation(value, type_spec)
+def serialize_to_bytes(
+    value: object, type_spec, computations: SerializedComputations | None = None
+) -> tuple[bytes, object]:
+    """(the serialized `executor_pb2.Value` of `value`, its type); computations once each with `computations`."""
+    if computations is not None and isinstance(value, _COMPUTATIONS):
+        return computations.serialize(value, type_spec)
     proto, value_type = serialize_value(value, type_spec)
     return proto.SerializeToString(), value_type
-
-
-_COMPUTATIONS_KEPT = 16  # a run sends a handful (initialize, next and evaluation forms); each may hold a model
-_computations: collections.OrderedDict[tuple[int, int], tuple[object, object, bytes, object]] = (
-    collections.OrderedDict()
-)
-_computations_lock = threading.Lock()
-
-
-def serialize_computation(comp: object, type_spec) -> tuple[bytes, object]:
-    """(the serialized `executor_pb2.Value` of computation `comp`, its type), made once per (comp, type) object.
-
-    The context sends the same compiled computation to every worker, every round (TFF
-    rebuilds its proto, and deserializes its type, each time). Keyed on the objects'
-    identities, which the entry holds, for the `_COMPUTATIONS_KEPT` most recently used.
-    """
-    key = (id(comp), id(type_spec))
-    with _computations_lock:
-        kept = _computations.get(key)
-        if kept is not None:
-            _computations.move_to_end(key)
-            return kept[2], kept[3]
-    proto, value_type = serialize_value(comp, type_spec)
-    serialized = proto.SerializeToString()
-    with _computations_lock:
-        _computations[key] = (comp, type_spec, serialized, value_type)
-        while len(_computations) > _COMPUTATIONS_KEPT:
-            _computations.popitem(last=False)
-    return serialized, value_type
 
 
 def create_value_request(serialized_value: bytes, executor: executor_pb2.ExecutorId) -> bytes:
