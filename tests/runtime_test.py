@@ -575,7 +575,7 @@ def test_a_local_merge_adds_the_accumulators_without_formatting_them(monkeypatch
     def merge(a, b):
         return collections.OrderedDict(sum=a.sum + b.sum, n=a.n + b.n)
 
-    local = runtime._LocalMerge.of(merge)
+    local = runtime._LocalMerge.of(merge, numpy=False)  # the TensorFlow path (a sum goes to numpy otherwise)
     assert isinstance(local, runtime._LocalMerge)
     formatted = []  # tensors turned into text (an EagerTensor's repr goes through ops.value_text)
     value_text = tf_ops.value_text
@@ -586,6 +586,68 @@ def test_a_local_merge_adds_the_accumulators_without_formatting_them(monkeypatch
     np.testing.assert_array_equal(merged.sum, np.arange(1000, dtype=np.float32) + 0.5)
     assert int(merged.n) == 7
     assert not formatted
+
+
+def test_a_local_merge_of_sums_runs_in_numpy_with_tensorflows_bits_and_other_merges_in_tensorflow(monkeypatch):
+    # The partial aggregates are numpy; converting each to an eager tensor and back cost more
+    # than the sums. numpy must give TensorFlow's bits (float32, float64, int64, scalars, and
+    # evaluation's per-client vectors, concatenated) and types (a numpy scalar for a scalar).
+    accumulator = tff.StructType(
+        [
+            ("sum", tff.TensorType(np.float32, [1000])),
+            ("n", tff.TensorType(np.int64)),
+            ("total", tff.TensorType(np.float64, [3])),
+            ("scalar", tff.TensorType(np.float32)),
+            ("per_client", tff.TensorType(np.float32, [None])),
+        ]
+    )
+
+    @tff.tensorflow.computation(accumulator, accumulator)
+    def merge(a, b):
+        return collections.OrderedDict(
+            sum=a.sum + b.sum,
+            n=a.n + b.n,
+            total=a.total + b.total,
+            scalar=a.scalar + b.scalar,
+            per_client=tf.concat([a.per_client, b.per_client], 0),
+        )
+
+    @tff.tensorflow.computation(accumulator, accumulator)
+    def other(a, b):  # not a sum: TensorFlow runs it
+        return collections.OrderedDict(
+            sum=a.sum * 0.5 + b.sum, n=a.n, total=a.total, scalar=a.scalar, per_client=b.per_client
+        )
+
+    rng = np.random.default_rng(5)
+
+    def accumulator_value():
+        scale = 10.0 ** rng.integers(-30, 30, 1000)  # every exponent: a rounding difference would show
+        return tff.structure.Struct(
+            [
+                ("sum", (rng.standard_normal(1000) * scale).astype(np.float32)),
+                ("n", np.int64(rng.integers(2**62))),
+                ("total", np.array([1.5e308, -1.5e308, 1.0]) * rng.uniform(1.0, 1.1)),  # two of them overflow
+                ("scalar", np.float32(rng.standard_normal())),
+                ("per_client", rng.standard_normal(int(rng.integers(1, 5))).astype(np.float32)),
+            ]
+        )
+
+    converted = []
+    convert = tf.convert_to_tensor
+    monkeypatch.setattr(tf, "convert_to_tensor", lambda *a, **k: converted.append(a) or convert(*a, **k))
+    arg = tff.structure.Struct.unnamed(accumulator_value(), accumulator_value())
+    in_numpy = runtime._LocalMerge.of(merge).run(arg)
+    assert not converted  # numpy: nothing went through TensorFlow
+    in_tensorflow = runtime._LocalMerge.of(merge, numpy=False).run(arg)
+    assert converted
+    for name in ("sum", "n", "total", "scalar", "per_client"):
+        got, expected = in_numpy[name], in_tensorflow[name]
+        assert type(got) is type(expected) and got.dtype == expected.dtype and got.shape == expected.shape, name
+        assert got.tobytes() == expected.tobytes(), name
+    assert np.isinf(in_numpy.total[:2]).all()  # overflowed, as in TensorFlow: the bits compared cover it
+    converted.clear()
+    runtime._LocalMerge.of(other).run(arg)
+    assert converted  # a multiplication is not added in numpy
 
 
 def test_two_workers_compile_each_computation_once(one_and_two_workers, tiny_data_dir, monkeypatch):
