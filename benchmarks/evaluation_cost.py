@@ -108,7 +108,8 @@ def _time_grouped(w: workloads.Workload) -> None:
     tasks.data_source(config).prepare()  # generated once, not timed
     task = program.prepare(config).task
     ids = program.eval_client_ids(task.test_data.client_ids, config)
-    worker = runtime.install_local_context()
+    # Every variant's executor stays on the worker, as in a run of that variant alone (`runtime`).
+    worker = runtime.install_local_context(cohort_sizes_kept=1 + len(_GROUP_SIZES.value))
     try:
         auto = group_evaluation.group_size(
             dataclasses.replace(config, client_batching="auto"), task.create_keras_model(), len(ids)
