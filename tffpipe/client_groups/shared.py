@@ -77,64 +77,72 @@ def train_members_shared(
         output, y, sample_weight = args
         return model.loss(output, y, sample_weight=sample_weight)
 
-    def step(s, a_hist, g_hist, metrics, finite):
-        position = tf.range(b)[None] + s * b
-        valid = position < counts[:, None]  # [K, B]
-        # A row past a member's run reads its group's first row: masked out of the loss, so its G is 0.
-        index = tf.where(valid, starts[:, None] + position, 0)
-        x, y = tf.gather(x_all, index), tf.gather(y_all, index)
-        rows = tf.reduce_sum(tf.cast(valid, tf.float32), 1)
-        # Keras' mean loss divides by B whatever the weights: B / rows makes it the mean over valid rows.
-        sample_weight = tf.cast(valid, tf.float32) * (b / tf.maximum(rows, 1.0))[:, None]
-        inputs, pre = [], []
-        with tf.GradientTape() as tape:
-            h, layer = x, 0
-            for activation in activations:
-                if activation is None:
-                    h = tf.reshape(h, [k, b, -1])
-                    continue
-                a = h
-                z = tf.reshape(tf.linalg.matmul(tf.reshape(a, [k * b, -1]), kernels[layer]), [k, b, -1])
-                z = z + biases[layer]
-                correction = tf.linalg.matmul(tf.linalg.matmul(a, a_hist[layer], transpose_b=True), g_hist[layer])
-                z = z - lr * (correction + tf.reduce_sum(g_hist[layer], 1)[:, None, :])
-                tape.watch(z)
-                inputs.append(a)
-                pre.append(z)
-                h = activation(z)
-                layer += 1
-            loss = tf.reduce_sum(tf.vectorized_map(mean_loss, (h, y, sample_weight)))
-        gradients = tape.gradient(loss, pre)
-        a_hist = tuple(tf.concat([old, new], 1) for old, new in zip(a_hist, inputs, strict=True))
-        g_hist = tuple(tf.concat([old, new], 1) for old, new in zip(g_hist, gradients, strict=True))
-        finite = tf.logical_and(
-            finite,
-            tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g), [1, 2]) for g in gradients]), 0),
-        )
-        flat = tf.reshape(valid, [-1])
-        predictions = tf.boolean_mask(tf.reshape(h, tf.concat([[-1], tf.shape(h)[2:]], 0)), flat)
-        labels = tf.boolean_mask(tf.reshape(y, tf.concat([[-1], tf.shape(y)[2:]], 0)), flat)
-        metrics = model.update_metrics_state(
-            metrics, batch_output=tff.learning.models.BatchOutput(predictions=predictions), labels=labels
-        )
-        return s + 1, a_hist, g_hist, metrics, finite
+    def train(live: tf.Tensor):
+        """The members' steps on their first `live[k]` rows: (steps, A and G histories, metrics state, finite `[K]`)."""
 
-    a0 = tuple(tf.zeros([k, 0, w.shape[0]], w.dtype) for w in kernels)
-    g0 = tuple(tf.zeros([k, 0, w.shape[1]], w.dtype) for w in kernels)
-    invariants = (
-        tf.TensorShape([]),
-        tuple(tf.TensorShape([None, None, w.shape[0]]) for w in kernels),
-        tuple(tf.TensorShape([None, None, w.shape[1]]) for w in kernels),
-        tf.nest.map_structure(lambda t: t.shape, model.initialize_metrics_state()),
-        tf.TensorShape([None]),
-    )
-    _, a_hist, g_hist, metrics, finite = tf.while_loop(
-        lambda s, *_: s < steps,
-        step,
-        (tf.constant(0), a0, g0, model.initialize_metrics_state(), tf.ones([k], tf.bool)),
-        shape_invariants=invariants,
-    )
-    # A non-finite member gives a zero update and weight 0, as TFF's client update does.
+        def step(s, a_hist, g_hist, metrics, finite):
+            position = tf.range(b)[None] + s * b
+            valid = position < live[:, None]  # [K, B]
+            # A row past a member's run reads its group's first row: masked out of the loss, so its G is 0.
+            index = tf.where(valid, starts[:, None] + position, 0)
+            x, y = tf.gather(x_all, index), tf.gather(y_all, index)
+            rows = tf.reduce_sum(tf.cast(valid, tf.float32), 1)
+            # Keras' mean loss divides by B whatever the weights: B / rows makes it the mean over valid rows.
+            sample_weight = tf.cast(valid, tf.float32) * (b / tf.maximum(rows, 1.0))[:, None]
+            inputs, pre = [], []
+            with tf.GradientTape() as tape:
+                h, layer = x, 0
+                for activation in activations:
+                    if activation is None:
+                        h = tf.reshape(h, [k, b, -1])
+                        continue
+                    a = h
+                    z = tf.reshape(tf.linalg.matmul(tf.reshape(a, [k * b, -1]), kernels[layer]), [k, b, -1])
+                    z = z + biases[layer]
+                    correction = tf.linalg.matmul(tf.linalg.matmul(a, a_hist[layer], transpose_b=True), g_hist[layer])
+                    z = z - lr * (correction + tf.reduce_sum(g_hist[layer], 1)[:, None, :])
+                    tape.watch(z)
+                    inputs.append(a)
+                    pre.append(z)
+                    h = activation(z)
+                    layer += 1
+                loss = tf.reduce_sum(tf.vectorized_map(mean_loss, (h, y, sample_weight)))
+            gradients = tape.gradient(loss, pre)
+            a_hist = tuple(tf.concat([old, new], 1) for old, new in zip(a_hist, inputs, strict=True))
+            g_hist = tuple(tf.concat([old, new], 1) for old, new in zip(g_hist, gradients, strict=True))
+            finite = tf.logical_and(
+                finite,
+                tf.reduce_all(tf.stack([tf.reduce_all(tf.math.is_finite(g), [1, 2]) for g in gradients]), 0),
+            )
+            flat = tf.reshape(valid, [-1])
+            predictions = tf.boolean_mask(tf.reshape(h, tf.concat([[-1], tf.shape(h)[2:]], 0)), flat)
+            labels = tf.boolean_mask(tf.reshape(y, tf.concat([[-1], tf.shape(y)[2:]], 0)), flat)
+            metrics = model.update_metrics_state(
+                metrics, batch_output=tff.learning.models.BatchOutput(predictions=predictions), labels=labels
+            )
+            return s + 1, a_hist, g_hist, metrics, finite
+
+        a0 = tuple(tf.zeros([k, 0, w.shape[0]], w.dtype) for w in kernels)
+        g0 = tuple(tf.zeros([k, 0, w.shape[1]], w.dtype) for w in kernels)
+        invariants = (
+            tf.TensorShape([]),
+            tuple(tf.TensorShape([None, None, w.shape[0]]) for w in kernels),
+            tuple(tf.TensorShape([None, None, w.shape[1]]) for w in kernels),
+            tf.nest.map_structure(lambda t: t.shape, model.initialize_metrics_state()),
+            tf.TensorShape([None]),
+        )
+        return tf.while_loop(
+            lambda s, *_: s < steps,
+            step,
+            (tf.constant(0), a0, g0, model.initialize_metrics_state(), tf.ones([k], tf.bool)),
+            shape_invariants=invariants,
+        )
+
+    _, a_hist, g_hist, metrics, finite = train(counts)
+    # A non-finite member gives a zero update and weight 0, and no metrics, as TFF's client update
+    # does. Its rows were counted in the metrics step by step; in a round that has one, the
+    # metrics are a second pass's without its rows (a member's steps depend on its rows alone).
+    metrics = tf.cond(tf.reduce_all(finite), lambda: metrics, lambda: train(tf.where(finite, counts, 0))[3])
     keep = tf.cast(finite, tf.float32)
 
     def zero_non_finite(hist):
