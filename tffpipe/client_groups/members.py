@@ -2,9 +2,9 @@
 
 Three ways to train a group's members, each tested against the per-client path:
 
-* on the shared weights (`shared.train_members_shared`, the default for Flatten/Dense stacks
-  without ReLU, i.e. `linear`, under FedAvg and its server-optimizer variants without
-  canaries, `shared_obstacle`; any Flatten/Dense stack through `build_training_process`):
+* on the shared weights (`shared.train_members_shared`, the default for Flatten/Dense stacks,
+  `linear` and `mlp`, with short local work under FedAvg and its server-optimizer variants
+  without canaries, `shared_obstacle`; any Flatten/Dense stack through `build_training_process`):
   the group's examples are read once (`base.Task.group_examples_fn`: each member's rows
   by its own query, parsed once for the group, each member's shuffle and epochs
   reproduced from its count), and all members step together without K weight copies:
@@ -28,8 +28,10 @@ Three ways to train a group's members, each tested against the per-client path:
 
 Measured for the member loop (benchmarks/client_groups.py, 2026-12-05, shared 2-core
 machine, ratios within one run): the data stage costs ~0.5 ms per member read in a while loop (a tf.data map
-over members cost ~6 ms), and each group costs ~75 ms of its own (W3, member loop: 20
-groups of 50 took 3.07 s a round, 2 of 500 1.73 s), so few large groups are fastest:
+over members cost ~6 ms), and each group costs something of its own (W3, member loop: 20
+groups of 50 took 3.07 s a round, 2 of 500 1.73 s, while every round rebuilt each variant's
+executor; with the executors kept, 2026-12-06, 1.21 s of CPU against 1.07 s, ~8 ms a group),
+so few large groups are fastest:
 `auto` makes one group per worker for the member loop (one per core where members step on
 the shared weights, or are recurrent: `rules.group_size`).
 """

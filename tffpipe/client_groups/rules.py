@@ -211,19 +211,20 @@ def shared_obstacle(config: configs.ExperimentConfig, keras_model: tf.keras.Mode
     (`dense_activations`): FedAvg's client work, which the server-optimizer variants
     share; FedProx adds a proximal term and FedSGD takes no step, and the audit's
     canaries replace a member's own result, so those run their members one after the
-    other. So do ReLU stacks (`mlp`), by measurement: their pre-activations are summed in
-    another order than per client, and one within rounding of 0 now and then takes the
-    other side (W2, mlp, 100 clients: 2.2e-05 relative after a benchmark's last round,
-    ~1e-7 in three rounds compared one by one; the member loop gives the per-client
-    weights bit for bit), and under
-    TFF's worker the shared path measured no faster there (W2 CPU 0.30 against 0.34 s
-    a round, wall 1.99x against 2.75x the per-client rounds in the same run, BENCHMARKS.md).
+    other, as does local work of more than `SHARED_MAX_STEPS` steps.
+
+    ReLU stacks (`mlp`) step together too: their pre-activations are summed in another
+    order than per client, so one within rounding of 0 now and then takes the other side
+    of the ReLU (W2, mlp, 100 clients: 2.2e-05 relative after a benchmark's last round
+    once, ~1e-7 in rounds compared one by one; the member loop, `batched=False`, gives
+    the per-client weights bit for bit). The path was kept for ReLU-free stacks while it
+    measured no faster on W2; with each variant's executor kept on the worker
+    (`benchmarks.client_groups`, 2026-12-06) it takes 0.15 s of CPU a round on W2
+    against the member loop's 0.26 (BENCHMARKS.md), which is what W2's 2x needs.
     """
     activations = dense_activations(keras_model)
     if activations is None:
         return "not a stack of Flatten and Dense layers"
-    if any(a is tf.nn.relu for a in activations):
-        return "ReLU units can flip within float rounding (measured; see shared_obstacle)"
     if config.algorithm.algorithm in (configs.Algorithm.FEDPROX, configs.Algorithm.FEDSGD):
         return f"{config.algorithm.algorithm.value} is not plain SGD steps"
     if config.privacy.canaries:
