@@ -645,6 +645,7 @@ def test_a_local_merge_of_sums_runs_in_numpy_with_tensorflows_bits_and_other_mer
         assert type(got) is type(expected) and got.dtype == expected.dtype and got.shape == expected.shape, name
         assert got.tobytes() == expected.tobytes(), name
     assert np.isinf(in_numpy.total[:2]).all()  # overflowed, as in TensorFlow: the bits compared cover it
+    assert not any(np.shares_memory(in_numpy[name], arg[0][name]) for name in ("sum", "total", "per_client"))
     converted.clear()
     runtime._LocalMerge.of(other).run(arg)
     assert converted  # a multiplication is not added in numpy

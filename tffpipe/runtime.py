@@ -567,11 +567,16 @@ def _executors(
 def _sync_context(
     executors: ExecutorPerCohortSize, compiler_fn: Callable[[Any], Any] | None = None, *, transform: bool = True
 ) -> sync_execution_context.SyncExecutionContext:
-    """TFF's synchronous context over `executors`; without `transform`, arguments and results go as they are."""
-    args = dict(_CONTEXT_ARGS, compiler_fn=compiler_fn) if compiler_fn else dict(_CONTEXT_ARGS)
+    """TFF's synchronous context over `executors`, compiling with `compiler_fn` (`_CompileOnce`; TFF's compiler
+    by default); without `transform`, arguments and results go as they are."""
+    compile_once = compiler_fn if isinstance(compiler_fn, _CompileOnce) else None
+    compile_once = compile_once or _CompileOnce(compiler_fn or _CONTEXT_ARGS["compiler_fn"])
+    args = dict(_CONTEXT_ARGS, compiler_fn=compile_once)
     if not transform:
         args.update(transform_args=None, transform_result=None)
-    return sync_execution_context.SyncExecutionContext(executor_fn=executors, **args)
+    context = sync_execution_context.SyncExecutionContext(executor_fn=executors, **args)
+    compile_once.install(context)
+    return context
 
 
 class _CompileOnce:
@@ -583,27 +588,42 @@ class _CompileOnce:
     worker finish last. The compiled computation is also one object for all of them,
     so its serialized bytes are made once (`serialization.SerializedComputations`).
     Keeps the `kept` most recently compiled.
+
+    Keyed on the computation object (held by its entry), not on its hash: TFF hashes a
+    computation by serializing its whole proto, which its `CompilerPipeline` (an
+    `lru_cache`) did at every invocation, in every worker's context (W1: the
+    `up_to_merge` proto, each worker, each round). `install` puts it in that pipeline's place.
     """
 
     def __init__(self, compiler_fn: Callable[[Any], Any], kept: int = 32):
         self._compiler_fn = compiler_fn
         self._kept = kept
         self._lock = threading.Lock()
-        self._compiled: collections.OrderedDict = collections.OrderedDict()  # comp -> [lock, compiled or None]
+        self._compiled: collections.OrderedDict = collections.OrderedDict()  # id -> [lock, compiled or None, comp]
 
     def __call__(self, comp):
+        key = id(comp)
         with self._lock:
-            slot = self._compiled.get(comp)
+            slot = self._compiled.get(key)
             if slot is None:
-                slot = self._compiled[comp] = [threading.Lock(), None]
+                slot = self._compiled[key] = [threading.Lock(), None, comp]  # holding comp keeps its id its own
                 while len(self._compiled) > self._kept:
                     self._compiled.popitem(last=False)
             else:
-                self._compiled.move_to_end(comp)
+                self._compiled.move_to_end(key)
         with slot[0]:  # a second thread waits for the first one's result
             if slot[1] is None:
                 slot[1] = self._compiler_fn(comp)
             return slot[1]
+
+    compile = __call__  # TFF's `CompilerPipeline` interface
+
+    def install(self, context) -> None:
+        """Makes this `context`'s compiler (a TFF context with a `CompilerPipeline`), in place of TFF's pipeline."""
+        target = getattr(context, "_async_context", context)
+        if getattr(target, "_compiler_pipeline", None) is None:
+            raise TypeError(f"{type(target).__name__} has no compiler pipeline to replace (TFF changed?)")
+        target._compiler_pipeline = self  # noqa: SLF001
 
 
 class _ThreadedContext(context_base.AsyncContext):
@@ -756,6 +776,11 @@ def _numpy_graph(graph_def, inputs: list[str], outputs: list[str]) -> Callable[[
     if not all(visit(name) for name in output_nodes):
         return None
 
+    def fresh(name: str) -> bool:
+        """Whether node `name`'s value is an array made by this call (not an input or a constant)."""
+        op, args, _ = steps[name]
+        return fresh(args[0]) if op == "Identity" else op not in ("Placeholder", "Const")
+
     def run(values: list) -> list:
         computed: dict[str, Any] = {}
 
@@ -774,13 +799,14 @@ def _numpy_graph(graph_def, inputs: list[str], outputs: list[str]) -> Callable[[
                     computed[name] = np.add(value(args[0]), value(args[1]))
             return computed[name]
 
-        # As TensorFlow's `.numpy()`: a new array for each output, a numpy scalar for a scalar.
+        # As TensorFlow's `.numpy()`: a new array for each output (a copy where the output is an
+        # input or a constant: what a sum makes is new already), a numpy scalar for a scalar.
         # And as TensorFlow, silently: an overflow gives inf (a NaN update is handled later).
         results = []
         for name in output_nodes:
             with np.errstate(all="ignore"):
                 result = value(name)
-            if steps[name][0] in ("Identity", "Placeholder", "Const"):
+            if not fresh(name):
                 result = np.array(result, copy=True)
             results.append(result[()] if result.ndim == 0 else result)
         return results
@@ -816,16 +842,18 @@ class _MergeableContext(mergeable_comp_execution_context.MergeableCompExecutionC
     def __init__(self, workers: Sequence, *, local_merge: bool = True):
         self._shared = serialization.SharedValues()
         compile_once = _CompileOnce(_CONTEXT_ARGS["compiler_fn"])
+        compile_form = (
+            _compile_with_local_merge if local_merge else mergeable_comp_compiler.compile_to_mergeable_comp_form
+        )
         super().__init__(
             [
                 _ThreadedContext(_sync_context(_executors(w, self._shared), compile_once, transform=False))
                 for w in workers
             ],
-            compiler_fn=_compile_with_local_merge
-            if local_merge
-            else mergeable_comp_compiler.compile_to_mergeable_comp_form,
+            compiler_fn=compile_form,
             transform_result=_CONTEXT_ARGS["transform_result"],
         )
+        _CompileOnce(compile_form).install(self)
 
     def invoke(self, comp, arg=None):
         try:
