@@ -45,6 +45,8 @@ and the worker's CPU per round.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 
 # TensorFlow, TFF and tffpipe are imported here, not in `watchdog_cost`: imported there (after
@@ -140,18 +142,19 @@ def watchdog_cost(name: str, rounds: int) -> dict:
     task = prepared.task
     process = algorithms.build_learning_process(task, config, prepared.plan)
     server = runtime.LocalWorker(bind_address="127.0.0.1")
-    server.start()
-    address = f"127.0.0.1:{server.port}"
-    remotes = {"watched": runtime.RemoteWorker(address), "unwatched": runtime.RemoteWorker(address, watched=False)}
-    contexts = {}
-    for variant, worker in remotes.items():
-        worker.start()
-        contexts[variant] = runtime._sync_context(runtime._executors(worker))
-    sampler = sampling.ClientSampler(task.train_data.client_ids, config.clients_per_round, config.sampling, seed=0)
-    with context_stack_impl.context_stack.install(contexts["unwatched"]):
-        state = process.initialize()
-    measured = {variant: {"wall": [], "cpu": [], "worker_cpu": []} for variant in remotes}
-    try:
+    remotes = {}
+    try:  # from the first process started: whatever fails later stops them all
+        server.start()
+        address = f"127.0.0.1:{server.port}"
+        remotes = {"watched": runtime.RemoteWorker(address), "unwatched": runtime.RemoteWorker(address, watched=False)}
+        contexts = {}
+        for variant, worker in remotes.items():
+            worker.start()
+            contexts[variant] = runtime._sync_context(runtime._executors(worker))
+        sampler = sampling.ClientSampler(task.train_data.client_ids, config.clients_per_round, config.sampling, seed=0)
+        with context_stack_impl.context_stack.install(contexts["unwatched"]):
+            state = process.initialize()
+        measured = {variant: {"wall": [], "cpu": [], "worker_cpu": []} for variant in remotes}
         for r in range(1, rounds + 2):  # round 1: warm-up (tracing, the worker's first executor)
             ids = sampler.sample(r)
             order = list(remotes) if r % 2 else list(reversed(remotes))  # neither always goes first
@@ -186,6 +189,51 @@ def watchdog_cost(name: str, rounds: int) -> dict:
         flush=True,
     )
     return result
+
+
+def flag_problem() -> str | None:
+    """What is wrong with the flags (one line naming the flag and the fix), or None; checked before anything runs."""
+    unknown = [name for name in FLAGS.workloads if name not in wall.WORKLOADS]
+    if unknown or not FLAGS.workloads:
+        return f"--workloads={','.join(FLAGS.workloads)}: unknown {unknown}; choose from {','.join(wall.WORKLOADS)}"
+    if FLAGS.repeats < 1:
+        return f"--repeats={FLAGS.repeats}: needs at least 1 run per configuration"
+    if FLAGS.watchdog:
+        if FLAGS.per_worker:
+            return "--watchdog and --per_worker measure different things: give one of them"
+        if FLAGS.rounds < 0:
+            return f"--rounds={FLAGS.rounds}: give the rounds to time (at least 1), or 0 for 6"
+        return None
+    if FLAGS.per_worker:
+        if not all(n.isdigit() and int(n) >= 1 for n in FLAGS.per_worker):
+            return f"--per_worker={','.join(FLAGS.per_worker)}: give worker counts, whole numbers >= 1 (e.g. 1,2,4,8)"
+        if len(set(map(int, FLAGS.per_worker))) < 2:
+            return f"--per_worker={','.join(FLAGS.per_worker)}: a cost per added worker needs at least two counts"
+        if FLAGS.rounds and FLAGS.rounds < 4:
+            return f"--rounds={FLAGS.rounds}: the CPU is taken over rounds 3 .. R-1, so give at least 4 (or 0)"
+        if FLAGS.extrapolate < 1:
+            return f"--extrapolate={FLAGS.extrapolate}: give a worker count >= 1"
+        missing = [repo for repo in FLAGS.repos if not os.path.isfile(os.path.join(repo, "experiments", "train.py"))]
+        if missing or not FLAGS.repos:
+            found = missing or "none"
+            return (
+                f"--repos={','.join(FLAGS.repos)}: {found}: give checkouts of this project (with experiments/train.py)"
+            )
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, but a bad flag is one `error:` line and exit 2 (absl prints a block and exits 1)."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    problem = flag_problem() if len(rest) == 1 else f"unexpected arguments {rest[1:]}; flags take the form --name=value"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return rest
 
 
 def main(argv) -> None:
@@ -225,4 +273,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
