@@ -84,7 +84,7 @@ def test_executors_of_cohort_sizes_no_longer_used_are_closed():
     # TFF's factory drops old executors without closing them, so the worker keeps every
     # executor stack it ever built: one per cohort size, which Poisson sampling changes each round.
     made = []
-    factory = runtime.ExecutorPerCohortSize(lambda c: made.append(_FakeExecutor(c["clients"])) or made[-1], kept=2)
+    factory = runtime.ExecutorPerCohortSize(lambda c: made.append(_FakeExecutor(c.get("clients", 0))) or made[-1], kept=2)
     five = factory.create_executor({"clients": 5})
     seven = factory.create_executor({"clients": 7})
     assert factory.create_executor({"clients": 5}) is five  # reused, now the most recent
@@ -93,6 +93,14 @@ def test_executors_of_cohort_sizes_no_longer_used_are_closed():
     assert [e.clients for e in made] == [5, 7, 9]
     factory.clean_up_executor({"clients": 9})
     assert nine.closed
+    # Computations without clients (initialize, get/set_model_weights) run beside them without
+    # pushing a cohort size out: their executor is kept apart, made once, closed with the rest.
+    server = factory.create_executor({"clients": 0})
+    eleven = factory.create_executor({"clients": 11})
+    assert factory.create_executor({"clients": 0}) is server and factory.create_executor({}) is not server
+    assert factory.create_executor({"clients": 5}) is five and not five.closed and not eleven.closed
+    factory.close()
+    assert all(e.closed for e in made)
 
 
 _NOBODY_PYTHON = "/usr/bin/python3"  # the venv's interpreter may sit where `nobody` cannot enter
