@@ -16,8 +16,8 @@ context (`create_mergeable_comp_execution_context`): each round's computation is
 compiled to mergeable form, the clients are split into one contiguous slice per
 worker, every worker computes its slice's partial aggregate and the merge runs here.
 TFF's async contexts over `RemoteExecutor` make blocking gRPC calls inside coroutines,
-which would run the workers one after another; each worker's synchronous context is
-therefore run in a thread of its own (`_ThreadedContext`), so slices overlap. Values reach
+which would run the workers one after another; each worker's context therefore runs
+on an event loop of its own thread (`_ThreadedContext`), so slices overlap. Values reach
 a worker through `_RemoteExecutor`, TFF's with `serialization`'s in-place serializer; the
 workers of a mergeable context share what one invocation serialized, so the server state
 is serialized once a round instead of once per worker, and their partial aggregates are
@@ -35,7 +35,6 @@ run keeps its last checkpoint. TFF itself would wait forever for a dead worker
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import collections
 import contextlib
@@ -59,12 +58,13 @@ import tensorflow_federated as tff
 import tree
 from absl import logging
 from tensorflow_federated.proto.v0 import executor_pb2
-from tensorflow_federated.python.common_libs import structure, tracing
+from tensorflow_federated.python.common_libs import async_utils, structure, tracing
 from tensorflow_federated.python.core.backends.native import compiler, mergeable_comp_compiler
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 from tensorflow_federated.python.core.impl.computation import computation_base, function_utils
 from tensorflow_federated.python.core.impl.context_stack import context_base, context_stack_impl
 from tensorflow_federated.python.core.impl.execution_contexts import (
+    async_execution_context,
     mergeable_comp_execution_context,
     sync_execution_context,
 )
@@ -579,16 +579,23 @@ def _executors(
 
 
 def _sync_context(
-    executors: ExecutorPerCohortSize, compiler_fn: Callable[[Any], Any] | None = None, *, transform: bool = True
+    executors: ExecutorPerCohortSize, compiler_fn: Callable[[Any], Any] | None = None
 ) -> sync_execution_context.SyncExecutionContext:
     """TFF's synchronous context over `executors`, compiling with `compiler_fn` (`_CompileOnce`; TFF's compiler
-    by default); without `transform`, arguments and results go as they are."""
+    by default)."""
     compile_once = compiler_fn if isinstance(compiler_fn, _CompileOnce) else None
     compile_once = compile_once or _CompileOnce(compiler_fn or _CONTEXT_ARGS["compiler_fn"])
     args = dict(_CONTEXT_ARGS, compiler_fn=compile_once)
-    if not transform:
-        args.update(transform_args=None, transform_result=None)
     context = sync_execution_context.SyncExecutionContext(executor_fn=executors, **args)
+    compile_once.install(context)
+    return context
+
+
+def _worker_context(
+    executors: ExecutorPerCohortSize, compile_once: _CompileOnce
+) -> async_execution_context.AsyncExecutionContext:
+    """A worker's context in a mergeable context: TFF's async one, arguments and results taken as they are."""
+    context = async_execution_context.AsyncExecutionContext(executor_fn=executors, compiler_fn=compile_once)
     compile_once.install(context)
     return context
 
@@ -641,15 +648,23 @@ class _CompileOnce:
 
 
 class _ThreadedContext(context_base.AsyncContext):
-    """A worker's synchronous context as the async one the mergeable context wants, run in a thread."""
+    """A worker's TFF async context, each invocation run on an event loop of its own thread.
 
-    def __init__(self, sync_context):
-        self._sync = sync_context
+    TFF's remote executor makes blocking gRPC calls inside its coroutines: on the
+    mergeable context's loop they would run the workers one after another. Each worker's
+    coroutines run on its own loop thread (`AsyncThreadRunner`, as TFF's synchronous
+    context runs them), awaited from the mergeable context's loop: one thread hand-off
+    per invocation (a synchronous context in `asyncio.to_thread` made two).
+    """
+
+    def __init__(self, context: async_execution_context.AsyncExecutionContext):
+        self._context = context
+        self._runner = async_utils.AsyncThreadRunner()
 
     async def invoke(self, comp, arg):
         if isinstance(comp, _LocalMerge):
             return comp.run(arg)  # a few additions: cheaper here than a thread hop
-        return await asyncio.to_thread(self._sync.invoke, comp, arg)
+        return await self._runner.await_coro_and_return_result(self._context.invoke(comp, arg))
 
 
 class _LocalMerge(computation_base.Computation):
@@ -860,10 +875,7 @@ class _MergeableContext(mergeable_comp_execution_context.MergeableCompExecutionC
             _compile_with_local_merge if local_merge else mergeable_comp_compiler.compile_to_mergeable_comp_form
         )
         super().__init__(
-            [
-                _ThreadedContext(_sync_context(_executors(w, self._shared), compile_once, transform=False))
-                for w in workers
-            ],
+            [_ThreadedContext(_worker_context(_executors(w, self._shared), compile_once)) for w in workers],
             compiler_fn=compile_form,
             transform_result=_CONTEXT_ARGS["transform_result"],
         )
