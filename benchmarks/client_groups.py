@@ -23,8 +23,8 @@ dense models and one per core for recurrent ones; one group where auto would run
 client, so that the basis of its rule is timed), then times
 rounds in turn on the same clients from the same state (per-client, then each grouped
 variant, every round) after one warm-up round each, so a drift of the shared machine's
-speed hits every variant alike. The worker keeps every variant's executor (each
-variant has its own number of TFF clients a round), as a run of one variant does: until
+speed hits every variant alike. The worker keeps every variant's executor (one per
+number of TFF clients a round: per client, and each group size), as a run of one variant does: until
 2026-12-06 it kept two, so with three or more variants every round rebuilt each
 variant's executor and instantiated its functions again, ~0.15 s of the worker's CPU a
 round on W3 (`runtime.install_local_context`), which weighed on the short grouped
@@ -255,9 +255,9 @@ def time_config(config: configs.ExperimentConfig, info: dict, group_sizes: list[
 def _child(name: str) -> None:
     """Runs one workload (or the preset at one cohort) here and writes its result, with peak RSS, to --result_file."""
     global _worker_pid
-    # Every variant's executor stays on the worker, as in a run of that variant alone (`runtime`).
-    variants = 1 + len(FLAGS.group_sizes) * (1 + FLAGS.member_loop + FLAGS.batched)
-    worker = runtime.install_local_context(cohort_sizes_kept=variants)
+    # Every variant's executor stays on the worker, as in a run of that variant alone (`runtime`): one
+    # per group size (the variants of one K share theirs) and the per-client one.
+    worker = runtime.install_local_context(cohort_sizes_kept=1 + len(FLAGS.group_sizes))
     worker.start()
     _worker_pid = worker.pid
     try:

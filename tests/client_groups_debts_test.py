@@ -17,9 +17,10 @@ from tffpipe import aggregation, algorithms, client_groups, configs, models
         ("activations", "activations is for members stepping together and needs batch_size"),
         ("group_examples_fn", "group_examples_fn is for members stepping together and needs batch_size"),
         ("forward", "forward is for members stepping together and needs batch_size"),
-        ("forward+activations", "forward is unused when activations is given"),
+        ("batch_size+forward+activations", "forward is unused when activations is given"),
+        ("batch_size+group_examples_fn", "group_examples_fn is read only on the shared weights and needs activations"),
     ],
-    ids=["activations", "group_examples_fn", "forward", "forward-with-activations"],
+    ids=["activations", "group_examples_fn", "forward", "forward-with-activations", "group-read-without-activations"],
 )
 def test_arguments_of_members_stepping_together_are_refused_where_they_would_be_ignored(tiny_data_dir, given, message):
     # Without batch_size the members run one after the other (TFF's client update): these arguments
@@ -30,10 +31,9 @@ def test_arguments_of_members_stepping_together_are_refused_where_they_would_be_
         "activations": client_groups.dense_activations(keras_model),
         "group_examples_fn": task.group_examples_fn,
         "forward": client_groups.create_dense_forward(keras_model),
+        "batch_size": client_groups_test.BATCH,
     }
     arguments = {name: values[name] for name in given.split("+")}
-    if "+" in given:
-        arguments["batch_size"] = client_groups_test.BATCH
     with pytest.raises(ValueError, match=re.escape(message)):
         client_groups.build_training_process(
             client_groups.create_functional_model(task),
@@ -85,13 +85,6 @@ def _task_with_a_non_finite_member(data_dir: str, member: int = 1):
     return poisoned_task, client, len(rows)
 
 
-# Where the grouped train metrics still count a non-finite member, whose metrics TFF resets per
-# client: members stepping together with K weight copies accumulate every member's rows step
-# by step, and learn which member is not finite only at the end (`batched.py` says so). The
-# shared path takes a second pass without it (`train_members_shared`).
-_METRICS_COUNT_NON_FINITE = {"dense", "vmap"}
-
-
 @pytest.mark.parametrize(
     "mechanism, batched",
     [
@@ -131,8 +124,6 @@ def test_a_member_with_a_non_finite_update_is_dropped_as_per_client(tiny_data_di
     train_e, train_a = expected.metrics["client_work"]["train"], actual.metrics["client_work"]["train"]
     total = sum(len(list(poisoned_task.train_data.create_tf_dataset_for_client(i).unbatch())) for i in ids)
     assert train_e["num_examples"] == total - examples and np.isfinite(train_e["loss"])
+    # (Members stepping together with K weight copies, `batched.py`, still count its rows: not tested here.)
     same = list(train_a) == list(train_e) and np.allclose(list(train_a.values()), list(train_e.values()), rtol=1e-5)
-    if batched in _METRICS_COUNT_NON_FINITE:
-        assert not same, f"{batched} now drops the non-finite member's metrics: take it out of the expected failures"
-        pytest.xfail(f"{batched}: the non-finite member's rows still count in the train metrics ({dict(train_a)})")
     assert same, (dict(train_a), dict(train_e))

@@ -84,7 +84,9 @@ def test_executors_of_cohort_sizes_no_longer_used_are_closed():
     # TFF's factory drops old executors without closing them, so the worker keeps every
     # executor stack it ever built: one per cohort size, which Poisson sampling changes each round.
     made = []
-    factory = runtime.ExecutorPerCohortSize(lambda c: made.append(_FakeExecutor(c.get("clients", 0))) or made[-1], kept=2)
+    factory = runtime.ExecutorPerCohortSize(
+        lambda c: made.append(_FakeExecutor(c.get("clients", 0))) or made[-1], kept=2
+    )
     five = factory.create_executor({"clients": 5})
     seven = factory.create_executor({"clients": 7})
     assert factory.create_executor({"clients": 5}) is five  # reused, now the most recent
@@ -101,6 +103,8 @@ def test_executors_of_cohort_sizes_no_longer_used_are_closed():
     assert factory.create_executor({"clients": 5}) is five and not five.closed and not eleven.closed
     factory.close()
     assert all(e.closed for e in made)
+    with pytest.raises(ValueError, match="kept must be at least 1"):
+        runtime.ExecutorPerCohortSize(lambda c: None, kept=0)
 
 
 _NOBODY_PYTHON = "/usr/bin/python3"  # the venv's interpreter may sit where `nobody` cannot enter

@@ -184,6 +184,26 @@ def test_a_value_all_workers_receive_is_serialized_once_per_invocation(monkeypat
     assert len(calls) == 5 and len(shared._entries) == 1
 
 
+def test_the_same_state_object_is_found_without_walking_its_leaves_again(monkeypatch):
+    # The mergeable context hands every worker the same state object under the same type object:
+    # walking its leaves (a tree of from_container calls) for each worker was W1's largest Python item.
+    walked = []
+    walk = serialization._leaves
+    monkeypatch.setattr(serialization, "_leaves", lambda v, t, found: walked.append(t) or walk(v, t, found))
+    state_type = computation_types.FederatedType(
+        computation_types.StructType([("w", T(np.float32, [3])), ("b", T(np.float32, [2]))]), placements.SERVER
+    )
+    state = collections.OrderedDict(w=np.arange(3, dtype=np.float32), b=np.ones(2, np.float32))
+    shared = serialization.SharedValues()
+    first = shared.serialize(state, state_type)
+    assert shared.serialize(state, state_type)[0] is first[0]
+    assert walked.count(state_type) == 1  # the second worker's lookup did not walk it
+    rebuilt = collections.OrderedDict(state)  # the same leaves in another container: found by its leaves
+    assert shared.serialize(rebuilt, state_type)[0] is first[0]
+    assert walked.count(state_type) == 2
+    assert first[0] == _tff_bytes(state, state_type)
+
+
 def test_a_create_value_request_from_bytes_equals_the_proto():
     value = value_serialization.serialize_value(np.ones(200, np.float32), T(np.float32, [200]))[0]
     executor = executor_pb2.ExecutorId(id="7")

@@ -494,6 +494,8 @@ class ExecutorPerCohortSize(executor_factory.ExecutorFactory):
     """
 
     def __init__(self, stack_fn: Callable[[dict], Any], kept: int = 2):
+        if kept < 1:
+            raise ValueError(f"kept must be at least 1 (the executor in use), got {kept}")
         self._stack_fn = stack_fn
         self._kept = kept
         self._executors: collections.OrderedDict = collections.OrderedDict()

@@ -137,7 +137,7 @@ def _check_batched(batch_size: int | None, **together) -> None:
 
     Raises:
       ValueError: naming the argument given without `batch_size` (or `forward` given
-        with `activations`).
+        with `activations`, or `group_examples_fn` without them).
     """
     given = [name for name, value in together.items() if value is not None]
     if batch_size is None and given:
@@ -148,6 +148,11 @@ def _check_batched(batch_size: int | None, **together) -> None:
     if together["forward"] is not None and together["activations"] is not None:
         raise ValueError(
             "forward is unused when activations is given (members step on the shared weights): give one of them"
+        )
+    if together["group_examples_fn"] is not None and together["activations"] is None:
+        raise ValueError(
+            "group_examples_fn is read only on the shared weights and needs activations; without them the members "
+            "step together with K weight copies and read their own datasets"
         )
 
 

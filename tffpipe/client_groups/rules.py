@@ -135,12 +135,13 @@ def group_size(config: configs.ExperimentConfig, keras_model: tf.keras.Model) ->
     dense ones whose members step on the shared weights (`shared_obstacle` None), one
     group per core, ceil(m / max(workers, cores)), since a group runs on one op thread
     (with remote workers, whose cores this process cannot count, one group per worker;
-    `auto_groups`; W3, 1,000 linear clients on a quiet machine, same runs: K=500 5.16x,
-    4.95x and 4.70x the per-client rounds against K=1000 4.73x, 4.31x and 4.29x,
-    BENCHMARKS.md). Otherwise few large groups measured fastest, one per worker (the member
-    loop, 2026-12-05, same runs: W3 K=1000 2.42x the per-client rounds against K=100 1.30x;
-    W2, 100 mlp clients, K=100 2.24x against K=50 1.83x, and on a quiet machine 1.79x
-    against 1.69x): each group costs ~75 ms of its own here. Groups that send their
+    `auto_groups`; W3, 1,000 linear clients, same runs, 2026-12-06: K=500 6.53x,
+    6.46x and 7.29x the per-client rounds against K=1000 5.48x, 5.45x and 6.09x,
+    BENCHMARKS.md). Otherwise one group per worker, where few large groups measured
+    fastest on 2026-12-05 (the member loop: W3 K=1000 2.42x the per-client rounds against
+    K=100 1.30x), in runs that rebuilt every variant's executor each round; with the
+    executors kept (2026-12-06) the member loop's two groups of 500 and one of 1,000
+    measured alike (2.45-2.80x and 2.27-2.82x, ~8 ms of CPU a group). Groups that send their
     members' updates (`configs.group_sends_members`) are capped at
     `configs.member_group_limit` (an explicit K over it is refused by `check_model`).
 
@@ -219,8 +220,8 @@ def shared_obstacle(config: configs.ExperimentConfig, keras_model: tf.keras.Mode
     once, ~1e-7 in rounds compared one by one; the member loop, `batched=False`, gives
     the per-client weights bit for bit). The path was kept for ReLU-free stacks while it
     measured no faster on W2; with each variant's executor kept on the worker
-    (`benchmarks.client_groups`, 2026-12-06) it takes 0.15 s of CPU a round on W2
-    against the member loop's 0.26 (BENCHMARKS.md), which is what W2's 2x needs.
+    (`benchmarks.client_groups`, 2026-12-06) it takes 0.16-0.17 s of CPU a round on W2
+    against the member loop's 0.28-0.30 (BENCHMARKS.md), which is what W2's 2x needs.
     """
     activations = dense_activations(keras_model)
     if activations is None:

@@ -91,13 +91,8 @@ def create_group_train_fn(
 
     def group_examples(ids: tf.Tensor):
         spec = rows_fn(tf.constant("")).element_spec  # traced for its spec only, never run
-        rows, counts = read_each(ids, rows_fn, spec)
-        if take > 0:  # only each member's first `take` rows are trained on: parse those alone
-            kept = tf.minimum(counts, take)
-            starts = tf.cumsum(counts, exclusive=True)
-            first = tf.ragged.range(starts, starts + kept)
-            rows = tf.nest.map_structure(lambda t: tf.gather(t, first.flat_values), rows)
-            counts = kept
+        # Each member's first `take` rows, as its own pipeline takes them: only those are read and parsed.
+        rows, counts = read_each(ids, (lambda i: rows_fn(i).take(take)) if take > 0 else rows_fn, spec)
         examples = to_model_batch(rows)  # one parse and conversion for the whole group
         if buffer <= 1 and epochs == 1:  # each member's rows as read: no reordering
             return examples, counts
