@@ -216,7 +216,7 @@ class SharedValues:
             return serialize_to_bytes(value, type_spec, self.computations)
         with self._lock:
             found = self._by_object.get((id(value), id(type_spec)))
-        if False:
+        if found is not None and found[0] is value and found[1].type_spec is type_spec:
             entry = found[1]
             with self._lock:
                 self.hits += 1
