@@ -663,6 +663,28 @@ def test_a_local_merge_of_sums_runs_in_numpy_with_tensorflows_bits_and_other_mer
     assert converted  # a multiplication is not added in numpy
 
 
+def test_a_computation_is_compiled_once_and_hashed_only_when_first_seen(monkeypatch):
+    # TFF's compile cache hashed the computation, i.e. serialized its whole proto, at every
+    # invocation; an equal new object must still reuse the compiled result, as TFF's did.
+    from tensorflow_federated.python.core.impl.computation import computation_impl
+
+    @tff.tensorflow.computation(tff.TensorType(np.float32, [3]))
+    def double(x):
+        return x * 2
+
+    hashed = []
+    hash_of = computation_impl.ConcreteComputation.__hash__
+    monkeypatch.setattr(computation_impl.ConcreteComputation, "__hash__", lambda c: hashed.append(c) or hash_of(c))
+    compiled = []
+    once = runtime._CompileOnce(lambda comp: compiled.append(comp) or object())
+    first = once(double)
+    assert once.compile(double) is first and once(double) is first
+    assert len(compiled) == 1 and len(hashed) == 1  # later calls with the same object hash nothing
+    twin = computation_impl.ConcreteComputation.from_building_block(double.to_building_block())
+    assert twin is not double and twin == double
+    assert once(twin) is first and len(compiled) == 1
+
+
 def test_two_workers_compile_each_computation_once(one_and_two_workers, tiny_data_dir, monkeypatch):
     # Each worker's context compiled every computation for itself: at round 1 all at once,
     # and after_merge again on whichever worker first finished last in a later round.

@@ -616,24 +616,41 @@ class _CompileOnce:
     computation by serializing its whole proto, which its `CompilerPipeline` (an
     `lru_cache`) did at every invocation, in every worker's context (W1: the
     `up_to_merge` proto, each worker, each round). `install` puts it in that pipeline's place.
+    A new object equal to one compiled before (TFF's equality) gets that one's result, as
+    from TFF's cache: its hash is taken once, when it is first seen.
     """
 
     def __init__(self, compiler_fn: Callable[[Any], Any], kept: int = 32):
         self._compiler_fn = compiler_fn
         self._kept = kept
         self._lock = threading.Lock()
-        self._compiled: collections.OrderedDict = collections.OrderedDict()  # id -> [lock, compiled or None, comp]
+        # id(comp) -> (comp, slot): holding comp keeps its id its own. A slot: [lock, compiled or None].
+        self._compiled: collections.OrderedDict = collections.OrderedDict()
+        self._equal: dict[int, list] = {}  # TFF's hash -> [(comp, slot)], for new objects equal to one of them
 
     def __call__(self, comp):
         key = id(comp)
         with self._lock:
-            slot = self._compiled.get(key)
-            if slot is None:
-                slot = self._compiled[key] = [threading.Lock(), None, comp]  # holding comp keeps its id its own
-                while len(self._compiled) > self._kept:
-                    self._compiled.popitem(last=False)
-            else:
+            found = self._compiled.get(key)
+            if found is not None:
                 self._compiled.move_to_end(key)
+        if found is None:
+            try:
+                digest = hash(comp)  # TFF serializes the computation's proto: once per object, outside the lock
+            except TypeError:
+                digest = None
+            with self._lock:
+                found = self._compiled.get(key)
+                if found is None:
+                    twins = self._equal.setdefault(digest, []) if digest is not None else []
+                    slot = next((s for c, s in twins if c == comp), None) or [threading.Lock(), None]
+                    found = self._compiled[key] = (comp, slot)
+                    twins.append(found)
+                    while len(self._compiled) > self._kept:
+                        dropped = self._compiled.popitem(last=False)[1]
+                        for twins in self._equal.values():
+                            twins[:] = [t for t in twins if t is not dropped]  # by identity: no proto compared
+        slot = found[1]
         with slot[0]:  # a second thread waits for the first one's result
             if slot[1] is None:
                 slot[1] = self._compiler_fn(comp)
