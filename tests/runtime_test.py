@@ -663,6 +663,51 @@ def test_a_local_merge_of_sums_runs_in_numpy_with_tensorflows_bits_and_other_mer
     assert converted  # a multiplication is not added in numpy
 
 
+def test_a_fold_of_local_merges_adds_into_its_own_accumulator_and_never_into_a_workers_value():
+    # merge(merge(p1, p2), p3): the second merge's first input is the array the first one made,
+    # and nothing else holds it; the sum goes into it (the same bits as TensorFlow's fold). The
+    # workers' partials (read-only views of received bytes, or arrays TFF or a caller holds)
+    # are never written, nor an accumulator the graph reads twice.
+    accumulator = tff.StructType([("sum", tff.TensorType(np.float32, [1000])), ("n", tff.TensorType(np.int64))])
+
+    @tff.tensorflow.computation(accumulator, accumulator)
+    def merge(a, b):
+        return collections.OrderedDict(sum=a.sum + b.sum, n=a.n + b.n)
+
+    @tff.tensorflow.computation(accumulator, accumulator)
+    def merge_and_keep(a, b):  # reads a.sum twice: the sum may not go into it
+        return collections.OrderedDict(sum=a.sum + b.sum, n=a.n + b.n), a.sum
+
+    rng = np.random.default_rng(7)
+    partials = [
+        tff.structure.Struct(
+            [
+                ("sum", (rng.standard_normal(1000) * 10.0 ** rng.integers(-30, 30, 1000)).astype(np.float32)),
+                ("n", np.int64(i)),
+            ]
+        )
+        for i in range(4)
+    ]
+    partials[1].sum.setflags(write=False)  # as a view of the bytes a worker sent
+    before = [p.sum.copy() for p in partials]
+    local, in_tensorflow = runtime._LocalMerge.of(merge), runtime._LocalMerge.of(merge, numpy=False)
+    folded, expected = partials[0], partials[0]
+    made = []
+    for p in partials[1:]:
+        folded = local.run(tff.structure.Struct.unnamed(folded, p))
+        expected = in_tensorflow.run(tff.structure.Struct.unnamed(expected, p))
+        made.append(folded.sum)
+        assert folded.sum.tobytes() == expected.sum.tobytes() and folded.n == expected.n
+    assert made[1] is made[0] and made[2] is made[0]  # one array, added into
+    assert all(p.sum.tobytes() == b.tobytes() for p, b in zip(partials, before, strict=True))
+    kept = runtime._LocalMerge.of(merge_and_keep)
+    first = kept.run(tff.structure.Struct.unnamed(partials[0], partials[1]))[0]
+    snapshot = first.sum.copy()
+    second, held = kept.run(tff.structure.Struct.unnamed(first, partials[2]))
+    assert second.sum is not first.sum and first.sum.tobytes() == snapshot.tobytes()
+    assert held.tobytes() == snapshot.tobytes()
+
+
 def test_a_computation_is_compiled_once_and_hashed_only_when_first_seen(monkeypatch):
     # TFF's compile cache hashed the computation, i.e. serialized its whole proto, at every
     # invocation; an equal new object must still reuse the compiled result, as TFF's did.

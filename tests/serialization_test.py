@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
-from tensorflow_federated.proto.v0 import executor_pb2
+from tensorflow_federated.proto.v0 import array_pb2, data_type_pb2, executor_pb2
+from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 from tensorflow_federated.python.core.impl.utils import tensorflow_utils
@@ -308,3 +309,116 @@ def test_a_groups_ids_go_as_one_dataset_and_arrive_as_they_were(monkeypatch):
     received, received_type = value_serialization.deserialize_value(sent, ids_type)
     assert [[x.decode() for x in d.as_numpy_iterator()] for d in received] == ids
     assert received_type == ids_type
+
+
+def _same_value(got, expected, where="value") -> None:
+    """`got` is what TFF's deserializer gives: the same containers, names, dtypes, shapes and bits."""
+    assert type(got) is type(expected), where
+    if isinstance(expected, structure.Struct):
+        got_elements, expected_elements = structure.to_elements(got), structure.to_elements(expected)
+        assert [n for n, _ in got_elements] == [n for n, _ in expected_elements], where
+        for (name, g), (_, e) in zip(got_elements, expected_elements, strict=True):
+            _same_value(g, e, f"{where}.{name}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            _same_value(g, e, f"{where}[{i}]")
+    elif isinstance(expected, np.ndarray | np.generic):
+        assert (got.dtype, got.shape, got.tobytes()) == (expected.dtype, expected.shape, expected.tobytes()), where
+    elif isinstance(expected, tf.data.Dataset):
+        assert list(got.as_numpy_iterator()) == list(expected.as_numpy_iterator()), where
+    else:
+        assert got == expected, where
+
+
+def _reads_as_tff(data: bytes, type_hint) -> tuple[object, object]:
+    """tffpipe's reading of `data` (an `executor_pb2.Value`), checked against TFF's: value and type, or error."""
+    try:
+        expected = value_serialization.deserialize_value(executor_pb2.Value.FromString(data), type_hint)
+    except Exception as e:  # noqa: BLE001  (then tffpipe must raise the same)
+        with pytest.raises(type(e)) as raised:
+            serialization.deserialize_value(data, type_hint)
+        assert str(raised.value) == str(e)
+        return None, None
+    got = serialization.deserialize_value(data, type_hint)
+    _same_value(got[0], expected[0])
+    assert got[1] == expected[1]
+    return got
+
+
+def _read_both_ways(value, type_spec) -> None:
+    data = _tff_bytes(value, type_spec)
+    _reads_as_tff(data, type_spec)
+    _reads_as_tff(data, None)  # no hint: the types come from the bytes
+
+
+@pytest.mark.parametrize("name", STATES)
+def test_a_states_bytes_and_a_rounds_argument_read_back_as_tff_reads_them(next_arguments, name):
+    state, ids, (state_type, ids_type) = next_arguments[name]
+    _read_both_ways(state, state_type)
+    if not isinstance(ids_type.member, computation_types.SequenceType):
+        _read_both_ways(ids, ids_type)
+    else:  # a group's ids: datasets, left to TFF's deserializer
+        _reads_as_tff(_tffpipe_bytes(ids, ids_type), ids_type)
+
+
+@pytest.mark.parametrize("name", EDGES)
+def test_edge_cases_read_back_as_tff_reads_them(name):
+    _read_both_ways(*EDGES[name])
+
+
+def test_arrays_are_read_in_place_and_the_rest_by_tff(monkeypatch):
+    # A worker's partial aggregate: a server value of arrays, a count, a scalar. Each array is a
+    # view of the bytes received (no copy), read without TFF; the scalars go to TFF.
+    left_to_tff = []
+    deserialize = value_serialization.deserialize_value
+    monkeypatch.setattr(
+        value_serialization, "deserialize_value", lambda v, t=None: left_to_tff.append(t) or deserialize(v, t)
+    )
+    member = computation_types.StructType(
+        [
+            ("sum", T(np.float32, [2, 500])),
+            ("n", T(np.int64)),
+            ("means", computation_types.StructType([T(np.float64, [3])])),
+        ]
+    )
+    value_type = computation_types.FederatedType(member, placements.SERVER)
+    value = collections.OrderedDict(sum=np.ones((2, 500), np.float32), n=np.int64(7), means=[np.arange(3.0)])
+    proto = value_serialization.serialize_value(value, value_type)[0]
+    proto.federated.type.all_equal = False  # as the C++ worker returns it: all_equal comes from the type
+    data = executor_pb2.ComputeResponse(value=proto).SerializeToString()
+    _reads_as_tff(proto.SerializeToString(), value_type)
+    left_to_tff.clear()
+    got, got_type = serialization.deserialize_compute_response(data, value_type)
+    assert got_type == value_type
+    assert left_to_tff == [member["n"]]  # only the count
+    for array, expected in ((got["sum"], value["sum"]), (got["means"][0], value["means"][0])):
+        assert array.tobytes() == expected.tobytes() and array.shape == expected.shape
+        assert np.shares_memory(array, np.frombuffer(data, np.uint8)) and not array.flags.writeable
+    assert got["n"] == 7 and type(got["n"]) is np.int64
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("nothing", b""),
+        ("truncated", _tff_bytes(np.ones(4, np.float32), T(np.float32, [4]))[:-3]),
+        (
+            "a federated value without members",
+            executor_pb2.Value(federated=executor_pb2.Value.Federated()).SerializeToString(),
+        ),
+        (
+            "a struct element without a value",
+            executor_pb2.Value(
+                struct=executor_pb2.Value.Struct(element=[executor_pb2.Value.Struct.Element(name="a")])
+            ).SerializeToString(),
+        ),
+        (
+            "an array without content",
+            executor_pb2.Value(array=array_pb2.Array(dtype=data_type_pb2.DT_FLOAT)).SerializeToString(),
+        ),
+    ],
+)
+def test_malformed_values_fail_as_in_tff(name, data):
+    _reads_as_tff(data, None)
+    _reads_as_tff(data, T(np.float32, [4]))
