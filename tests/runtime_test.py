@@ -18,6 +18,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow.python.framework import ops as tf_ops
+from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
 from tests import conftest
@@ -105,6 +106,34 @@ def test_executors_of_cohort_sizes_no_longer_used_are_closed():
     assert all(e.closed for e in made)
     with pytest.raises(ValueError, match="kept must be at least 1"):
         runtime.ExecutorPerCohortSize(lambda c: None, kept=0)
+
+
+def test_a_computation_goes_to_a_workers_executor_once_while_that_executor_lives(tff_context, monkeypatch):
+    # TFF sent the computation with every invocation (W1's up_to_merge: 347 KB, each worker, each round).
+    sent = []
+    create = runtime._Stub.create_value_serialized
+
+    def recording(stub, request):
+        sent.append(executor_pb2.CreateValueRequest.FromString(request).value.WhichOneof("value"))
+        return create(stub, request)
+
+    monkeypatch.setattr(runtime._Stub, "create_value_serialized", recording)
+
+    @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+    def total(x):
+        return tff.federated_sum(x)
+
+    def call(n: int) -> list[str]:
+        sent.clear()
+        assert total([1.0] * n) == n
+        return sent.count("computation")
+
+    assert call(2) == 1  # a new computation for this executor
+    assert [call(2), call(2)] == [0, 0]  # kept on the worker's executor
+    assert call(3) == 1  # another cohort size: another executor
+    assert call(2) == 0  # two executors are kept: this one still holds it
+    call(4), call(5)  # push the executor of 2 clients out (closed on the worker)
+    assert call(2) == 1  # a new executor: sent again
 
 
 _NOBODY_PYTHON = "/usr/bin/python3"  # the venv's interpreter may sit where `nobody` cannot enter
