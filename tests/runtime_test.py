@@ -135,6 +135,23 @@ def test_a_computation_goes_to_a_workers_executor_once_while_that_executor_lives
     call(4), call(5)  # push the executor of 2 clients out (closed on the worker)
     assert call(2) == 1  # a new executor: sent again
 
+    # The 8 most recently used are kept: a ninth pushes the oldest out (its value disposed of).
+    def scaled(k: float):
+        @tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+        def scaled_sum(x):
+            return tff.federated_map(tff.tensorflow.computation(lambda v: v * k, np.float32), tff.federated_sum(x))
+
+        return scaled_sum
+
+    others = [scaled(float(k)) for k in range(1, 9)]
+    for comp in others:
+        sent.clear()
+        assert comp([1.0, 2.0]) == 3.0 * float(others.index(comp) + 1) and sent.count("computation") == 1
+    assert call(2) == 1  # total was the oldest of nine
+    sent.clear()
+    others[-1]([1.0, 2.0])
+    assert sent.count("computation") == 0
+
 
 _NOBODY_PYTHON = "/usr/bin/python3"  # the venv's interpreter may sit where `nobody` cannot enter
 
@@ -735,6 +752,43 @@ def test_a_fold_of_local_merges_adds_into_its_own_accumulator_and_never_into_a_w
     second, held = kept.run(tff.structure.Struct.unnamed(first, partials[2]))
     assert second.sum is not first.sum and first.sum.tobytes() == snapshot.tobytes()
     assert held.tobytes() == snapshot.tobytes()
+
+
+def test_a_merge_returning_one_sum_twice_gives_two_arrays_and_its_fold_tensorflows_bits(monkeypatch):
+    # TensorFlow returns an array per output; two outputs of one sum must not come back as one
+    # object, or the next merge, adding into one of them, would change the other before reading it.
+    t = tff.TensorType(np.float32, [1000])
+    accumulator = tff.StructType([("x", t), ("y", t), ("z", t)])
+
+    @tff.tensorflow.computation(accumulator, accumulator)
+    def merge(a, b):
+        total = a.x + b.x
+        return collections.OrderedDict(x=total, y=total, z=a.y + b.y)
+
+    @tff.tensorflow.computation(accumulator, accumulator)
+    def chained(a, b):  # a sum of sums: TensorFlow's optimizer may round it otherwise; it stays in TensorFlow
+        return collections.OrderedDict(x=(a.x + b.x) + a.y, y=a.y, z=a.z)
+
+    rng = np.random.default_rng(3)
+    partials = [
+        tff.structure.Struct([(n, rng.standard_normal(1000).astype(np.float32)) for n in "xyz"]) for _ in range(3)
+    ]
+    converted = []
+    convert = tf.convert_to_tensor
+    monkeypatch.setattr(tf, "convert_to_tensor", lambda *a, **k: converted.append(a) or convert(*a, **k))
+    local, in_tensorflow = runtime._LocalMerge.of(merge), runtime._LocalMerge.of(merge, numpy=False)
+    first = local.run(tff.structure.Struct.unnamed(partials[0], partials[1]))
+    assert first.x is not first.y and not converted
+    got = local.run(tff.structure.Struct.unnamed(first, partials[2]))
+    expected = in_tensorflow.run(
+        tff.structure.Struct.unnamed(
+            in_tensorflow.run(tff.structure.Struct.unnamed(partials[0], partials[1])), partials[2]
+        )
+    )
+    assert all(got[n].tobytes() == expected[n].tobytes() for n in "xyz")
+    converted.clear()
+    runtime._LocalMerge.of(chained).run(tff.structure.Struct.unnamed(partials[0], partials[1]))
+    assert converted
 
 
 def test_a_computation_is_compiled_once_and_hashed_only_when_first_seen(monkeypatch):

@@ -368,8 +368,9 @@ def test_edge_cases_read_back_as_tff_reads_them(name):
 
 
 def test_arrays_are_read_in_place_and_the_rest_by_tff(monkeypatch):
-    # A worker's partial aggregate: a server value of arrays, a count, a scalar. Each array is a
-    # view of the bytes received (no copy), read without TFF; the scalars go to TFF.
+    # A worker's partial aggregate: a server value of arrays, a count, a scalar. A large array is
+    # a view of the bytes received (no copy), a small one a copy (it would hold all the bytes),
+    # both read-only and read without TFF; the scalars go to TFF.
     left_to_tff = []
     deserialize = value_serialization.deserialize_value
     monkeypatch.setattr(
@@ -377,25 +378,41 @@ def test_arrays_are_read_in_place_and_the_rest_by_tff(monkeypatch):
     )
     member = computation_types.StructType(
         [
-            ("sum", T(np.float32, [2, 500])),
+            ("sum", T(np.float32, [2, 10_000])),
             ("n", T(np.int64)),
             ("means", computation_types.StructType([T(np.float64, [3])])),
         ]
     )
     value_type = computation_types.FederatedType(member, placements.SERVER)
-    value = collections.OrderedDict(sum=np.ones((2, 500), np.float32), n=np.int64(7), means=[np.arange(3.0)])
+    value = collections.OrderedDict(sum=np.ones((2, 10_000), np.float32), n=np.int64(7), means=[np.arange(3.0)])
     proto = value_serialization.serialize_value(value, value_type)[0]
     proto.federated.type.all_equal = False  # as the C++ worker returns it: all_equal comes from the type
     data = executor_pb2.ComputeResponse(value=proto).SerializeToString()
     _reads_as_tff(proto.SerializeToString(), value_type)
+    expected = deserialize(proto, value_type)[0]
     left_to_tff.clear()
-    got, got_type = serialization.deserialize_compute_response(data, value_type)
-    assert got_type == value_type
+    got = serialization.deserialize_compute_response(data, value_type)
+    _same_value(got, expected)
     assert left_to_tff == [member["n"]]  # only the count
-    for array, expected in ((got["sum"], value["sum"]), (got["means"][0], value["means"][0])):
-        assert array.tobytes() == expected.tobytes() and array.shape == expected.shape
-        assert np.shares_memory(array, np.frombuffer(data, np.uint8)) and not array.flags.writeable
+    received = np.frombuffer(data, np.uint8)
+    assert np.shares_memory(got["sum"], received) and not got["sum"].flags.writeable
+    assert not np.shares_memory(got["means"][0], received) and not got["means"][0].flags.writeable
     assert got["n"] == 7 and type(got["n"]) is np.int64
+    # A response protobuf would merge (two values) is read by protobuf and TFF, as before.
+    twice = data + executor_pb2.ComputeResponse(value=proto).SerializeToString()
+    expected = value_serialization.deserialize_value(executor_pb2.ComputeResponse.FromString(twice).value, None)[0]
+    _same_value(serialization.deserialize_compute_response(twice, None), expected)
+
+
+def _element(name: bytes, *values: bytes) -> bytes:
+    """A struct's element with `name` (any bytes) and each of `values` (serialized `Value`s), on the wire."""
+    fields = [(1, name)] + [(2, v) for v in values]
+    return b"".join(serialization._varint(n << 3 | 2) + serialization._varint(len(b)) + b for n, b in fields)
+
+
+def _struct_of(*elements: bytes) -> bytes:
+    inner = b"".join(serialization._varint(1 << 3 | 2) + serialization._varint(len(e)) + e for e in elements)
+    return serialization._varint(3 << 3 | 2) + serialization._varint(len(inner)) + inner
 
 
 @pytest.mark.parametrize(
@@ -417,8 +434,25 @@ def test_arrays_are_read_in_place_and_the_rest_by_tff(monkeypatch):
             "an array without content",
             executor_pb2.Value(array=array_pb2.Array(dtype=data_type_pb2.DT_FLOAT)).SerializeToString(),
         ),
+        (
+            "an element with two values (protobuf merges them)",
+            _struct_of(
+                _element(
+                    b"a",
+                    _tff_bytes(np.ones(4, np.float32), T(np.float32, [4])),
+                    _tff_bytes(np.zeros(4, np.float32), T(np.float32, [4])),
+                )
+            ),
+        ),
+        (
+            "a name that is not UTF-8",
+            _struct_of(_element(b"\xff", _tff_bytes(np.ones(4, np.float32), T(np.float32, [4])))),
+        ),
     ],
 )
-def test_malformed_values_fail_as_in_tff(name, data):
+def test_malformed_values_read_as_tff_reads_them(name, data):
+    # TFF's value or error, whichever it gives, with or without a hint.
     _reads_as_tff(data, None)
-    _reads_as_tff(data, T(np.float32, [4]))
+    _reads_as_tff(data, T(np.float32, [4]) if not name.startswith(("an element", "a name")) else None)
+    if name.startswith(("an element", "a name")):
+        _reads_as_tff(data, computation_types.StructType([("a", T(np.float32, [4]))]))

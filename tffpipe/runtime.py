@@ -595,7 +595,8 @@ class _RemoteExecutor(remote_executor.RemoteExecutor):
             serialized, value_type = serialization.serialize_to_bytes(value, type_spec, self._computations)
         request = serialization.create_value_request(serialized, self._executor_id)
         response = self._stub.create_value_serialized(request)
-        result = remote_executor.RemoteValue(response.value_ref, value_type, self)
+        # A computation kept here is not disposed of at exit: its worker may be gone by then.
+        result = remote_executor.RemoteValue(response.value_ref, value_type, self, dispose_at_exit=not function)
         if function:
             self._functions[key] = (value, type_spec, self._executor_id, result)
             while len(self._functions) > self._functions_kept:
@@ -603,14 +604,15 @@ class _RemoteExecutor(remote_executor.RemoteExecutor):
         return result
 
     def close(self):
-        self._functions.clear()
-        super().close()
+        try:
+            super().close()  # the executor first: its values then go with it, not one by one
+        finally:
+            self._functions.clear()
 
     async def _compute(self, value_ref, type_spec):
         self._check_has_executor_id()
         request = executor_pb2.ComputeRequest(executor=self._executor_id, value_ref=value_ref)
-        value, _ = serialization.deserialize_compute_response(self._stub.compute_serialized(request), type_spec)
-        return value
+        return serialization.deserialize_compute_response(self._stub.compute_serialized(request), type_spec)
 
 
 def _executors(
@@ -865,8 +867,16 @@ def _numpy_graph(graph_def, inputs: list[str], outputs: list[str]) -> Callable[[
             return False  # no value
         if not all(visit(i) for i in data_inputs):
             return False
+        if node.op in ("AddV2", "Add") and not all(source(i) in ("Placeholder", "Const") for i in data_inputs):
+            # A sum of sums: TensorFlow's optimizer may make it one AddN, rounded otherwise than two adds.
+            return False
         steps[name] = (node.op, data_inputs, None)
         return True
+
+    def source(name: str) -> str:
+        """The op of node `name` (visited), looking through identities."""
+        op, args, _ = steps[name]
+        return source(args[0]) if op == "Identity" else op
 
     output_nodes = [name.split(":")[0] for name in outputs]
     if not all(visit(name) for name in output_nodes):
@@ -901,10 +911,11 @@ def _numpy_graph(graph_def, inputs: list[str], outputs: list[str]) -> Callable[[
         key = id(array)
         made[key] = weakref.ref(array, lambda _: made.pop(key, None))
 
-    def add(name: str, first, other):
+    def add(name: str, first, other, values: list):
         if (
             name in reused
             and ours(first)
+            and sum(v is first for v in values) == 1  # not fed twice
             and first.dtype == np.result_type(first, other)
             and np.broadcast_shapes(first.shape, np.shape(other)) == first.shape
         ):
@@ -926,7 +937,7 @@ def _numpy_graph(graph_def, inputs: list[str], outputs: list[str]) -> Callable[[
                 elif op == "ConcatV2":
                     computed[name] = np.concatenate([value(a) for a in args[:-1]], axis=int(value(args[-1])))
                 else:
-                    computed[name] = add(args[0], value(args[0]), value(args[1]))
+                    computed[name] = add(args[0], value(args[0]), value(args[1]), values)
             return computed[name]
 
         # As TensorFlow's `.numpy()`: a new array for each output (a copy where the output is an
@@ -936,7 +947,7 @@ def _numpy_graph(graph_def, inputs: list[str], outputs: list[str]) -> Callable[[
         with np.errstate(all="ignore"):
             for name in output_nodes:
                 result = value(name)
-                if not fresh(name):
+                if not fresh(name) or any(r is result for r in results):  # as TensorFlow: an array each
                     result = np.array(result, copy=True)
                 if result.ndim:
                     remember(result)

@@ -136,13 +136,21 @@ class _TffReads(Exception):  # noqa: N818  (not an error: the value goes to TFF'
     pass
 
 
-def deserialize_compute_response(data: bytes, type_hint=None) -> tuple[object, computation_types.Type]:
-    """`deserialize_value` of the value in a serialized `executor_pb2.ComputeResponse`."""
-    value = None
-    for number, wire, field, _, _ in _fields(memoryview(data)):
-        if number == _RESPONSE_VALUE and wire == _LENGTH_DELIMITED:
-            value = field  # as protobuf: the last one
-    return deserialize_value(value if value is not None else b"", type_hint)
+def deserialize_compute_response(data: bytes, type_hint) -> object:
+    """The value in a serialized `executor_pb2.ComputeResponse`: `deserialize_value(...)[0]`, its type not made.
+
+    A remote executor's `compute` returns the value only; the types TFF's deserializer
+    builds along the way (a `StructType` per struct, each checking its elements) are
+    skipped where `type_hint` gives them.
+    """
+    try:
+        values = [field for number, _, field, _, _ in _fields(memoryview(data)) if number == _RESPONSE_VALUE]
+        if len(values) != 1 or not isinstance(values[0], memoryview):
+            raise _TffReads  # none, or several (protobuf merges them)
+        return _read_value(values[0], type_hint, typed=type_hint is None)[0]
+    except _TffReads:
+        response = executor_pb2.ComputeResponse.FromString(data)  # protobuf's reading, or its error
+        return value_serialization.deserialize_value(response.value, type_hint)[0]
 
 
 def deserialize_value(data: bytes | memoryview, type_hint=None) -> tuple[object, computation_types.Type]:
@@ -151,35 +159,48 @@ def deserialize_value(data: bytes | memoryview, type_hint=None) -> tuple[object,
     What a worker returns (W1's partial aggregate: 4.8 MB, one per worker per round) went
     through three copies here: the proto parsed from the received bytes, each array's
     `content` copied out of the proto, and TFF's tree of spans and type checks around it.
-    This reads the wire format itself, and each array is a read-only view of `data`
-    (`np.frombuffer`, as TFF's `array.from_proto_content` is of its copy). Structs and
-    federated values of non-scalar, non-string arrays are read here; anything else (a
-    scalar, strings, a sequence, a computation, a malformed value) goes to TFF's
-    deserializer, which gives its value or its error (tests/serialization_test.py checks
-    that both give equal values and types).
+    This reads the wire format itself, and each array of 64 KiB or more is a read-only view
+    of `data` (`np.frombuffer`, as TFF's `array.from_proto_content` is of its copy; a
+    smaller one is copied, so that it does not hold all of `data`). Structs and federated
+    values are read here, arrays' contents too; anything else (a scalar, strings, a
+    sequence, a computation, a malformed value) goes to TFF's deserializer, which gives
+    its value or its error (tests/serialization_test.py checks that both give equal values
+    and types).
     """
     view = memoryview(data)
     try:
-        return _read_value(view, type_hint)
+        return _read_value(view, type_hint, typed=True)
     except _TffReads:
-        return value_serialization.deserialize_value(executor_pb2.Value.FromString(bytes(view)), type_hint)
+        return _tff_reads(view, type_hint)
 
 
-def _read_value(view: memoryview, type_hint) -> tuple[object, computation_types.Type]:
+def _tff_reads(view: memoryview, type_hint) -> tuple[object, computation_types.Type]:
+    return value_serialization.deserialize_value(executor_pb2.Value.FromString(bytes(view)), type_hint)
+
+
+def _read_value(view: memoryview, type_hint, typed: bool) -> tuple[object, computation_types.Type | None]:
+    """(value, its type, or None unless `typed`), or _TffReads for TFF's deserializer."""
     fields = list(_fields(view))
     if len(fields) != 1 or fields[0][1] != _LENGTH_DELIMITED:
         raise _TffReads
     number, _, body, _, _ = fields[0]
     if number == _VALUE_STRUCT:
-        return _read_struct(body, type_hint)
+        return _read_struct(body, type_hint, typed)
     if number == _VALUE_ARRAY:
-        return _read_array(body, type_hint)
+        return _read_array(body, type_hint, typed)
     if number == _VALUE_FEDERATED:
-        return _read_federated(body, type_hint)
+        return _read_federated(body, type_hint, typed)
     raise _TffReads
 
 
-def _read_struct(body: memoryview, type_hint) -> tuple[object, computation_types.Type]:
+def _read_element(view: memoryview, type_hint, typed: bool) -> tuple[object, computation_types.Type | None]:
+    try:
+        return _read_value(view, type_hint, typed)
+    except _TffReads:
+        return _tff_reads(view, type_hint)
+
+
+def _read_struct(body: memoryview, type_hint, typed: bool) -> tuple[object, computation_types.Type | None]:
     # As TFF's `_deserialize_struct_value`.
     if type_hint is not None and not isinstance(type_hint, computation_types.StructType):
         raise _TffReads
@@ -187,52 +208,61 @@ def _read_struct(body: memoryview, type_hint) -> tuple[object, computation_types
     for number, wire, element, _, _ in _fields(body):
         if number != _STRUCT_ELEMENT or wire != _LENGTH_DELIMITED:
             raise _TffReads
-        name, value = "", None
+        names, values = [], []
         for inner, inner_wire, field, _, _ in _fields(element):
             if inner_wire != _LENGTH_DELIMITED or inner not in (_ELEMENT_NAME, _ELEMENT_VALUE):
                 raise _TffReads
-            if inner == _ELEMENT_NAME:
-                name = str(field, "utf-8")
-            else:
-                value = field
-        if value is None:
-            raise _TffReads
-        elements.append((name or None, value))
+            (names if inner == _ELEMENT_NAME else values).append(field)
+        if len(values) != 1:
+            raise _TffReads  # none (TFF's error), or several (protobuf merges them)
+        try:
+            name = str(names[-1], "utf-8") if names else ""
+        except UnicodeDecodeError:
+            raise _TffReads from None  # protobuf's error
+        elements.append((name or None, values[0]))
     element_types = tuple(type_hint) if type_hint is not None else [None] * len(elements)
     values, types = [], []
     for (name, element), element_type in zip(elements, element_types, strict=False):  # as TFF's
-        value, value_type = deserialize_value(element, element_type)
+        value, value_type = _read_element(element, element_type, typed)
         values.append((name, value))
         types.append((name, value_type) if name else value_type)
-    return structure.Struct(values), computation_types.StructType(types)
+    return structure.Struct(values), computation_types.StructType(types) if typed else None
 
 
-def _read_array(body: memoryview, type_hint) -> tuple[object, computation_types.Type]:
-    # As TFF's `_deserialize_tensor_value` and `array.from_proto_content`, for a non-scalar
-    # array with `content`; the rest of the message (dtype, shape: a few bytes) parsed by protobuf.
+_COPIED_BELOW = 1 << 16  # bytes: a smaller array is copied out of the message, not viewed
+
+
+def _read_array(body: memoryview, type_hint, typed: bool) -> tuple[object, computation_types.Type | None]:
+    # As TFF's `_deserialize_tensor_value` and `array.from_proto_content` for a non-scalar array
+    # with `content`, the rest of the message (dtype, shape: a few bytes) parsed by protobuf; TFF's
+    # own `_deserialize_tensor_value` for a scalar or strings (repeated fields).
     if type_hint is not None and not isinstance(type_hint, computation_types.TensorType):
         raise _TffReads
-    content, rest = None, []
+    content, rest = [], []
     for number, wire, field, start, end in _fields(body):
         if number == _ARRAY_CONTENT and wire == _LENGTH_DELIMITED:
-            content = field
+            content.append(field)
         else:
             rest.append(body[start:end])
-    if content is None:
-        raise _TffReads
     header = array_pb2.Array.FromString(b"".join(rest))
-    if header.WhichOneof("kind") is not None:
-        raise _TffReads
     dtype = dtype_utils.from_proto(header.dtype)
     shape = array_shape.from_proto(header.shape)
-    type_spec = type_hint if type_hint is not None else computation_types.TensorType(dtype, shape)
-    if array_shape.is_shape_scalar(type_spec.shape) or type_spec.dtype.type is np.str_ or dtype is np.str_:
+    hint_shape, hint_dtype = (type_hint.shape, type_hint.dtype.type) if type_hint is not None else (shape, dtype)
+    if len(content) != 1 or header.WhichOneof("kind") is not None or array_shape.is_shape_scalar(hint_shape):
         raise _TffReads
-    value = np.frombuffer(content, dtype)
-    return (value.reshape(shape) if not array_shape.is_shape_scalar(shape) else dtype(value.item())), type_spec
+    if hint_dtype is np.str_ or dtype is np.str_:
+        raise _TffReads
+    value = np.frombuffer(content[0], dtype)
+    if value.nbytes < _COPIED_BELOW:
+        value = value.copy()
+        value.flags.writeable = False  # as the view would be
+    value = value.reshape(shape) if not array_shape.is_shape_scalar(shape) else dtype(value.item())
+    if not typed:
+        return value, None
+    return value, type_hint if type_hint is not None else computation_types.TensorType(dtype, shape)
 
 
-def _read_federated(body: memoryview, type_hint) -> tuple[object, computation_types.Type]:
+def _read_federated(body: memoryview, type_hint, typed: bool) -> tuple[object, computation_types.Type | None]:
     # As TFF's `_deserialize_federated_value`; the type (a few bytes) parsed by protobuf.
     if type_hint is not None and not isinstance(type_hint, computation_types.FederatedType):
         raise _TffReads
@@ -250,15 +280,15 @@ def _read_federated(body: memoryview, type_hint) -> tuple[object, computation_ty
     member_hint = type_hint.member if type_hint is not None else None
     member_type, values = None, []
     for member in members[:1] if all_equal else members:
-        value, value_type = deserialize_value(member, member_hint)
-        member_type = value_serialization._ensure_deserialized_types_compatible(member_type, value_type)  # noqa: SLF001
+        value, value_type = _read_element(member, member_hint, typed)
+        if typed:
+            member_type = value_serialization._ensure_deserialized_types_compatible(member_type, value_type)  # noqa: SLF001
         values.append(value)
-    type_spec = computation_types.FederatedType(
-        member_type,
-        placement=placements.uri_to_placement_literal(federated_type.placement.value.uri),
-        all_equal=all_equal,
-    )
-    return (values[0] if all_equal else values), type_spec
+    placement = placements.uri_to_placement_literal(federated_type.placement.value.uri)  # TFF's error for a bad one
+    value = values[0] if all_equal else values
+    if not typed:
+        return value, None
+    return value, computation_types.FederatedType(member_type, placement=placement, all_equal=all_equal)
 
 
 def _fields(view: memoryview):
@@ -329,7 +359,7 @@ def _elements(value: object) -> list | None:
     """The values of `structure.to_elements(structure.from_container(value))`, None for a non-container.
 
     Without making the `Struct` for the containers TFF's conversions give (a struct, a
-    list, a tuple, a dict in its order): `from_container` asks every value whether it is a
+    list, a tuple, a dict of names in its order): `from_container` asks every value whether it is a
     named tuple (a `typing.Protocol` check: ~20 us), and the struct checks every element
     (W1: a walk of each partial aggregate at every merge).
     """
@@ -338,7 +368,7 @@ def _elements(value: object) -> list | None:
         return [v for _, v in structure.iter_elements(value)]
     if kind in (list, tuple):  # exactly: a named tuple goes to TFF
         return list(value)
-    if kind in (dict, collections.OrderedDict):
+    if kind in (dict, collections.OrderedDict) and all(type(k) is str for k in value):
         return list(value.values())
     try:
         return [v for _, v in structure.to_elements(structure.from_container(value))]
