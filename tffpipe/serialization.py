@@ -208,11 +208,7 @@ def _read_struct(body: memoryview, type_hint, typed: bool) -> tuple[object, comp
     for number, wire, element, _, _ in _fields(body):
         if number != _STRUCT_ELEMENT or wire != _LENGTH_DELIMITED:
             raise _TffReads
-        names, values = [], []
-        for inner, inner_wire, field, _, _ in _fields(element):
-            if inner_wire != _LENGTH_DELIMITED or inner not in (_ELEMENT_NAME, _ELEMENT_VALUE):
-                raise _TffReads
-            (names if inner == _ELEMENT_NAME else values).append(field)
+        names, values = _two_fields(element, _ELEMENT_NAME, _ELEMENT_VALUE)
         if len(values) != 1:
             raise _TffReads  # none (TFF's error), or several (protobuf merges them)
         try:
@@ -266,11 +262,7 @@ def _read_federated(body: memoryview, type_hint, typed: bool) -> tuple[object, c
     # As TFF's `_deserialize_federated_value`; the type (a few bytes) parsed by protobuf.
     if type_hint is not None and not isinstance(type_hint, computation_types.FederatedType):
         raise _TffReads
-    type_bytes, members = [], []
-    for number, wire, field, _, _ in _fields(body):
-        if wire != _LENGTH_DELIMITED or number not in (_FEDERATED_TYPE, _FEDERATED_VALUE):
-            raise _TffReads
-        (type_bytes if number == _FEDERATED_TYPE else members).append(field)
+    type_bytes, members = _two_fields(body, _FEDERATED_TYPE, _FEDERATED_VALUE)
     if not members:
         raise _TffReads  # TFF raises its error
     federated_type = computation_pb2.FederatedType()
@@ -289,6 +281,16 @@ def _read_federated(body: memoryview, type_hint, typed: bool) -> tuple[object, c
     if not typed:
         return value, None
     return value, computation_types.FederatedType(member_type, placement=placement, all_equal=all_equal)
+
+
+def _two_fields(view: memoryview, first: int, second: int) -> tuple[list, list]:
+    """The values of fields `first` and `second` (length-delimited) of a message that has no others."""
+    found: tuple[list, list] = ([], [])
+    for number, wire, field, _, _ in _fields(view):
+        if wire != _LENGTH_DELIMITED or number not in (first, second):
+            raise _TffReads
+        found[number == second].append(field)
+    return found
 
 
 def _fields(view: memoryview):
