@@ -116,7 +116,9 @@ def test_without_retries_the_run_stops_at_its_checkpoint_and_the_rerun_resumes_e
     _, err = run.communicate(timeout=240)
     assert run.returncode == 1, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "stopped during a round" in lines[0] and "rerun the same command to resume" in lines[0]
+    assert (
+        len(lines) == 1 and "stopped during a round" in lines[0] and "rerun the same command to resume" in lines[0]
+    ), err
     again = train("--rounds=6", "--experiment=stopped", "--local_workers=2", cache=cache, root=runs)
     assert again.returncode == 0, again.stderr
     assert "resuming" in again.stdout
