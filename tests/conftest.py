@@ -166,3 +166,27 @@ def pytest_collection_modifyitems(items):
             shared[item] = keys
     for item, keys in shared.items():
         item.add_marker(pytest.mark.xdist_group(find(keys[0])))
+
+
+def same_value(got, expected, where="value") -> None:
+    """`got` is what TFF's deserializer gives: the same containers, names, dtypes, shapes and bits."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow_federated.python.common_libs import structure
+
+    assert type(got) is type(expected), where
+    if isinstance(expected, structure.Struct):
+        got_elements, expected_elements = structure.to_elements(got), structure.to_elements(expected)
+        assert [n for n, _ in got_elements] == [n for n, _ in expected_elements], where
+        for (name, g), (_, e) in zip(got_elements, expected_elements, strict=True):
+            same_value(g, e, f"{where}.{name}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+            same_value(g, e, f"{where}[{i}]")
+    elif isinstance(expected, np.ndarray | np.generic):
+        assert (got.dtype, got.shape, got.tobytes()) == (expected.dtype, expected.shape, expected.tobytes()), where
+    elif isinstance(expected, tf.data.Dataset):
+        assert list(got.as_numpy_iterator()) == list(expected.as_numpy_iterator()), where
+    else:
+        assert got == expected, where

@@ -531,8 +531,22 @@ COMPRESSION_STEP = 2e-3
 
 @pytest.mark.parametrize("values", OVER_WORKERS.values(), ids=OVER_WORKERS.keys())
 def test_every_algorithm_and_aggregator_gives_over_two_workers_what_one_gives(
-    values, one_and_two_workers, tiny_data_dir
+    values, one_and_two_workers, tiny_data_dir, monkeypatch
 ):
+    # Every result a worker returns (partial aggregates, after_merge's, one worker's) is read in
+    # place; here each is also read by TFF's deserializer, and the two must be equal.
+    from tensorflow_federated.python.core.impl.executors import value_serialization
+
+    read, compared = serialization.deserialize_compute_response, []
+
+    def read_both_ways(data, type_hint):
+        got = read(data, type_hint)
+        response = executor_pb2.ComputeResponse.FromString(data)
+        conftest.same_value(got, value_serialization.deserialize_value(response.value, type_hint)[0])
+        compared.append(type_hint)
+        return got
+
+    monkeypatch.setattr(serialization, "deserialize_compute_response", read_both_ways)
     config = configs.build({"model": "linear", "clients_per_round": 6, "seed": 3, **values})
     task = conftest.emnist_task(tiny_data_dir, "linear")
     plan = accounting.create_plan(config, population=len(task.train_data.client_ids))
@@ -548,6 +562,7 @@ def test_every_algorithm_and_aggregator_gives_over_two_workers_what_one_gives(
             state = output.state
         results.append((weights, output.metrics))
     (one, one_metrics), (two, two_metrics) = results
+    assert len(compared) >= 6  # each round's results over one and over two workers were compared
     tolerance = COMPRESSION_STEP if config.compression else 1e-5
     assert _largest_difference(one, two) < tolerance
     # Both moved the model, by far more than they may differ: two rounds that change nothing fail here.
@@ -560,6 +575,42 @@ def test_every_algorithm_and_aggregator_gives_over_two_workers_what_one_gives(
     flat_one, flat_two = tff.structure.flatten(one_metrics), tff.structure.flatten(two_metrics)
     rtol = 1e-3 if config.compression else 1e-4
     np.testing.assert_allclose(np.asarray(flat_one, np.float64), np.asarray(flat_two, np.float64), rtol=rtol, atol=1e-5)
+
+
+def _random_value(type_spec, rng):
+    """A value of `type_spec` (structs and tensors; an unknown dimension is 3), every float exponent."""
+    if isinstance(type_spec, tff.StructType):
+        return tff.structure.Struct([(n, _random_value(t, rng)) for n, t in tff.structure.iter_elements(type_spec)])
+    shape = [3 if d is None else d for d in type_spec.shape]
+    dtype = np.dtype(type_spec.dtype.type)
+    if dtype.kind == "f":
+        value = (rng.standard_normal(shape) * 10.0 ** rng.integers(-20, 20, shape)).astype(dtype)
+    else:
+        value = rng.integers(0, 1000, shape).astype(dtype)
+    return value if shape else value[()]
+
+
+@pytest.mark.parametrize("values", OVER_WORKERS.values(), ids=OVER_WORKERS.keys())
+def test_each_algorithms_merge_folds_in_numpy_to_tensorflows_bits(values, tiny_data_dir, tff_context):
+    # Two workers make one merge; from three on the fold adds into its own accumulator: every
+    # algorithm's and aggregator's merge, folded over four partial aggregates, as TensorFlow folds them.
+    config = configs.build({"model": "linear", "clients_per_round": 6, "seed": 3, **values})
+    task = conftest.emnist_task(tiny_data_dir, "linear")
+    process = algorithms.build_learning_process(task, config, accounting.create_plan(config, population=100))
+    merge = runtime._compile_with_local_merge(process.next).merge
+    assert isinstance(merge, runtime._LocalMerge)
+    in_tensorflow = runtime._LocalMerge.of(merge._merge, numpy=False)
+    rng = np.random.default_rng(11)
+    partials = [_random_value(merge.type_signature.result, rng) for _ in range(4)]
+    got = expected = partials[0]
+    arrays_made = []
+    for p in partials[1:]:
+        got = merge.run(tff.structure.Struct.unnamed(got, p))
+        expected = in_tensorflow.run(tff.structure.Struct.unnamed(expected, p))
+        arrays_made.append([a for a in tff.structure.flatten(got) if isinstance(a, np.ndarray)])
+    for g, e in zip(tff.structure.flatten(got), tff.structure.flatten(expected), strict=True):
+        assert type(g) is type(e) and np.asarray(g).tobytes() == np.asarray(e).tobytes()
+    assert any(a is b for a in arrays_made[1] for b in arrays_made[2])  # the third merge added into the second's
 
 
 def test_federated_evaluation_over_two_workers_gives_what_one_gives(one_and_two_workers, tiny_data_dir):

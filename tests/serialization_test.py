@@ -9,7 +9,6 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import array_pb2, data_type_pb2, executor_pb2
-from tensorflow_federated.python.common_libs import structure
 from tensorflow_federated.python.core.impl.executors import value_serialization
 from tensorflow_federated.python.core.impl.types import computation_types, placements
 from tensorflow_federated.python.core.impl.utils import tensorflow_utils
@@ -311,26 +310,6 @@ def test_a_groups_ids_go_as_one_dataset_and_arrive_as_they_were(monkeypatch):
     assert received_type == ids_type
 
 
-def _same_value(got, expected, where="value") -> None:
-    """`got` is what TFF's deserializer gives: the same containers, names, dtypes, shapes and bits."""
-    assert type(got) is type(expected), where
-    if isinstance(expected, structure.Struct):
-        got_elements, expected_elements = structure.to_elements(got), structure.to_elements(expected)
-        assert [n for n, _ in got_elements] == [n for n, _ in expected_elements], where
-        for (name, g), (_, e) in zip(got_elements, expected_elements, strict=True):
-            _same_value(g, e, f"{where}.{name}")
-    elif isinstance(expected, list):
-        assert len(got) == len(expected), where
-        for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-            _same_value(g, e, f"{where}[{i}]")
-    elif isinstance(expected, np.ndarray | np.generic):
-        assert (got.dtype, got.shape, got.tobytes()) == (expected.dtype, expected.shape, expected.tobytes()), where
-    elif isinstance(expected, tf.data.Dataset):
-        assert list(got.as_numpy_iterator()) == list(expected.as_numpy_iterator()), where
-    else:
-        assert got == expected, where
-
-
 def _reads_as_tff(data: bytes, type_hint) -> tuple[object, object]:
     """tffpipe's reading of `data` (an `executor_pb2.Value`), checked against TFF's: value and type, or error."""
     try:
@@ -341,7 +320,7 @@ def _reads_as_tff(data: bytes, type_hint) -> tuple[object, object]:
         assert str(raised.value) == str(e)
         return None, None
     got = serialization.deserialize_value(data, type_hint)
-    _same_value(got[0], expected[0])
+    conftest.same_value(got[0], expected[0])
     assert got[1] == expected[1]
     return got
 
@@ -392,7 +371,7 @@ def test_arrays_are_read_in_place_and_the_rest_by_tff(monkeypatch):
     expected = deserialize(proto, value_type)[0]
     left_to_tff.clear()
     got = serialization.deserialize_compute_response(data, value_type)
-    _same_value(got, expected)
+    conftest.same_value(got, expected)
     assert left_to_tff == [member["n"]]  # only the count
     received = np.frombuffer(data, np.uint8)
     assert np.shares_memory(got["sum"], received) and not got["sum"].flags.writeable
@@ -401,7 +380,7 @@ def test_arrays_are_read_in_place_and_the_rest_by_tff(monkeypatch):
     # A response protobuf would merge (two values) is read by protobuf and TFF, as before.
     twice = data + executor_pb2.ComputeResponse(value=proto).SerializeToString()
     expected = value_serialization.deserialize_value(executor_pb2.ComputeResponse.FromString(twice).value, None)[0]
-    _same_value(serialization.deserialize_compute_response(twice, None), expected)
+    conftest.same_value(serialization.deserialize_compute_response(twice, None), expected)
 
 
 def _element(name: bytes, *values: bytes) -> bytes:
